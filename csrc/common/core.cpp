@@ -1,0 +1,84 @@
+// Host-side helpers of the compiled core: dtype names, argument validation, device queries.
+#include <cuda_runtime_api.h>
+
+#include <mutex>
+#include <vector>
+
+#include "check.h"
+
+#ifndef FP8KERN_CUDA_ARCHS
+#define FP8KERN_CUDA_ARCHS "unknown"
+#endif
+
+namespace fp8kern {
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat8E4M3: return "float8_e4m3fn";
+    case DType::kFloat8E8M0: return "float8_e8m0fnu";
+  }
+  return "unknown dtype";
+}
+
+int dtype_size(DType t) {
+  switch (t) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat8E4M3:
+    case DType::kFloat8E8M0: return 1;
+  }
+  return 0;
+}
+
+int device_arch(int device) {
+  int major = 0, minor = 0;
+  FP8KERN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  FP8KERN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major * 10 + minor;
+}
+
+const char* compiled_archs() { return FP8KERN_CUDA_ARCHS; }
+
+namespace quant {
+
+int num_sms(cudaStream_t) {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  int device = 0;
+  FP8KERN_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (int(cache.size()) <= device) cache.resize(device + 1, 0);
+  if (cache[device] == 0)
+    FP8KERN_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device));
+  return cache[device];
+}
+
+void validate(const QuantProblem& p, const char* what, bool dynamic) {
+  FP8KERN_CHECK(p.x != nullptr && p.q != nullptr && p.scale != nullptr, what,
+                ": x, q and scale must be non-null device pointers");
+  FP8KERN_CHECK(p.x_dtype == DType::kFloat32 || p.x_dtype == DType::kFloat16 || p.x_dtype == DType::kBFloat16,
+                what, ": x has dtype ", dtype_name(p.x_dtype), ", expected float32, float16 or bfloat16");
+  FP8KERN_CHECK(p.rows >= 0, what, ": rows=", p.rows, ", expected >= 0");
+  FP8KERN_CHECK(p.cols >= 1, what, ": cols=", p.cols, ", expected >= 1");
+  FP8KERN_CHECK(p.rows <= 1 || p.x_row_stride >= p.cols, what, ": x row stride ", p.x_row_stride,
+                " is smaller than cols=", p.cols, " (rows would overlap)");
+  FP8KERN_CHECK(p.rows <= 1 || p.q_row_stride >= p.cols, what, ": q row stride ", p.q_row_stride,
+                " is smaller than cols=", p.cols, " (rows would overlap)");
+  FP8KERN_CHECK(p.scale_row_stride >= 0 && p.scale_col_stride >= 0, what, ": scale strides (", p.scale_row_stride,
+                ", ", p.scale_col_stride, ") must be >= 0");
+  if (dynamic) {
+    FP8KERN_CHECK(p.scale_dtype == DType::kFloat32 || p.scale_dtype == DType::kFloat8E8M0, what,
+                  ": scale dtype ", dtype_name(p.scale_dtype), ", expected float32 or float8_e8m0fnu");
+    FP8KERN_CHECK(p.scale_ub >= 0.0f, what, ": scale_ub=", p.scale_ub, ", expected > 0 (or 0 for none)");
+  } else {
+    FP8KERN_CHECK(p.scale_dtype == DType::kFloat32, what, ": static scales must be float32, got ",
+                  dtype_name(p.scale_dtype));
+  }
+}
+
+}  // namespace quant
+}  // namespace fp8kern

@@ -1,0 +1,77 @@
+// The C++ API of fp8kern's compiled core: plain descriptors and launch functions, no torch, no Python.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+namespace fp8kern {
+
+// Element types crossing the boundary. Values are part of the binding's ABI: append only.
+enum class DType : int {
+  kFloat32 = 0,
+  kFloat16 = 1,
+  kBFloat16 = 2,
+  kFloat8E4M3 = 3,   // OCP e4m3fn: max 448, no inf
+  kFloat8E8M0 = 4,   // UE8M0 scale byte: value = 2^(byte - 127)
+};
+
+const char* dtype_name(DType t);
+int dtype_size(DType t);
+
+// Raised for bad arguments (the binding turns it into ValueError).
+struct InvalidArgument : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+// Raised when CUDA reports an error (the binding turns it into RuntimeError).
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Largest finite e4m3fn value; quantization saturates to +-kE4M3Max.
+constexpr float kE4M3Max = 448.0f;
+// Floor for dynamic scales: an all-zero segment gets this finite, positive scale (2^-126, the smallest
+// normal fp32 number and exactly representable in UE8M0).
+constexpr float kMinScale = 1.1754943508222875e-38f;
+
+// One activation quantization problem: x [rows, cols] with row stride, to q [rows, cols] e4m3.
+// Dynamic scales are amax / 448 over a segment (row, group or whole tensor), clamped to [kMinScale, inf),
+// optionally with amax clamped to scale_ub first, optionally rounded up to a power of two (UE8M0).
+// q = saturate_e4m3(x * (1 / scale)), round to nearest even.
+struct QuantProblem {
+  const void* x = nullptr;
+  DType x_dtype = DType::kBFloat16;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t x_row_stride = 0;   // elements
+  void* q = nullptr;          // e4m3
+  int64_t q_row_stride = 0;   // elements
+  // Scales: fp32, or one UE8M0 byte each when scale_dtype is kFloat8E8M0.
+  void* scale = nullptr;
+  DType scale_dtype = DType::kFloat32;
+  int64_t scale_row_stride = 0;  // elements; group scales are scale[row * row_stride + g * col_stride]
+  int64_t scale_col_stride = 0;
+  int group_size = 128;          // group granularity only
+  float scale_ub = 0.0f;         // > 0: clamp amax to this before computing the scale (token granularity)
+  void* workspace = nullptr;     // per-tensor dynamic: 4 bytes of device memory
+  cudaStream_t stream = nullptr;
+};
+
+// Dynamic per-row scales: scale[row * scale_row_stride].
+void quantize_per_token(const QuantProblem& p);
+// Dynamic per-(row, group of group_size columns) scales; the last group of a row may be partial.
+void quantize_per_group(const QuantProblem& p);
+// Dynamic single scale for the whole tensor (two kernels: amax, then quantize; no host synchronization).
+void quantize_per_tensor(const QuantProblem& p);
+// Static: scales are inputs (fp32), read as scale[row * scale_row_stride + (col / group_size) * scale_col_stride].
+// Per-tensor: both strides 0; per-token: col stride 0 and group_size = cols.
+void quantize_static(const QuantProblem& p);
+
+// Compute capability (major * 10 + minor) of a device.
+int device_arch(int device);
+// Arch list the module was compiled for, e.g. "89,90a".
+const char* compiled_archs();
+
+}  // namespace fp8kern

@@ -1,0 +1,72 @@
+// The pybind11 module fp8kern._C: the only file that knows Python. Tensors cross as raw device pointers,
+// sizes, strides and dtype codes (no torch C++ ABI), so one build works across torch versions.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "fp8kern/fp8kern.h"
+#include "../common/check.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using fp8kern::DType;
+using fp8kern::QuantProblem;
+
+DType to_dtype(int code, const char* arg) {
+  FP8KERN_CHECK(code >= 0 && code <= static_cast<int>(DType::kFloat8E8M0), arg, ": unknown dtype code ", code);
+  return static_cast<DType>(code);
+}
+
+void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype, int64_t rows, int64_t cols,
+              int64_t x_row_stride, std::uintptr_t q, int64_t q_row_stride, std::uintptr_t scale, int scale_dtype,
+              int64_t scale_row_stride, int64_t scale_col_stride, int64_t group_size, double scale_ub,
+              std::uintptr_t workspace, std::uintptr_t stream) {
+  QuantProblem p;
+  p.x = reinterpret_cast<const void*>(x);
+  p.x_dtype = to_dtype(x_dtype, "x");
+  p.rows = rows;
+  p.cols = cols;
+  p.x_row_stride = x_row_stride;
+  p.q = reinterpret_cast<void*>(q);
+  p.q_row_stride = q_row_stride;
+  p.scale = reinterpret_cast<void*>(scale);
+  p.scale_dtype = to_dtype(scale_dtype, "scale");
+  p.scale_row_stride = scale_row_stride;
+  p.scale_col_stride = scale_col_stride;
+  FP8KERN_CHECK(group_size >= 1 && group_size <= (int64_t(1) << 30), "group_size=", group_size,
+                ", expected 1 <= group_size <= 2^30");
+  p.group_size = static_cast<int>(group_size);
+  p.scale_ub = static_cast<float>(scale_ub);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.stream = reinterpret_cast<cudaStream_t>(stream);
+
+  auto* run = kind == "token"    ? &fp8kern::quantize_per_token
+              : kind == "group"  ? &fp8kern::quantize_per_group
+              : kind == "tensor" ? &fp8kern::quantize_per_tensor
+              : kind == "static" ? &fp8kern::quantize_static
+                                 : nullptr;
+  FP8KERN_CHECK(run != nullptr, "quantize: kind='", kind, "', expected 'token', 'group', 'tensor' or 'static'");
+  py::gil_scoped_release release;
+  FP8KERN_CUDA_CHECK(cudaSetDevice(device));
+  run(p);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fp8kern compiled core (CUDA kernels; torch-free ABI)";
+  m.def("compiled_archs", [] { return std::string(fp8kern::compiled_archs()); },
+        "CUDA architectures this module holds device code for, e.g. '89,90a'.");
+  m.def("device_arch", &fp8kern::device_arch, py::arg("device"),
+        "Compute capability of a device as major*10+minor (90 for H100).");
+  m.def("gemm_families", [] { return py::list(); },
+        "Compiled scaled_mm kernel families (e.g. 'sm90', 'sm89'); empty until GEMM kernels are built.");
+  m.def("quantize", &quantize, py::arg("kind"), py::arg("device"), py::arg("x"), py::arg("x_dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"), py::arg("q"), py::arg("q_row_stride"),
+        py::arg("scale"), py::arg("scale_dtype"), py::arg("scale_row_stride"), py::arg("scale_col_stride"),
+        py::arg("group_size"), py::arg("scale_ub"), py::arg("workspace"), py::arg("stream"),
+        "Launch an activation quantization kernel on the given stream (see fp8kern.quantize).");
+}

@@ -1,0 +1,41 @@
+"""fp8kern: fused FP8 GEMM and quantization kernels for PyTorch (Ada sm_89, Hopper sm_90a).
+
+    import fp8kern
+    x_fp8, x_scale = fp8kern.quantize(x)                       # dynamic per-token
+    w_fp8, w_scale = fp8kern.quantize_weight(w)                # per-channel
+    y = fp8kern.scaled_mm(x_fp8, w_fp8, x_scale, w_scale, out_dtype=torch.bfloat16)
+"""
+
+from . import reference
+from ._backend import get_backend, set_backend, set_value_checks
+from .ops import Layout, infer_layout, quantize, quantize_weight, scaled_mm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "scaled_mm", "quantize", "quantize_weight", "infer_layout", "Layout", "reference", "info", "set_backend",
+    "get_backend", "set_value_checks", "__version__",
+]
+
+
+def info() -> dict:
+    """What this install can run: version, compiled archs, GEMM families, backend, and the CUDA device if any."""
+    import torch
+
+    from . import _backend
+
+    d = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "compiled": _backend._C is not None,
+        "compiled_archs": _backend.compiled_archs(),
+        "gemm_families": list(_backend._C.gemm_families()) if _backend._C is not None else [],
+        "backend": get_backend(),
+        "cuda_device": None,
+    }
+    if _backend._C is None:
+        d["compiled_error"] = str(_backend._C_ERROR)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+        d["cuda_device"] = f"{torch.cuda.get_device_name(dev)} (sm_{_backend.device_arch(dev)})"
+    return d

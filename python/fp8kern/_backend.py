@@ -1,0 +1,107 @@
+"""Which implementation runs: the compiled module fp8kern._C (when built and the GPU is supported) or the reference.
+
+FP8KERN_BACKEND=auto|reference|sm89|sm90 picks a family at import (fp8kern.set_backend changes it later);
+FP8KERN_PRINT_CONFIG=1 prints the path taken for each new problem shape.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+try:
+    from . import _C
+    _C_ERROR = None
+except ImportError as e:  # pure-Python install, or the module failed to load
+    _C = None
+    _C_ERROR = e
+
+BACKENDS = ("auto", "reference", "sm89", "sm90")
+# Compiled targets, listed in errors: the GEMM families and the GPUs they serve.
+SUPPORTED = "sm_89 (Ada: L4, L40S, RTX 4090) and sm_90a (Hopper: H100, H200)"
+
+
+def _env_backend() -> str:
+    name = os.environ.get("FP8KERN_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FP8KERN_BACKEND={name!r}, expected one of {BACKENDS}")
+    return name
+
+
+_state = {"backend": _env_backend(), "print_config": os.environ.get("FP8KERN_PRINT_CONFIG", "") == "1",
+          "check_values": os.environ.get("FP8KERN_CHECK_VALUES", "") == "1", "seen": set(), "warned": set()}
+
+
+def set_backend(name: str) -> None:
+    """Force a kernel family for CUDA tensors: 'auto' (default), 'reference', 'sm89' or 'sm90'."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r}, expected one of {BACKENDS}")
+    _state["backend"] = name
+
+
+def get_backend() -> str:
+    return _state["backend"]
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Check scale values (finite, > 0) of CUDA tensors too. Costs a device synchronization per call, so it is
+    off by default on CUDA (CPU tensors are always checked); FP8KERN_CHECK_VALUES=1 turns it on at import."""
+    _state["check_values"] = bool(enabled)
+
+
+def value_checks_on(device: torch.device) -> bool:
+    return device.type == "cpu" or _state["check_values"]
+
+
+def compiled_archs() -> list[str]:
+    return _C.compiled_archs().split(",") if _C is not None else []
+
+
+def device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def quant_kernels_available(device: torch.device) -> bool:
+    """The activation quantization kernels run on any GPU of sm_89 or newer (their PTX is JIT-compiled above
+    the compiled archs)."""
+    return (_C is not None and device.type == "cuda" and _state["backend"] != "reference"
+            and device_arch(device) >= 89)
+
+
+def gemm_family(device: torch.device) -> str | None:
+    """The compiled scaled_mm family for this device, None for the reference path; raises if there is none."""
+    backend = _state["backend"]
+    if device.type != "cuda" or backend == "reference":
+        return None
+    arch = device_arch(device)
+    families = list(_C.gemm_families()) if _C is not None else []
+    if backend == "auto":
+        want = "sm90" if arch == 90 else ("sm89" if arch == 89 else None)
+    else:
+        want = backend
+    if want is None or want not in families or (want == "sm90" and arch != 90) or (want == "sm89" and arch < 89):
+        name = torch.cuda.get_device_name(device)
+        have = ", ".join(families) or "none"
+        why = ("fp8kern._C is not built (" + str(_C_ERROR) + ")") if _C is None else f"compiled GEMM families: {have}"
+        raise NotImplementedError(
+            f"fp8kern.scaled_mm has no CUDA kernel for {name} (sm_{arch}) with backend={backend!r}; {why}. "
+            f"Supported targets: {SUPPORTED}. Set FP8KERN_BACKEND=reference (or fp8kern.set_backend('reference')) "
+            "to run the pure-PyTorch reference on the GPU, which is correct but slow.")
+    return want
+
+
+def note_path(op: str, key: tuple, path: str) -> None:
+    """FP8KERN_PRINT_CONFIG=1: print the path chosen the first time a problem shape is seen."""
+    if _state["print_config"] and (op, key) not in _state["seen"]:
+        _state["seen"].add((op, key))
+        print(f"fp8kern: {op} {key} -> {path}", file=sys.stderr)
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _state["warned"]:
+        _state["warned"].add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

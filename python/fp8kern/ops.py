@@ -1,0 +1,396 @@
+"""Tensor-facing operations: argument validation with errors that name the fix, layout inference, output
+allocation, and dispatch to the compiled kernels or the reference. Registered with torch.library so the ops
+trace under torch.compile; eager calls skip the dispatcher to keep host overhead low."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _backend, reference
+from .reference import BLOCK, E4M3, E8M0
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BLOCK_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, E8M0)
+# dtype codes of the compiled module (csrc/include/fp8kern/fp8kern.h, enum DType)
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, E4M3: 3, E8M0: 4}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How scale_a and scale_b broadcast. a: 'tensor' | 'token' | 'group' (1x128); b: 'tensor' | 'channel' |
+    'block' (128x128). 'group' and 'block' come together (the block-scaled layout)."""
+
+    a: str
+    b: str
+
+    @property
+    def name(self) -> str:
+        """'tensor', 'token_channel' (any mix of per-tensor, per-token and per-channel) or 'block'."""
+        if self.a == "group":
+            return "block"
+        return "tensor" if (self.a, self.b) == ("tensor", "tensor") else "token_channel"
+
+    def a_block(self, M: int, K: int):
+        return {"tensor": (M, K), "token": (1, K), "group": (1, BLOCK)}[self.a]
+
+    def b_block(self, N: int, K: int):
+        return {"tensor": (N, K), "channel": (1, K), "block": (BLOCK, BLOCK)}[self.b]
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def infer_layout(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> Layout:
+    """The layout given by the scale shapes (a [M, K], b [N, K]); raises ValueError when they fit none.
+
+    Shapes that fit two layouts (M=1, or K <= 128) mean the same numbers in both, so either choice is right.
+    """
+    M, K = a.shape
+    N = b.shape[0]
+    G, GN = math.ceil(K / BLOCK), math.ceil(N / BLOCK)
+    sa, sb = _shape(scale_a), _shape(scale_b)
+    cand_a = {k for k, ok in (("tensor", scale_a.numel() == 1 and scale_a.dim() <= 2),
+                              ("token", sa in ((M,), (M, 1))), ("group", sa == (M, G))) if ok}
+    cand_b = {k for k, ok in (("tensor", scale_b.numel() == 1 and scale_b.dim() <= 2),
+                              ("channel", sb in ((N,), (N, 1))), ("block", sb == (GN, G))) if ok}
+    if not cand_a:
+        raise ValueError(
+            f"scale_a has shape {sa}, which fits no layout for a of shape (M, K)=({M}, {K}); expected () or (1,) "
+            f"per-tensor, ({M},) or ({M}, 1) per-token, or ({M}, {G}) per-1x128-group (block-scaled)")
+    if not cand_b:
+        hint = (" (torch._scaled_mm's rowwise (1, N) scale_b: pass scale_b.reshape(-1))"
+                if sb == (1, N) and N > 1 else "")
+        raise ValueError(
+            f"scale_b has shape {sb}, which fits no layout for b of shape (N, K)=({N}, {K}); expected () or (1,) "
+            f"per-tensor, ({N},) or ({N}, 1) per-channel, or ({GN}, {G}) per-128x128-block{hint}")
+    if "group" in cand_a and "block" in cand_b:
+        return Layout("group", "block")
+    plain_a, plain_b = cand_a - {"group"}, cand_b - {"block"}
+    if plain_a and plain_b:
+        return Layout("tensor" if "tensor" in plain_a else "token", "tensor" if "tensor" in plain_b else "channel")
+    if plain_b:
+        raise ValueError(
+            f"scale_a of shape {sa} is per-1x128-group (block-scaled) but scale_b of shape {sb} is not per-128x128-"
+            f"block; the block-scaled layout needs scale_b of shape ({GN}, {G})")
+    raise ValueError(
+        f"scale_b of shape {sb} is per-128x128-block but scale_a of shape {sa} is not per-1x128-group; the "
+        f"block-scaled layout needs scale_a of shape ({M}, {G}) (fp8kern.quantize(x, granularity='group'))")
+
+
+def _as_scale(s, name: str, device: torch.device) -> torch.Tensor:
+    if isinstance(s, torch.Tensor):
+        return s
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return torch.tensor(float(s), dtype=torch.float32, device=device)
+    raise TypeError(f"{name} must be a torch.Tensor (or a Python float for a per-tensor scale), got {type(s).__name__}")
+
+
+def _check_values(s: torch.Tensor, name: str) -> None:
+    """Scales must be finite and > 0: a NaN, inf, zero or negative scale poisons or flips the result."""
+    v = s.detach().float().reshape(-1)
+    bad = ~(torch.isfinite(v) & (v > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name} holds {int(bad.sum())} non-finite or non-positive value(s) (first at flat index {i}: "
+                         f"{float(v[i])}); scales must be finite and > 0")
+
+
+def _check_fp8_operand(t, name: str, shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != E4M3:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected torch.float8_e4m3fn; quantize it with "
+                        f"{'fp8kern.quantize' if name == 'a' else 'fp8kern.quantize_weight'}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} has shape {_shape(t)}, expected 2-D {shape_doc}"
+                         + ("; flatten leading dims with a.reshape(-1, a.shape[-1])" if name == "a" else ""))
+
+
+def _validate_mm(a, b, scale_a, scale_b, out_dtype, bias, out) -> Layout:
+    _check_fp8_operand(a, "a", "[M, K]")
+    _check_fp8_operand(b, "b", "[N, K] (the nn.Linear weight layout)")
+    M, K = a.shape
+    N, Kb = b.shape
+    if Kb != K:
+        raise ValueError(f"a has K={K} columns but b has shape {_shape(b)}; expected b of shape (N, {K}) "
+                         f"(row-major [N, K]; for a [K, N] weight pass w.t().contiguous())")
+    if K == 0:
+        raise ValueError("a and b have K=0 columns; expected K >= 1")
+    for t, name in ((a, "a"), (b, "b")):
+        if not t.is_contiguous():
+            hint = (" (a transposed view, like torch._scaled_mm's column-major operand: fp8kern takes b as "
+                    "row-major [N, K], so pass the weight itself or .contiguous())") if t.t().is_contiguous() else ""
+            raise ValueError(f"{name} of shape {_shape(t)} has strides {t.stride()}, expected a contiguous row-major "
+                             f"tensor{hint}; call {name}.contiguous()")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype={out_dtype}, expected one of torch.bfloat16, torch.float16, torch.float32")
+    layout = infer_layout(a, b, scale_a, scale_b)
+    for s, name in ((scale_a, "scale_a"), (scale_b, "scale_b")):
+        allowed = BLOCK_SCALE_DTYPES if layout.name == "block" else (torch.float32,)
+        if s.dtype not in allowed:
+            if layout.name == "block":
+                raise TypeError(f"{name} has dtype {s.dtype}, expected float32, bfloat16, float16 or float8_e8m0fnu")
+            raise TypeError(f"{name} has dtype {s.dtype}, expected torch.float32 for the {layout.name} layout "
+                            f"(UE8M0 and 16-bit scales are for the block-scaled layout); call {name}.float()")
+    named = [("b", b), ("scale_a", scale_a), ("scale_b", scale_b)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if _shape(bias) != (N,):
+            raise ValueError(f"bias has shape {_shape(bias)}, expected (N,)=({N},)")
+        if bias.dtype not in OUT_DTYPES:
+            raise TypeError(f"bias has dtype {bias.dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+        if not bias.is_contiguous():
+            raise ValueError(f"bias has strides {bias.stride()}, expected contiguous; call bias.contiguous()")
+        named.append(("bias", bias))
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if _shape(out) != (M, N):
+            raise ValueError(f"out has shape {_shape(out)}, expected (M, N)=({M}, {N})")
+        if out.dtype != out_dtype:
+            raise TypeError(f"out has dtype {out.dtype} but out_dtype={out_dtype}; they must match")
+        if N > 1 and out.stride(1) != 1 or M > 1 and out.stride(0) < N:
+            raise ValueError(f"out has strides {out.stride()}, expected row-major rows (stride (ld, 1) with ld >= {N})")
+        named.append(("out", out))
+    for name, t in named:
+        if t.device != a.device:
+            raise ValueError(f"{name} is on {t.device} but a is on {a.device}; all tensors must be on one device")
+    return layout
+
+
+def _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout) -> torch.Tensor:
+    # Value checks live here, not in validation, because they read data (a host sync, and untraceable).
+    if _backend.value_checks_on(a.device):
+        _check_values(scale_a, "scale_a")
+        _check_values(scale_b, "scale_b")
+    family = _backend.gemm_family(a.device)
+    _backend.note_path("scaled_mm", (a.shape[0], b.shape[0], a.shape[1], layout.name, str(out_dtype)),
+                       family or f"reference ({a.device.type})")
+    if family is None:
+        return reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, layout)
+    raise AssertionError(f"GEMM family {family} is listed by fp8kern._C but has no launcher")  # none compiled yet
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a, scale_b, *, out_dtype: torch.dtype = torch.bfloat16,
+              bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """D[m, n] = scale_a(m, k) * scale_b(n, k) * sum_k a[m, k] b[n, k] (+ bias[n]), computed in fp32 and returned
+    as out_dtype, with the layout read from the scale shapes (see README, "Layouts").
+
+    a: [M, K] float8_e4m3fn, row-major. b: [N, K] float8_e4m3fn, row-major (the nn.Linear weight layout).
+    scale_a: () / (1,) per-tensor, (M,) / (M, 1) per-token, or (M, ceil(K/128)) per-1x128-group.
+    scale_b: () / (1,) per-tensor, (N,) / (N, 1) per-channel, or (ceil(N/128), ceil(K/128)) per-128x128-block.
+    Scales are float32; block scales may also be bfloat16, float16 or float8_e8m0fnu (UE8M0). A Python float is
+    accepted as a per-tensor scale (it is copied to the device on each call).
+    out: optional [M, N] tensor of dtype out_dtype (row stride allowed) that receives the result.
+    """
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
+    scale_a = _as_scale(scale_a, "scale_a", a.device)
+    scale_b = _as_scale(scale_b, "scale_b", a.device)
+    layout = _validate_mm(a, b, scale_a, scale_b, out_dtype, bias, out)
+    M, N = a.shape[0], b.shape[0]
+    if torch.compiler.is_compiling():
+        if out is not None:
+            torch.ops.fp8kern.scaled_mm_out(a, b, scale_a, scale_b, out_dtype, bias, out)
+            return out
+        return torch.ops.fp8kern.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias)
+    if M == 0 or N == 0:
+        return out if out is not None else torch.empty((M, N), dtype=out_dtype, device=a.device)
+    result = _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
+
+
+@torch.library.custom_op("fp8kern::scaled_mm", mutates_args=())
+def _scaled_mm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                  out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+    return _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, infer_layout(a, b, scale_a, scale_b))
+
+
+@_scaled_mm_op.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, bias):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8kern::scaled_mm_out", mutates_args=("out",))
+def _scaled_mm_out_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                      out_dtype: torch.dtype, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    if a.shape[0] and b.shape[0]:
+        out.copy_(_scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, infer_layout(a, b, scale_a, scale_b)))
+
+
+@_scaled_mm_out_op.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, bias, out):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization
+
+
+def _flatten_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x [..., K] as a 2-D [M, K] view with unit column stride (a row stride is fine); never copies."""
+    if x.dim() == 0:
+        raise ValueError(f"{name} is a 0-d tensor, expected at least 1-D [..., K]")
+    K = x.shape[-1]
+    if K == 0:
+        raise ValueError(f"{name} has shape {_shape(x)} with K=0 in the last dim, expected K >= 1")
+    if x.dim() == 2 and (x.stride(1) == 1 or K == 1) and (x.stride(0) >= K or x.shape[0] <= 1):
+        return x
+    try:
+        x2 = x.view(-1, K)
+    except RuntimeError:
+        x2 = None
+    if x2 is None or (x2.stride(1) != 1 and K > 1):
+        raise ValueError(f"{name} of shape {_shape(x)} has strides {x.stride()}; expected the last dim contiguous and "
+                         f"the leading dims flattenable without a copy; call {name}.contiguous()")
+    return x2
+
+
+def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOCK, scale: torch.Tensor | None = None,
+             scale_ub: float | None = None, scale_format: str = "fp32"):
+    """Quantize activations x [..., K] (bf16, fp16 or fp32) to float8_e4m3fn. Returns (x_fp8, scale).
+
+    granularity: 'token' (one scale per row, scale shape [..., 1]), 'tensor' (one scale, shape [1]) or 'group'
+    (one per group_size columns, shape [..., ceil(K / group_size)]; the last group may be partial).
+    Dynamic (scale=None): scale = amax / 448 over the segment (amax first clamped to scale_ub if given), at least
+    2**-126 so an all-zero row gets a finite scale; scale_format='ue8m0' rounds it up to a power of two and
+    returns float8_e8m0fnu scales. Static: pass fp32 `scale` in the shape above (or (M,) for token).
+    x_fp8 = saturate(round(x / scale)) to +-448, round to nearest even; never NaN from overflow.
+    On CUDA (sm_89 and newer) this is one fused kernel; elsewhere the reference (fp8kern.reference.quantize).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+    if granularity not in ("token", "tensor", "group"):
+        raise ValueError(f"granularity={granularity!r}, expected 'token', 'tensor' or 'group'")
+    if scale_format not in ("fp32", "ue8m0"):
+        raise ValueError(f"scale_format={scale_format!r}, expected 'fp32' or 'ue8m0'")
+    if granularity == "group" and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
+        raise ValueError(f"group_size={group_size!r}, expected a positive int (128 for block-scaled GEMMs)")
+    x2 = _flatten_rows(x, "x")
+    M, K = x2.shape
+    G = math.ceil(K / group_size) if granularity == "group" else 1
+    lead = tuple(x.shape[:-1])
+    scale_shape = {"token": lead + (1,), "tensor": (1,), "group": lead + (G,)}[granularity]
+    grid = {"token": (M, 1), "tensor": (1, 1), "group": (M, G)}[granularity]
+
+    if scale is not None:
+        if scale_ub is not None or scale_format != "fp32":
+            raise ValueError("scale_ub and scale_format apply to dynamic quantization; with a static `scale` "
+                             "leave them at their defaults")
+        scale = _as_scale(scale, "scale", x.device)
+        if scale.dtype != torch.float32:
+            raise TypeError(f"scale has dtype {scale.dtype}, expected torch.float32")
+        if scale.device != x.device:
+            raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+        allowed = {scale_shape, grid} | ({(M,)} if granularity == "token" else set()) | \
+            ({(), (1, 1)} if granularity == "tensor" else set())
+        if _shape(scale) not in allowed:
+            raise ValueError(f"scale has shape {_shape(scale)}, expected {scale_shape} for granularity="
+                             f"{granularity!r} and x of shape {_shape(x)}")
+    elif scale_ub is not None:
+        if isinstance(scale_ub, torch.Tensor):
+            raise TypeError("scale_ub must be a Python float (a tensor would need a device synchronization)")
+        if not (isinstance(scale_ub, (int, float)) and math.isfinite(scale_ub) and scale_ub > 0):
+            raise ValueError(f"scale_ub={scale_ub!r}, expected a finite float > 0")
+        scale_ub = float(scale_ub)
+
+    if torch.compiler.is_compiling():
+        q2, s = torch.ops.fp8kern.quantize(x2, granularity, group_size, scale, scale_ub, scale_format)
+    else:
+        q2, s = _quantize_impl(x2, granularity, group_size, scale, scale_ub, scale_format)
+    return q2.view(x.shape), (scale if scale is not None else s.reshape(scale_shape))
+
+
+def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: torch.Tensor | None,
+                   scale_ub: float | None, scale_format: str):
+    """Validated 2-D x [M, K] -> (q [M, K] contiguous, scale [M or 1, ceil(K / group) or 1])."""
+    M, K = x2.shape
+    G = math.ceil(K / group_size) if granularity == "group" else 1
+    grid = {"token": (M, 1), "tensor": (1, 1), "group": (M, G)}[granularity]
+    ue8m0 = scale_format == "ue8m0"
+    q = torch.empty((M, K), dtype=E4M3, device=x2.device)
+    if scale is not None:
+        scale = scale.reshape(grid)
+        if _backend.value_checks_on(x2.device):
+            _check_values(scale, "scale")
+    if M == 0:
+        s = torch.full(grid, reference.MIN_SCALE, dtype=torch.float32, device=x2.device)
+        return q, (scale if scale is not None else (s.to(E8M0) if ue8m0 else s))
+
+    use_kernel = _backend.quant_kernels_available(x2.device)
+    _backend.note_path("quantize", (M, K, granularity, str(x2.dtype), "static" if scale is not None else "dynamic"),
+                       "cuda kernel" if use_kernel else f"reference ({x2.device.type})")
+    if not use_kernel:
+        if x2.device.type == "cuda" and _backend.get_backend() != "reference":
+            _backend.warn_once("quant-ref", "fp8kern: no compiled quantization kernel for this GPU; using the "
+                                            "pure-PyTorch reference (correct, slower)")
+        q2, s = reference.quantize(x2, granularity, group_size, scale, scale_ub, scale_format)
+        q.copy_(q2)
+        return q, s.reshape(grid)
+
+    if scale is not None:
+        kind, s_out = "static", scale
+        s_rs, s_cs = (scale.stride(0) if grid[0] > 1 else 0), (scale.stride(1) if grid[1] > 1 else 0)
+    else:
+        kind = granularity
+        s_out = torch.empty(grid, dtype=E8M0 if ue8m0 else torch.float32, device=x2.device)
+        s_rs, s_cs = (grid[1] if grid[0] > 1 else 0), 1
+    gs = group_size if granularity == "group" else K
+    ws = torch.empty(1, dtype=torch.int32, device=x2.device) if kind == "tensor" else None
+    with torch.cuda.device(x2.device):
+        _backend._C.quantize(kind, x2.device.index, x2.data_ptr(), _DTYPE_CODE[x2.dtype], M, K, x2.stride(0),
+                             q.data_ptr(), q.stride(0), s_out.data_ptr(), _DTYPE_CODE[s_out.dtype], s_rs, s_cs, gs,
+                             scale_ub if scale_ub is not None else 0.0, ws.data_ptr() if ws is not None else 0,
+                             torch.cuda.current_stream(x2.device).cuda_stream)
+    return q, s_out
+
+
+@torch.library.custom_op("fp8kern::quantize", mutates_args=())
+def _quantize_op(x2: torch.Tensor, granularity: str, group_size: int, scale: torch.Tensor | None,
+                 scale_ub: float | None, scale_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = _quantize_impl(x2, granularity, group_size, scale, scale_ub, scale_format)
+    return q, (s.clone() if scale is not None else s)  # a custom op may not return an alias of an input
+
+
+@_quantize_op.register_fake
+def _(x2, granularity, group_size, scale, scale_ub, scale_format):
+    M, K = x2.shape
+    grid = {"token": (M, 1), "tensor": (1, 1), "group": (M, math.ceil(K / group_size))}[granularity]
+    s_dtype = E8M0 if scale_format == "ue8m0" and scale is None else torch.float32
+    return x2.new_empty((M, K), dtype=E4M3), x2.new_empty(grid, dtype=s_dtype)
+
+
+def quantize_weight(w: torch.Tensor, granularity: str = "channel", block_size=(BLOCK, BLOCK), scale_format: str = "fp32"):
+    """Quantize a weight w [N, K] (bf16, fp16 or fp32) to float8_e4m3fn, once, with torch ops on w's device.
+
+    granularity: 'channel' (scale [N, 1]), 'tensor' (scale [1]) or 'block' (scale [ceil(N/bn), ceil(K/bk)] for
+    block_size (bn, bk), default 128x128; edge blocks may be partial). scale_format='ue8m0' gives power-of-two
+    float8_e8m0fnu scales. Returns (w_fp8, scale), ready for fp8kern.scaled_mm as b and scale_b.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in INPUT_DTYPES:
+        raise TypeError(f"w has dtype {w.dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+    if w.dim() != 2 or w.shape[1] == 0:
+        raise ValueError(f"w has shape {_shape(w)}, expected 2-D [N, K] with K >= 1")
+    if granularity not in ("channel", "tensor", "block"):
+        raise ValueError(f"granularity={granularity!r}, expected 'channel', 'tensor' or 'block'")
+    if scale_format not in ("fp32", "ue8m0"):
+        raise ValueError(f"scale_format={scale_format!r}, expected 'fp32' or 'ue8m0'")
+    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in block_size)):
+        raise ValueError(f"block_size={block_size!r}, expected two positive ints such as (128, 128)")
+    return reference.quantize_weight(w, granularity, tuple(block_size), scale_format)

@@ -1,0 +1,40 @@
+"""The compiled module: built when CUDA is required, holding device code for every requested arch."""
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import fp8kern
+from fp8kern import _backend
+
+REQUIRED = os.environ.get("FP8KERN_REQUIRE_CUDA", "") == "1"
+
+
+def test_compiled_module_present_when_required():
+    if not REQUIRED:
+        pytest.skip("FP8KERN_REQUIRE_CUDA is not set; a reference-only install is allowed")
+    assert _backend._C is not None, f"fp8kern._C failed to import: {_backend._C_ERROR}"
+    want = os.environ.get("FP8KERN_CUDA_ARCHS", "89;90a").split(";")
+    assert fp8kern.info()["compiled_archs"] == want
+
+
+def test_device_code_for_each_arch():
+    """cuobjdump --list-elf lists one cubin per kernel file and arch (sm_89 and sm_90a by default)."""
+    if _backend._C is None:
+        pytest.skip("fp8kern._C is not built")
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        if REQUIRED:
+            pytest.fail("cuobjdump not on PATH (pip install nvidia-cuda-cuobjdump; see .ci/run)")
+        pytest.skip("cuobjdump not on PATH")
+    listing = subprocess.run([tool, "--list-elf", _backend._C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    sources = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
+        os.path.dirname(__file__), "..", "csrc", "**", "*.cu"), recursive=True))
+    assert sources, "no .cu sources found"
+    for arch in _backend.compiled_archs():
+        for src in sources:
+            assert f"{src}.sm_{arch}.cubin" in listing, f"{src} has no sm_{arch} device code:\n{listing}"
