@@ -29,8 +29,9 @@ if [ ! -f "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ]; then
 fi
 # Incremental: CMake's build tree under build/ is reused, so only changed sources recompile.
 pip install -q --no-build-isolation --no-deps -e .
-cuobj=$(python -c "import glob, site; print(next(iter(glob.glob(site.getsitepackages()[0] + '/nvidia/cu*/bin')), ''))")
-[ -n "$cuobj" ] && export PATH="$PATH:$cuobj"
+# cuobjdump from the nvidia-cuda-cuobjdump wheel (in the venv or, with system site packages, outside it)
+cuobj=$(python -c "import glob, sys; print(next((p for d in sys.path for p in glob.glob(d + '/nvidia/cu*/bin')), ''))")
+if [ -n "$cuobj" ]; then export PATH="$PATH:$cuobj"; fi
 
 if [ "$job" = bench ]; then
   exec python -m fp8kern.bench "$@"
