@@ -65,10 +65,12 @@ def test_out_dtype_bias_and_out():
         fp8kern.scaled_mm(a, b, sa, sb, out_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"bias has shape \(4,\), expected \(N,\)=\(8,\)"):
         fp8kern.scaled_mm(a, b, sa, sb, bias=torch.ones(4))
-    with pytest.raises(TypeError, match=r"bias has dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"bias has dtype torch.int64 but out_dtype=torch.bfloat16"):
         fp8kern.scaled_mm(a, b, sa, sb, bias=torch.ones(8, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"bias has dtype torch.float32 but out_dtype=torch.bfloat16.*bias.to"):
+        fp8kern.scaled_mm(a, b, sa, sb, bias=torch.ones(8))
     with pytest.raises(ValueError, match=r"bias has strides \(2,\), expected contiguous"):
-        fp8kern.scaled_mm(a, b, sa, sb, bias=torch.ones(16)[::2])
+        fp8kern.scaled_mm(a, b, sa, sb, bias=torch.ones(16, dtype=torch.bfloat16)[::2])
     with pytest.raises(ValueError, match=r"out has shape \(4, 9\), expected \(M, N\)=\(4, 8\)"):
         fp8kern.scaled_mm(a, b, sa, sb, out=torch.empty(4, 9, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match=r"out has dtype torch.float32 but out_dtype=torch.bfloat16"):

@@ -143,8 +143,9 @@ def _validate_mm(a, b, scale_a, scale_b, out_dtype, bias, out) -> Layout:
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if _shape(bias) != (N,):
             raise ValueError(f"bias has shape {_shape(bias)}, expected (N,)=({N},)")
-        if bias.dtype not in OUT_DTYPES:
-            raise TypeError(f"bias has dtype {bias.dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+        if bias.dtype != out_dtype:
+            # The epilogue adds the bias in out_dtype's precision as loaded; a silent conversion would hide a copy.
+            raise TypeError(f"bias has dtype {bias.dtype} but out_dtype={out_dtype}; pass bias.to({out_dtype})")
         if not bias.is_contiguous():
             raise ValueError(f"bias has strides {bias.stride()}, expected contiguous; call bias.contiguous()")
         named.append(("bias", bias))
