@@ -6,6 +6,7 @@ Environment:
   FP8KERN_NO_CUDA       1: skip the compiled module (reference path only).
   CUTLASS_DIR           a CUTLASS source tree to use instead of the nvidia-cutlass wheel.
   CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs (default: the number of cores).
+  FP8KERN_BUILD_DIR     the CMake build tree (default build/cmake-pyXY, kept between builds).
 """
 
 import importlib.util
@@ -70,7 +71,9 @@ class CMakeBuild(build_ext):
 
     def build_extension(self, ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_temp = Path(self.build_temp).resolve() / ext.name
+        # A persistent CMake tree (pip builds editable installs in a fresh temp dir each time): rebuilds are
+        # incremental, only changed sources recompile.
+        build_temp = Path(os.environ.get("FP8KERN_BUILD_DIR", ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}"))
         build_temp.mkdir(parents=True, exist_ok=True)
         import pybind11
 

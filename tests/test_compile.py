@@ -15,10 +15,10 @@ def test_opcheck_scaled_mm(layout):
     gen = torch.Generator().manual_seed(1)
     a, b, sa, sb = make_operands(5, 130, 200, layout, gen)
     sa, sb = sa.reshape(sa.shape or (1,)), sb.reshape(sb.shape or (1,))
-    torch.library.opcheck(torch.ops.fp8kern.scaled_mm, (a, b, sa, sb, torch.bfloat16, None), test_utils=CHECKS)
-    torch.library.opcheck(torch.ops.fp8kern.scaled_mm, (a, b, sa, sb, torch.float32, torch.ones(130)), test_utils=CHECKS)
+    torch.library.opcheck(torch.ops.fp8kern.scaled_mm, (a, b, sa, sb, torch.bfloat16, None, False), test_utils=CHECKS)
+    torch.library.opcheck(torch.ops.fp8kern.scaled_mm, (a, b, sa, sb, torch.float32, torch.ones(130), True), test_utils=CHECKS)
     out = torch.empty(5, 130, dtype=torch.float16)
-    torch.library.opcheck(torch.ops.fp8kern.scaled_mm_out, (a, b, sa, sb, torch.float16, None, out), test_utils=CHECKS)
+    torch.library.opcheck(torch.ops.fp8kern.scaled_mm_out, (a, b, sa, sb, torch.float16, None, False, out), test_utils=CHECKS)
 
 
 @pytest.mark.parametrize("granularity", ["token", "tensor", "group"])

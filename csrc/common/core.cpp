@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "check.h"
+#include "device_info.h"
 
 #ifndef FP8KERN_CUDA_ARCHS
 #define FP8KERN_CUDA_ARCHS "unknown"
@@ -43,19 +44,23 @@ int device_arch(int device) {
 
 const char* compiled_archs() { return FP8KERN_CUDA_ARCHS; }
 
-namespace quant {
-
-int num_sms(cudaStream_t) {
-  static std::mutex mu;
-  static std::vector<int> cache;
+int current_device() {
   int device = 0;
   FP8KERN_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::vector<int> cache;
   std::lock_guard<std::mutex> lock(mu);
   if (int(cache.size()) <= device) cache.resize(device + 1, 0);
   if (cache[device] == 0)
     FP8KERN_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device));
   return cache[device];
 }
+
+namespace quant {
 
 void validate(const QuantProblem& p, const char* what, bool dynamic) {
   FP8KERN_CHECK(p.x != nullptr && p.q != nullptr && p.scale != nullptr, what,

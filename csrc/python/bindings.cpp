@@ -54,6 +54,48 @@ void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype
   run(p);
 }
 
+void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
+               int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
+               std::uintptr_t scale_a, bool scale_a_vector, std::uintptr_t scale_b, bool scale_b_vector,
+               std::uintptr_t bias, bool fast_accum, int config, std::uintptr_t workspace, std::size_t workspace_bytes,
+               std::uintptr_t stream) {
+  fp8kern::GemmProblem p;
+  p.a = reinterpret_cast<const void*>(a);
+  p.b = reinterpret_cast<const void*>(b);
+  p.d = reinterpret_cast<void*>(d);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.lda = lda;
+  p.ldb = ldb;
+  p.ldd = ldd;
+  p.d_dtype = to_dtype(d_dtype, "d");
+  p.scale_a = reinterpret_cast<const float*>(scale_a);
+  p.scale_a_vector = scale_a_vector;
+  p.scale_b = reinterpret_cast<const float*>(scale_b);
+  p.scale_b_vector = scale_b_vector;
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.fast_accum = fast_accum;
+  p.config = config;
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.workspace_bytes = workspace_bytes;
+  p.stream = reinterpret_cast<cudaStream_t>(stream);
+  FP8KERN_CHECK(family == "sm90", "scaled_mm: family='", family, "', expected 'sm90'");
+  py::gil_scoped_release release;
+  FP8KERN_CUDA_CHECK(cudaSetDevice(device));
+  fp8kern::scaled_mm_sm90(p);
+}
+
+py::list gemm_configs(const std::string& family) {
+  py::list names;
+  for (int i = 0;; ++i) {
+    const char* name = fp8kern::gemm_config_name(family.c_str(), i);
+    if (!*name) break;
+    names.append(name);
+  }
+  return names;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -62,8 +104,23 @@ PYBIND11_MODULE(_C, m) {
         "CUDA architectures this module holds device code for, e.g. '89,90a'.");
   m.def("device_arch", &fp8kern::device_arch, py::arg("device"),
         "Compute capability of a device as major*10+minor (90 for H100).");
-  m.def("gemm_families", [] { return py::list(); },
-        "Compiled scaled_mm kernel families (e.g. 'sm90', 'sm89'); empty until GEMM kernels are built.");
+  m.def("gemm_families", [] {
+          py::list out;
+          for (const char* f : {"sm90"})
+            if (fp8kern::gemm_family_compiled(f)) out.append(f);
+          return out;
+        }, "Compiled scaled_mm kernel families, e.g. ['sm90'].");
+  m.def("gemm_configs", &gemm_configs, py::arg("family"), "Config names of a family, in table order.");
+  m.def("gemm_select_config", [](const std::string& family, int64_t m, int64_t n, int64_t k) {
+          return fp8kern::gemm_select_config(family.c_str(), m, n, k);
+        }, py::arg("family"), py::arg("m"), py::arg("n"), py::arg("k"),
+        "Index of the config the family's select_config picks for a problem shape.");
+  m.def("scaled_mm", &scaled_mm, py::arg("family"), py::arg("device"), py::arg("a"), py::arg("b"), py::arg("d"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"), py::arg("ldd"), py::arg("d_dtype"),
+        py::arg("scale_a"), py::arg("scale_a_vector"), py::arg("scale_b"), py::arg("scale_b_vector"),
+        py::arg("bias"), py::arg("fast_accum"), py::arg("config"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"),
+        "Launch a scaled_mm kernel of a family on the given stream (see fp8kern.scaled_mm).");
   m.def("quantize", &quantize, py::arg("kind"), py::arg("device"), py::arg("x"), py::arg("x_dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"), py::arg("q"), py::arg("q_row_stride"),
         py::arg("scale"), py::arg("scale_dtype"), py::arg("scale_row_stride"), py::arg("scale_col_stride"),

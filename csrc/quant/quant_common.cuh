@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../common/check.h"
+#include "../common/device_info.h"
 
 namespace fp8kern::quant {
 
@@ -119,9 +120,6 @@ __device__ __forceinline__ unsigned block_max(unsigned v) {
   return v;
 }
 
-// Multiprocessor count of the device that owns the current context (cached per device).
-int num_sms(cudaStream_t stream);
-
 // Launches run<T>() with T the C++ type of the input dtype.
 template <typename F>
 void dispatch_input(DType t, F&& run) {
@@ -150,9 +148,9 @@ inline int threads_for(int64_t work_items, int max_threads) {
 }
 
 // Blocks for a grid-stride loop over n items: enough to fill the GPU a few times over, never more than needed.
-inline unsigned grid_stride_blocks(int64_t n, int threads, cudaStream_t stream) {
+inline unsigned grid_stride_blocks(int64_t n, int threads) {
   const int64_t needed = (n + threads - 1) / threads;
-  const int64_t cap = int64_t(num_sms(stream)) * 8;
+  const int64_t cap = int64_t(sm_count(current_device())) * 8;
   return static_cast<unsigned>(needed < 1 ? 1 : (needed < cap ? needed : cap));
 }
 

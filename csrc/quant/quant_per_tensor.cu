@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kMaxThreads) quantize_kernel(QuantProblem p, U
 template <typename T, bool kVector>
 void launch(const QuantProblem& p, bool ue8m0) {
   const Units<T, kVector> units(p);
-  const unsigned blocks = grid_stride_blocks(p.rows * units.per_row, kMaxThreads, p.stream);
+  const unsigned blocks = grid_stride_blocks(p.rows * units.per_row, kMaxThreads);
   FP8KERN_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, sizeof(unsigned), p.stream));
   amax_kernel<T, kVector><<<blocks, kMaxThreads, 0, p.stream>>>(p, units);
   FP8KERN_CUDA_CHECK(cudaGetLastError());

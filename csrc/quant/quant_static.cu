@@ -48,9 +48,9 @@ void quantize_static(const QuantProblem& p) {
     constexpr int V = kVec<T>;
     if (vector_path_ok<T>(p)) {
       const int64_t per_row = p.cols / V;
-      static_kernel<T, true><<<grid_stride_blocks(p.rows * per_row, kMaxThreads, p.stream), kMaxThreads, 0, p.stream>>>(p, per_row);
+      static_kernel<T, true><<<grid_stride_blocks(p.rows * per_row, kMaxThreads), kMaxThreads, 0, p.stream>>>(p, per_row);
     } else {
-      static_kernel<T, false><<<grid_stride_blocks(p.rows * p.cols, kMaxThreads, p.stream), kMaxThreads, 0, p.stream>>>(p, p.cols);
+      static_kernel<T, false><<<grid_stride_blocks(p.rows * p.cols, kMaxThreads), kMaxThreads, 0, p.stream>>>(p, p.cols);
     }
   });
   FP8KERN_CUDA_CHECK(cudaGetLastError());

@@ -72,26 +72,48 @@ def quant_kernels_available(device: torch.device) -> bool:
             and device_arch(device) >= 89)
 
 
+# GEMM families whose GPU tests and benchmark have passed on a lent GPU (results in benchmarks/results/). With
+# backend 'auto' only these run; a compiled but unverified family runs only when FP8KERN_BACKEND names it.
+VERIFIED_FAMILIES: frozenset = frozenset()
+# The arch each family's kernels need.
+FAMILY_ARCH = {"sm90": 90, "sm89": 89}
+
+
+def compiled_families() -> list[str]:
+    return list(_C.gemm_families()) if _C is not None else []
+
+
 def gemm_family(device: torch.device) -> str | None:
     """The compiled scaled_mm family for this device, None for the reference path; raises if there is none."""
     backend = _state["backend"]
     if device.type != "cuda" or backend == "reference":
         return None
     arch = device_arch(device)
-    families = list(_C.gemm_families()) if _C is not None else []
-    if backend == "auto":
-        want = "sm90" if arch == 90 else ("sm89" if arch == 89 else None)
+    families = compiled_families()
+    want = ("sm90" if arch == 90 else "sm89" if arch == 89 else None) if backend == "auto" else backend
+    usable = want in families and (arch == FAMILY_ARCH[want] if want == "sm90" else arch >= FAMILY_ARCH.get(want, 99))
+    if usable and (backend != "auto" or want in VERIFIED_FAMILIES):
+        if want not in VERIFIED_FAMILIES:
+            warn_once(f"unverified-{want}", f"fp8kern: the {want} GEMM kernels have not been verified on a GPU yet "
+                                            "(running them because FP8KERN_BACKEND selects them)")
+        return want
+    name = torch.cuda.get_device_name(device)
+    if _C is None:
+        why = f"fp8kern._C is not built ({_C_ERROR})"
+    elif usable:
+        why = (f"the {want} kernels are compiled but not yet verified on a GPU; set FP8KERN_BACKEND={want} to run "
+               "them anyway")
     else:
-        want = backend
-    if want is None or want not in families or (want == "sm90" and arch != 90) or (want == "sm89" and arch < 89):
-        name = torch.cuda.get_device_name(device)
-        have = ", ".join(families) or "none"
-        why = ("fp8kern._C is not built (" + str(_C_ERROR) + ")") if _C is None else f"compiled GEMM families: {have}"
-        raise NotImplementedError(
-            f"fp8kern.scaled_mm has no CUDA kernel for {name} (sm_{arch}) with backend={backend!r}; {why}. "
-            f"Supported targets: {SUPPORTED}. Set FP8KERN_BACKEND=reference (or fp8kern.set_backend('reference')) "
-            "to run the pure-PyTorch reference on the GPU, which is correct but slow.")
-    return want
+        why = f"compiled GEMM families: {', '.join(families) or 'none'}"
+    raise NotImplementedError(
+        f"fp8kern.scaled_mm has no CUDA kernel for {name} (sm_{arch}) with backend={backend!r}; {why}. "
+        f"Supported targets: {SUPPORTED}. Set FP8KERN_BACKEND=reference (or fp8kern.set_backend('reference')) "
+        "to run the pure-PyTorch reference on the GPU, which is correct but slow.")
+
+
+def config_name(family: str, M: int, N: int, K: int) -> str:
+    """Name of the kernel config select_config picks for a problem (needs the compiled module)."""
+    return _C.gemm_configs(family)[_C.gemm_select_config(family, M, N, K)]
 
 
 def note_path(op: str, key: tuple, path: str) -> None:

@@ -165,21 +165,79 @@ def _validate_mm(a, b, scale_a, scale_b, out_dtype, bias, out) -> Layout:
     return layout
 
 
-def _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout) -> torch.Tensor:
+def _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fast_accum: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Validated, non-empty problem -> result (written into `out` when given)."""
     # Value checks live here, not in validation, because they read data (a host sync, and untraceable).
     if _backend.value_checks_on(a.device):
         _check_values(scale_a, "scale_a")
         _check_values(scale_b, "scale_b")
     family = _backend.gemm_family(a.device)
-    _backend.note_path("scaled_mm", (a.shape[0], b.shape[0], a.shape[1], layout.name, str(out_dtype)),
-                       family or f"reference ({a.device.type})")
+    M, K = a.shape
+    N = b.shape[0]
+    if _backend._state["print_config"]:
+        what = f"{family} {_backend.config_name(family, M, N, K)}" if family else f"reference ({a.device.type})"
+        _backend.note_path("scaled_mm", (M, N, K, layout.name, str(out_dtype)), what)
     if family is None:
-        return reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, layout)
-    raise AssertionError(f"GEMM family {family} is listed by fp8kern._C but has no launcher")  # none compiled yet
+        result = reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, layout)
+        return out.copy_(result) if out is not None else result
+    return _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out)
+
+
+# Workspace handed to CUTLASS kernels, one buffer per device, allocated on first use (before any graph capture).
+_WORKSPACE_BYTES = 1 << 20
+_workspaces: dict = {}
+
+
+def _workspace(device: torch.device) -> torch.Tensor:
+    ws = _workspaces.get(device.index)
+    if ws is None:
+        ws = _workspaces[device.index] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return ws
+
+
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """t [R, C] -> [R, cols] with zero columns appended (zeros add nothing to the K sum)."""
+    p = torch.zeros((t.shape[0], cols), dtype=t.dtype, device=t.device)
+    p[:, :t.shape[1]] = t
+    return p
+
+
+def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out):
+    """Launch a compiled family. Shapes TMA cannot address directly are padded here, at a stated cost:
+    K % 16 != 0 copies a and b with K rounded up to 16; an output whose rows are not 16-byte aligned (N not a
+    multiple of 8 for 16-bit outputs, 4 for fp32, or such an `out` view) goes through a padded buffer and a copy."""
+    if layout.name == "block":
+        raise NotImplementedError(f"fp8kern.scaled_mm: block-scaled kernels are not built for {family} yet; set "
+                                  "FP8KERN_BACKEND=reference to run the reference on the GPU")
+    M, K = a.shape
+    N = b.shape[0]
+    if K % 16:
+        k16 = -(-K // 16) * 16
+        a, b = _pad_cols(a, k16), _pad_cols(b, k16)
+    elem = out_dtype.itemsize
+    align = 16 // elem
+    d = out
+    if d is None or (M > 1 and d.stride(0) % align) or d.data_ptr() % 16:
+        ld = -(-N // align) * align
+        d = torch.empty((M, ld), dtype=out_dtype, device=a.device)[:, :N]
+    ldd = d.stride(0) if M > 1 else -(-N // align) * align
+    sa = scale_a.reshape(-1).contiguous()
+    sb = scale_b.reshape(-1).contiguous()
+    ws = _workspace(a.device)
+    _backend._C.scaled_mm(
+        family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, a.shape[1], a.stride(0),
+        b.stride(0), ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(),
+        layout.b == "channel", bias.data_ptr() if bias is not None else 0, bool(fast_accum), -1, ws.data_ptr(),
+        ws.numel(), torch.cuda.current_stream(a.device).cuda_stream)
+    if out is not None:
+        return out if d is out else out.copy_(d)
+    return d if d.is_contiguous() else d.contiguous()
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a, scale_b, *, out_dtype: torch.dtype = torch.bfloat16,
-              bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+              fast_accum: bool = False) -> torch.Tensor:
     """D[m, n] = scale_a(m, k) * scale_b(n, k) * sum_k a[m, k] b[n, k] (+ bias[n]), computed in fp32 and returned
     as out_dtype, with the layout read from the scale shapes (see README, "Layouts").
 
@@ -189,6 +247,8 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a, scale_b, *, out_dtype: 
     Scales are float32; block scales may also be bfloat16, float16 or float8_e8m0fnu (UE8M0). A Python float is
     accepted as a per-tensor scale (it is copied to the device on each call).
     out: optional [M, N] tensor of dtype out_dtype (row stride allowed) that receives the result.
+    fast_accum: on Hopper, let the tensor cores accumulate the whole K in their reduced-precision accumulator
+    (faster, less accurate at large K); the default promotes partial sums to fp32 every 128 of K.
     """
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
@@ -198,40 +258,36 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a, scale_b, *, out_dtype: 
     M, N = a.shape[0], b.shape[0]
     if torch.compiler.is_compiling():
         if out is not None:
-            torch.ops.fp8kern.scaled_mm_out(a, b, scale_a, scale_b, out_dtype, bias, out)
+            torch.ops.fp8kern.scaled_mm_out(a, b, scale_a, scale_b, out_dtype, bias, fast_accum, out)
             return out
-        return torch.ops.fp8kern.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias)
+        return torch.ops.fp8kern.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, fast_accum)
     if M == 0 or N == 0:
         return out if out is not None else torch.empty((M, N), dtype=out_dtype, device=a.device)
-    result = _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout)
-    if out is not None:
-        out.copy_(result)
-        return out
-    return result
+    return _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out)
 
 
 @torch.library.custom_op("fp8kern::scaled_mm", mutates_args=())
 def _scaled_mm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                  out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+                  out_dtype: torch.dtype, bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
     if a.shape[0] == 0 or b.shape[0] == 0:
         return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
-    return _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, infer_layout(a, b, scale_a, scale_b))
+    return _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, infer_layout(a, b, scale_a, scale_b), fast_accum)
 
 
 @_scaled_mm_op.register_fake
-def _(a, b, scale_a, scale_b, out_dtype, bias):
+def _(a, b, scale_a, scale_b, out_dtype, bias, fast_accum):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("fp8kern::scaled_mm_out", mutates_args=("out",))
 def _scaled_mm_out_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                      out_dtype: torch.dtype, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+                      out_dtype: torch.dtype, bias: torch.Tensor | None, fast_accum: bool, out: torch.Tensor) -> None:
     if a.shape[0] and b.shape[0]:
-        out.copy_(_scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, infer_layout(a, b, scale_a, scale_b)))
+        _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, infer_layout(a, b, scale_a, scale_b), fast_accum, out)
 
 
 @_scaled_mm_out_op.register_fake
-def _(a, b, scale_a, scale_b, out_dtype, bias, out):
+def _(a, b, scale_a, scale_b, out_dtype, bias, fast_accum, out):
     return None
 
 

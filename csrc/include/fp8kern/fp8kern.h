@@ -69,6 +69,37 @@ void quantize_per_tensor(const QuantProblem& p);
 // Per-tensor: both strides 0; per-token: col stride 0 and group_size = cols.
 void quantize_static(const QuantProblem& p);
 
+// One FP8 GEMM with the dequantization fused into the epilogue:
+//   D[m, n] = scale_a[m or 0] * scale_b[n or 0] * sum_k A[m, k] * B[n, k]  (+ bias[n])
+// A [m, k] and B [n, k] are e4m3, row-major (K contiguous); D [m, n] is row-major with row stride ldd.
+struct GemmProblem {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  void* d = nullptr;
+  int64_t m = 0, n = 0, k = 0;
+  int64_t lda = 0, ldb = 0, ldd = 0;  // elements
+  DType d_dtype = DType::kBFloat16;
+  const float* scale_a = nullptr;     // [m] when scale_a_vector, else one scalar
+  bool scale_a_vector = false;
+  const float* scale_b = nullptr;     // [n] when scale_b_vector, else one scalar
+  bool scale_b_vector = false;
+  const void* bias = nullptr;         // [n] of d_dtype, or null
+  bool fast_accum = false;            // false: partial sums promoted to fp32 every 128 of K
+  int config = -1;                    // index into the family's config table; -1 selects by shape
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Hopper (sm_90a) per-tensor / per-token x per-channel family. Throws InvalidArgument for shapes it cannot run
+// (K % 16, D row alignment): the Python layer pads those first.
+void scaled_mm_sm90(const GemmProblem& p);
+// Name of config i of a family ("" past the end) and the config select_config picks for a problem.
+const char* gemm_config_name(const char* family, int index);
+int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k);
+// Whether the module was compiled with the family's kernels (sm90 needs the 90a target).
+bool gemm_family_compiled(const char* family);
+
 // Compute capability (major * 10 + minor) of a device.
 int device_arch(int device);
 // Arch list the module was compiled for, e.g. "89,90a".

@@ -1,0 +1,4 @@
+// sm90 scaled_mm kernels: bf16 output, config CfgSwap64x32 (promoted and fast accumulation).
+#include "scaled_mm_sm90.cuh"
+
+FP8KERN_SM90_INSTANTIATE(cutlass::bfloat16_t, CfgSwap64x32, run_bf16_swap64x32)

@@ -1,0 +1,4 @@
+// sm90 scaled_mm kernels: fp16 output, config CfgSwap64x64 (promoted and fast accumulation).
+#include "scaled_mm_sm90.cuh"
+
+FP8KERN_SM90_INSTANTIATE(cutlass::half_t, CfgSwap64x64, run_fp16_swap64x64)

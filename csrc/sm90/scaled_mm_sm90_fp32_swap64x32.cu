@@ -1,0 +1,4 @@
+// sm90 scaled_mm kernels: fp32 output, config CfgSwap64x32 (promoted and fast accumulation).
+#include "scaled_mm_sm90.cuh"
+
+FP8KERN_SM90_INSTANTIATE(float, CfgSwap64x32, run_fp32_swap64x32)

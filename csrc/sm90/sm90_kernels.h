@@ -1,0 +1,18 @@
+// Launchers of the sm90 kernel instantiations (one .cu file each, so the build parallelizes).
+#pragma once
+
+#include "fp8kern/fp8kern.h"
+
+namespace fp8kern::sm90 {
+
+void run_bf16_swap64x32(const GemmProblem& p);
+void run_bf16_swap64x64(const GemmProblem& p);
+void run_bf16_tile128x128(const GemmProblem& p);
+void run_fp16_swap64x32(const GemmProblem& p);
+void run_fp16_swap64x64(const GemmProblem& p);
+void run_fp16_tile128x128(const GemmProblem& p);
+void run_fp32_swap64x32(const GemmProblem& p);
+void run_fp32_swap64x64(const GemmProblem& p);
+void run_fp32_tile128x128(const GemmProblem& p);
+
+}  // namespace fp8kern::sm90

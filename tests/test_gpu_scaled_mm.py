@@ -1,0 +1,127 @@
+"""GPU: the sm90 scaled_mm kernels against an independent float64 computation (conftest.exact_scaled_mm).
+
+Tolerance, per element, with S = sum_k |a_deq * b_deq| (bounds any summation's error) and D the exact result:
+- Hopper FP8 WGMMA sums each K=32 step into its accumulator keeping at least 13 significant bits (the reduced
+  precision of FP8 tensor-core accumulation), so one step errs by at most 2^-13 of the magnitudes it adds,
+  which are bounded by S.
+- Promoted (default) mode moves partial sums into fp32 every 128 of K: at most 4 steps, 4 * 2^-13 * S = 2^-11 * S,
+  plus ceil(K/128) fp32 additions (gamma * S, gamma = (ceil(K/128) + 3) * 2^-24 with 3 epilogue roundings).
+- Fast-accum mode accumulates all K/32 steps in the MMA: (K/32) * 2^-13 * S.
+- The conversion to out_dtype adds u_out * |D| (u = 2^-8 bf16, 2^-11 fp16, 2^-24 fp32).
+Scales span 2^-6..2^2 per row and column, so a scale applied to the wrong row or column (or a stale output element)
+is far outside the bound; test_bound_catches_wrong_scale checks that on this GPU.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fp8kern
+from conftest import UNIT_ROUNDOFF, exact_scaled_mm, make_operands, requires_gpu
+from fp8kern import _backend
+
+pytestmark = [pytest.mark.gpu, requires_gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                 reason="sm90 kernels need an H100/H200 (sm_90)"),
+              pytest.mark.skipif("sm90" not in _backend.compiled_families(), reason="sm90 kernels not compiled")]
+
+
+@pytest.fixture(autouse=True)
+def sm90_backend():
+    prev = fp8kern.get_backend()
+    fp8kern.set_backend("sm90")
+    yield
+    fp8kern.set_backend(prev)
+
+
+def bound(D, S, K, out_dtype, fast):
+    steps = math.ceil(K / 32)
+    mma = (steps if fast else min(steps, 4)) * 2.0**-13
+    gamma = (math.ceil(K / 128) + 3) * 2.0**-24
+    return (mma + gamma) * S + UNIT_ROUNDOFF[out_dtype] * np.abs(D) + 2.0**-24
+
+
+def run_and_check(M, N, K, layout, out_dtype=torch.bfloat16, bias=False, fast=False, seed=0, out=None):
+    gen = torch.Generator().manual_seed(seed or (M * 131 + N * 7 + K))
+    a, b, sa, sb = make_operands(M, N, K, layout, gen)
+    if out_dtype == torch.float16:
+        sa = sa / 64  # keep |D| inside fp16's range
+    bias_t = (torch.randn(N, generator=gen) * 10).to(out_dtype) if bias else None
+    args = [t.cuda() for t in (a, b, sa, sb)]
+    y = fp8kern.scaled_mm(*args, out_dtype=out_dtype, bias=bias_t.cuda() if bias else None, out=out,
+                          fast_accum=fast)
+    torch.cuda.synchronize()
+    D, S = exact_scaled_mm(a, b, sa, sb, bias_t)
+    err = np.abs(y.double().cpu().numpy() - D)
+    lim = bound(D, S, K, out_dtype, fast)
+    worst = np.unravel_index(np.argmax(err - lim), err.shape)
+    assert np.isfinite(y.double().cpu().numpy()).all(), "non-finite output"
+    assert (err <= lim).all(), f"M={M} N={N} K={K} {layout}: error {err[worst]} > {lim[worst]} at {worst}"
+    return y
+
+
+@pytest.mark.parametrize("M", list(range(1, 129)))
+def test_m_sweep(M):
+    run_and_check(M, 256, 512, "token_channel")
+
+
+@pytest.mark.parametrize("layout", ["tensor", "token_channel", "tensor_channel", "token_tensor"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 17, 64, 200])
+def test_layouts_dtypes_bias(layout, out_dtype, M):
+    run_and_check(M, 384, 1024, layout, out_dtype, bias=True)
+    run_and_check(M, 384, 1024, layout, out_dtype, bias=False)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 130, 200), (5, 7, 16), (33, 129, 257), (77, 1000, 40), (130, 3420, 576),
+                                   (3, 6840, 3420)])
+def test_unaligned_shapes(M, N, K):
+    """K % 16 != 0 and N not a multiple of 8 go through the padded paths."""
+    run_and_check(M, N, K, "token_channel", bias=True)
+
+
+@pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (2112, 7168)])
+@pytest.mark.parametrize("M", [1, 16, 128, 1024])
+def test_model_shapes(N, K, M):
+    run_and_check(M, N, K, "token_channel")
+
+
+@pytest.mark.parametrize("M", [1, 64, 512])
+def test_fast_accum(M):
+    run_and_check(M, 512, 2048, "token_channel", fast=True)
+
+
+def test_poisoned_out_view():
+    """Every element of an out= view is written, nothing outside it is touched."""
+    big = torch.full((70, 300), float("nan"), dtype=torch.bfloat16, device="cuda")
+    view = big[:, 8:264]
+    run_and_check(70, 256, 512, "token_channel", out=view)
+    assert torch.isnan(big[:, :8]).all() and torch.isnan(big[:, 264:]).all()
+
+
+def test_bound_catches_wrong_scale():
+    gen = torch.Generator().manual_seed(3)
+    a, b, sa, sb = make_operands(64, 256, 512, "token_channel", gen)
+    wrong = sb.clone()
+    wrong[5] *= 2
+    y = fp8kern.scaled_mm(a.cuda(), b.cuda(), sa.cuda(), wrong.cuda(), out_dtype=torch.float32)
+    D, S = exact_scaled_mm(a, b, sa, sb)
+    assert not (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 512, torch.float32, False)).all()
+
+
+def test_cuda_graph_capture():
+    gen = torch.Generator().manual_seed(4)
+    a, b, sa, sb = (t.cuda() for t in make_operands(32, 512, 1024, "token_channel", gen))
+    fp8kern.scaled_mm(a, b, sa, sb)  # warm-up (allocates the workspace) outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fp8kern.scaled_mm(a, b, sa, sb)
+    a2, b2, sa2, sb2 = make_operands(32, 512, 1024, "token_channel", torch.Generator().manual_seed(5))
+    for dst, src in zip((a, b, sa, sb), (a2, b2, sa2, sb2)):
+        dst.copy_(src)
+    g.replay()
+    torch.cuda.synchronize()
+    D, S = exact_scaled_mm(a2, b2, sa2, sb2)
+    assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 1024, torch.bfloat16, False)).all()
