@@ -6,15 +6,16 @@
     y = fp8kern.scaled_mm(x_fp8, w_fp8, x_scale, w_scale, out_dtype=torch.bfloat16)
 """
 
-from . import reference
+from . import nn, reference
 from ._backend import get_backend, set_backend, set_value_checks
+from .nn import Fp8Linear, quantize_model
 from .ops import Layout, infer_layout, quantize, quantize_weight, scaled_mm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "scaled_mm", "quantize", "quantize_weight", "infer_layout", "Layout", "reference", "info", "set_backend",
-    "get_backend", "set_value_checks", "__version__",
+    "scaled_mm", "quantize", "quantize_weight", "Fp8Linear", "quantize_model", "infer_layout", "Layout", "nn",
+    "reference", "info", "set_backend", "get_backend", "set_value_checks", "__version__",
 ]
 
 

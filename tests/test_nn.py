@@ -1,0 +1,124 @@
+"""Fp8Linear and quantize_model on the CPU (reference path).
+
+Tolerance of an Fp8Linear against float64 x @ W_deq.T + b, where W_deq is the stored e4m3 weight times its
+scale (the weight's own quantization error is not under test): activation quantization rounds each x element to
+e4m3, relative error at most 2^-4 in the normal range and absolute 2^-10 * s_x below it (s_x the token/group/tensor
+scale), so |error| <= sum_k |W_deq[n, k]| * (2^-4 |x_k| + 2^-10 s_x); the fp32 GEMM adds gamma_K * S (K * 2^-24
+relative to the sum of absolute products) and the output rounding u_out * |y| (2^-8 for bf16).
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fp8kern
+from fp8kern.nn import Fp8Linear, quantize_model
+
+U_OUT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def w_deq(m: Fp8Linear) -> torch.Tensor:
+    bs = (128, 128) if m.weight_granularity == "block" else None
+    s = m.weight_scale if m.weight_granularity != "channel" else m.weight_scale.reshape(-1)
+    return fp8kern.reference.dequantize(m.weight, s, bs).double()
+
+
+def check_linear(m: Fp8Linear, x: torch.Tensor):
+    y = m(x)
+    assert y.shape == (*x.shape[:-1], m.out_features) and y.dtype == x.dtype
+    x2 = x.reshape(-1, m.in_features).double()
+    W = w_deq(m)
+    exact = x2 @ W.t() + (m.bias.double() if m.bias is not None else 0)
+    if m.dynamic:
+        gran = m.act_granularity
+        _, s = fp8kern.reference.quantize(x.reshape(-1, m.in_features).float(), gran)
+        s_x = s.double().amax(dim=-1, keepdim=True) if gran != "tensor" else s.double().reshape(1, 1)
+    else:
+        s_x = m.input_scale.double().reshape(1, 1)
+    K = m.in_features
+    S = x2.abs() @ W.abs().t()
+    bound = (2.0**-4 * S + 2.0**-10 * s_x * W.abs().sum(1)[None, :] + (K + 3) * 2.0**-24 * S
+             + U_OUT[x.dtype] * exact.abs() + 1e-30)
+    err = (y.reshape(-1, m.out_features).double() - exact).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+    return y
+
+
+@pytest.mark.parametrize("scheme", ["dynamic_per_token", "dynamic_per_tensor", "block128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_from_linear(scheme, dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 130, bias=True).to(dtype)
+    m = Fp8Linear.from_linear(lin, scheme)
+    assert m.weight.dtype == torch.float8_e4m3fn and m.bias.dtype == dtype
+    x = torch.randn(2, 5, 200).to(dtype)
+    check_linear(m, x)
+
+
+def test_block128_ue8m0():
+    torch.manual_seed(1)
+    m = Fp8Linear.from_linear(nn.Linear(300, 260, bias=False), "block128", scale_format="ue8m0")
+    assert m.weight_scale.dtype == torch.float8_e8m0fnu and m.weight_scale.shape == (3, 3)
+    check_linear(m, torch.randn(7, 300))
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(2)
+    m = Fp8Linear.from_linear(nn.Linear(64, 48), "block128")
+    m2 = Fp8Linear(64, 48, scheme="block128", dtype=torch.float32)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(m(x), m2(x))
+    assert set(m.state_dict()) == {"weight", "weight_scale", "bias"}
+
+
+def test_quantize_model_dynamic_and_report():
+    torch.manual_seed(3)
+    model = nn.Sequential()
+    model.add_module("up", nn.Linear(64, 96))
+    model.add_module("act", nn.GELU())
+    model.add_module("down", nn.Linear(96, 64))
+    model.add_module("lm_head", nn.Linear(64, 10))
+    report = quantize_model(model, "dynamic_per_token")
+    assert report.replaced == ["up", "down"]
+    assert report.skipped == {"lm_head": "matches skip pattern 'lm_head'"}
+    assert isinstance(model.up, Fp8Linear) and isinstance(model.lm_head, nn.Linear)
+    assert "skipped lm_head" in str(report)
+    check_linear(model.up, torch.randn(4, 64))
+
+
+def test_quantize_model_static_calibration():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(32, 16))
+    calib = [torch.randn(8, 32) * 3, torch.randn(8, 32)]
+    amax = max(float(c.abs().max()) for c in calib)
+    quantize_model(model, "static_per_tensor", skip=(), calibration_data=calib)
+    m = model[0]
+    assert isinstance(m, Fp8Linear) and not m.dynamic
+    assert m.input_scale.item() == pytest.approx(amax / 448, rel=1e-6)
+    check_linear(m, calib[1])
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), "static_per_tensor", skip=())
+
+
+def test_compiled_forward_matches_eager():
+    torch.manual_seed(5)
+    m = Fp8Linear.from_linear(nn.Linear(128, 64), "dynamic_per_token")
+    x = torch.randn(6, 128)
+    assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+def test_errors():
+    m = Fp8Linear(16, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="input has 15 features in the last dim, expected 16"):
+        m(torch.randn(2, 15))
+    with pytest.raises(TypeError, match="input dtype torch.int64"):
+        m(torch.ones(2, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="scheme='w4a8'"):
+        Fp8Linear(16, 8, scheme="w4a8")
+    with pytest.raises(ValueError, match="weight_granularity='block' does not fit scheme='dynamic_per_token'"):
+        Fp8Linear(16, 8, weight_granularity="block")
+    with pytest.raises(ValueError, match="needs input_scale"):
+        Fp8Linear.from_linear(nn.Linear(16, 8), "static_per_tensor")
