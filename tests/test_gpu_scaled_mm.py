@@ -43,13 +43,16 @@ def bound(D, S, K, out_dtype, fast):
     return (mma + gamma) * S + UNIT_ROUNDOFF[out_dtype] * np.abs(D) + 2.0**-24
 
 
-def run_and_check(M, N, K, layout, out_dtype=torch.bfloat16, bias=False, fast=False, seed=0, out=None):
+def run_and_check(M, N, K, layout, out_dtype=torch.bfloat16, bias=False, fast=False, seed=0, out=None,
+                  scale_dtype=torch.float32, a_scales_col_major=False):
     gen = torch.Generator().manual_seed(seed or (M * 131 + N * 7 + K))
-    a, b, sa, sb = make_operands(M, N, K, layout, gen)
+    a, b, sa, sb = make_operands(M, N, K, layout, gen, scale_dtype)
+    if a_scales_col_major:
+        sa = sa.t().contiguous().t()
     if out_dtype == torch.float16:
         sa = sa / 64  # keep |D| inside fp16's range
     bias_t = (torch.randn(N, generator=gen) * 10).to(out_dtype) if bias else None
-    args = [t.cuda() for t in (a, b, sa, sb)]
+    args = [a.cuda(), b.cuda(), sa.cuda() if not a_scales_col_major else sa.t().cuda().t(), sb.cuda()]
     y = fp8kern.scaled_mm(*args, out_dtype=out_dtype, bias=bias_t.cuda() if bias else None, out=out,
                           fast_accum=fast)
     torch.cuda.synchronize()
@@ -125,3 +128,39 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     D, S = exact_scaled_mm(a2, b2, sa2, sb2)
     assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 1024, torch.bfloat16, False)).all()
+
+
+# Block-scaled (1x128 x 128x128): the kernel promotes every 128 of K, so the promoted-mode bound applies.
+
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 16, 31, 64, 100, 128, 129, 1000])
+def test_block_m_sweep(M):
+    run_and_check(M, 512, 1024, "block")
+
+
+@pytest.mark.parametrize("M,N,K", [(5, 130, 200), (17, 7168, 2112), (64, 300, 1000), (8, 2112, 7168),
+                                   (33, 256, 640), (4, 24576, 1536), (3, 100, 40)])
+def test_block_partial_blocks_and_odd_k_blocks(M, N, K):
+    """N and K not multiples of 128 (partial edge blocks), (K/128) % 4 != 0, K < 128."""
+    run_and_check(M, N, K, "block", bias=True)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_block_scale_and_out_dtypes(scale_dtype, out_dtype):
+    run_and_check(48, 384, 768, "block", out_dtype, bias=True, scale_dtype=scale_dtype)
+
+
+def test_block_column_major_a_scales():
+    run_and_check(40, 256, 896, "block", a_scales_col_major=True)
+
+
+def test_block_from_quantize():
+    """fp8kern.quantize(granularity='group') output feeds the block kernel with no layout conversion."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(37, 1000, generator=g).to(torch.bfloat16).cuda()
+    w = torch.randn(520, 1000, generator=g).to(torch.bfloat16).cuda()
+    xq, xs = fp8kern.quantize(x, "group")
+    wq, ws = fp8kern.quantize_weight(w, "block")
+    y = fp8kern.scaled_mm(xq, wq, xs, ws, out_dtype=torch.float32)
+    D, S = exact_scaled_mm(xq.cpu(), wq.cpu(), xs.cpu(), ws.cpu())
+    assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 1000, torch.float32, False)).all()

@@ -86,6 +86,33 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
   fp8kern::scaled_mm_sm90(p);
 }
 
+void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
+                     int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
+                     std::uintptr_t scale_a, std::uintptr_t scale_b, std::uintptr_t bias, std::uintptr_t workspace,
+                     std::size_t workspace_bytes, std::uintptr_t stream) {
+  fp8kern::BlockGemmProblem p;
+  p.a = reinterpret_cast<const void*>(a);
+  p.b = reinterpret_cast<const void*>(b);
+  p.d = reinterpret_cast<void*>(d);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.lda = lda;
+  p.ldb = ldb;
+  p.ldd = ldd;
+  p.d_dtype = to_dtype(d_dtype, "d");
+  p.scale_a = reinterpret_cast<const float*>(scale_a);
+  p.scale_b = reinterpret_cast<const float*>(scale_b);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.workspace_bytes = workspace_bytes;
+  p.stream = reinterpret_cast<cudaStream_t>(stream);
+  FP8KERN_CHECK(family == "sm90", "scaled_mm_block: family='", family, "', expected 'sm90'");
+  py::gil_scoped_release release;
+  FP8KERN_CUDA_CHECK(cudaSetDevice(device));
+  fp8kern::blockwise_sm90(p);
+}
+
 py::list gemm_configs(const std::string& family) {
   py::list names;
   for (int i = 0;; ++i) {
@@ -110,6 +137,11 @@ PYBIND11_MODULE(_C, m) {
             if (fp8kern::gemm_family_compiled(f)) out.append(f);
           return out;
         }, "Compiled scaled_mm kernel families, e.g. ['sm90'].");
+  m.def("scaled_mm_block", &scaled_mm_block, py::arg("family"), py::arg("device"), py::arg("a"), py::arg("b"),
+        py::arg("d"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"), py::arg("ldd"),
+        py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_b"), py::arg("bias"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"),
+        "Launch a block-scaled (1x128 x 128x128) kernel; scales fp32, K-major, contiguous.");
   m.def("gemm_configs", &gemm_configs, py::arg("family"), "Config names of a family, in table order.");
   m.def("gemm_select_config", [](const std::string& family, int64_t m, int64_t n, int64_t k) {
           return fp8kern::gemm_select_config(family.c_str(), m, n, k);

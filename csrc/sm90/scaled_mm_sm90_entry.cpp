@@ -36,7 +36,42 @@ void validate(const GemmProblem& p) {
                 ", expected -1 (select by shape) or 0..", int(sm90::kNumConfigs) - 1);
 }
 
+void validate_block(const BlockGemmProblem& p) {
+  FP8KERN_CHECK(p.m >= 1 && p.n >= 1 && p.k >= 128, "blockwise_sm90: M=", p.m, " N=", p.n, " K=", p.k,
+                ", expected M, N >= 1 and K >= 128 (pad smaller K)");
+  FP8KERN_CHECK(p.m <= INT32_MAX && p.n <= INT32_MAX && p.k <= INT32_MAX, "blockwise_sm90: M, N, K must be < 2^31");
+  FP8KERN_CHECK(p.a && p.b && p.d && p.scale_a && p.scale_b, "blockwise_sm90: a, b, d, scale_a and scale_b must be "
+                "non-null device pointers");
+  FP8KERN_CHECK(p.lda >= p.k && p.ldb >= p.k && p.ldd >= p.n, "blockwise_sm90: leading dimensions (", p.lda, ", ",
+                p.ldb, ", ", p.ldd, ") must be >= (K, K, N)");
+  FP8KERN_CHECK(p.k % 16 == 0 && p.lda % 16 == 0 && p.ldb % 16 == 0 && aligned16(p.a) && aligned16(p.b),
+                "blockwise_sm90: K=", p.k, " and the A/B row strides must be multiples of 16 with 16-byte aligned "
+                "pointers (TMA); pad K first");
+  FP8KERN_CHECK(p.d_dtype == DType::kBFloat16 || p.d_dtype == DType::kFloat16 || p.d_dtype == DType::kFloat32,
+                "blockwise_sm90: output dtype ", dtype_name(p.d_dtype), ", expected bfloat16, float16 or float32");
+  FP8KERN_CHECK((p.ldd * dtype_size(p.d_dtype)) % 16 == 0 && aligned16(p.d), "blockwise_sm90: output row stride ",
+                p.ldd, " x ", dtype_size(p.d_dtype), " bytes must be a multiple of 16 with a 16-byte aligned pointer");
+  FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.scale_a) % 4 == 0 && reinterpret_cast<uintptr_t>(p.scale_b) % 4 == 0,
+                "blockwise_sm90: scale pointers must be 4-byte aligned fp32");
+  FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.bias) % dtype_size(p.d_dtype) == 0,
+                "blockwise_sm90: bias pointer is not aligned to its dtype");
+}
+
 }  // namespace
+
+void blockwise_sm90(const BlockGemmProblem& p) {
+  validate_block(p);
+#if defined(FP8KERN_HAS_SM90)
+  switch (p.d_dtype) {
+    case DType::kBFloat16: sm90::run_block_bf16_tile128x128(p); break;
+    case DType::kFloat16: sm90::run_block_fp16_tile128x128(p); break;
+    default: sm90::run_block_fp32_tile128x128(p); break;
+  }
+#else
+  FP8KERN_CHECK(false, "blockwise_sm90: this fp8kern._C was built without the sm_90a target (FP8KERN_CUDA_ARCHS=",
+                compiled_archs(), "); rebuild with FP8KERN_CUDA_ARCHS including 90a");
+#endif
+}
 
 bool gemm_family_compiled(const char* family) {
 #if defined(FP8KERN_HAS_SM90)

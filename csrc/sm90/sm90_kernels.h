@@ -14,5 +14,8 @@ void run_fp16_tile128x128(const GemmProblem& p);
 void run_fp32_swap64x32(const GemmProblem& p);
 void run_fp32_swap64x64(const GemmProblem& p);
 void run_fp32_tile128x128(const GemmProblem& p);
+void run_block_bf16_tile128x128(const BlockGemmProblem& p);
+void run_block_fp16_tile128x128(const BlockGemmProblem& p);
+void run_block_fp32_tile128x128(const BlockGemmProblem& p);
 
 }  // namespace fp8kern::sm90

@@ -205,16 +205,15 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
 
 def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out):
     """Launch a compiled family. Shapes TMA cannot address directly are padded here, at a stated cost:
-    K % 16 != 0 copies a and b with K rounded up to 16; an output whose rows are not 16-byte aligned (N not a
-    multiple of 8 for 16-bit outputs, 4 for fp32, or such an `out` view) goes through a padded buffer and a copy."""
-    if layout.name == "block":
-        raise NotImplementedError(f"fp8kern.scaled_mm: block-scaled kernels are not built for {family} yet; set "
-                                  "FP8KERN_BACKEND=reference to run the reference on the GPU")
+    K % 16 != 0 (or K < 128 for block-scaled) copies a and b with zero columns appended; an output whose rows are
+    not 16-byte aligned (N not a multiple of 8 for 16-bit outputs, 4 for fp32, or such an `out` view) goes through
+    a padded buffer and a copy. Block-scaled scales that are not fp32 row-major are converted (a small copy)."""
     M, K = a.shape
     N = b.shape[0]
-    if K % 16:
-        k16 = -(-K // 16) * 16
-        a, b = _pad_cols(a, k16), _pad_cols(b, k16)
+    block = layout.name == "block"
+    k_run = max(-(-K // 16) * 16, 128 if block else 16)  # zero columns add nothing; ceil(K/128) is unchanged
+    if k_run != K:
+        a, b = _pad_cols(a, k_run), _pad_cols(b, k_run)
     elem = out_dtype.itemsize
     align = 16 // elem
     d = out
@@ -222,14 +221,22 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
         ld = -(-N // align) * align
         d = torch.empty((M, ld), dtype=out_dtype, device=a.device)[:, :N]
     ldd = d.stride(0) if M > 1 else -(-N // align) * align
-    sa = scale_a.reshape(-1).contiguous()
-    sb = scale_b.reshape(-1).contiguous()
     ws = _workspace(a.device)
-    _backend._C.scaled_mm(
-        family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, a.shape[1], a.stride(0),
-        b.stride(0), ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(),
-        layout.b == "channel", bias.data_ptr() if bias is not None else 0, bool(fast_accum), -1, ws.data_ptr(),
-        ws.numel(), torch.cuda.current_stream(a.device).cuda_stream)
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    bias_ptr = bias.data_ptr() if bias is not None else 0
+    if block:
+        sa = scale_a.float().contiguous()
+        sb = scale_b.float().contiguous()
+        _backend._C.scaled_mm_block(family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run,
+                                    a.stride(0), b.stride(0), ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
+                                    sb.data_ptr(), bias_ptr, ws.data_ptr(), ws.numel(), stream)
+    else:
+        sa = scale_a.reshape(-1).contiguous()
+        sb = scale_b.reshape(-1).contiguous()
+        _backend._C.scaled_mm(family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run,
+                              a.stride(0), b.stride(0), ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
+                              layout.a == "token", sb.data_ptr(), layout.b == "channel", bias_ptr, bool(fast_accum),
+                              -1, ws.data_ptr(), ws.numel(), stream)
     if out is not None:
         return out if d is out else out.copy_(d)
     return d if d.is_contiguous() else d.contiguous()

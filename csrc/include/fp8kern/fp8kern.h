@@ -94,6 +94,26 @@ struct GemmProblem {
 // Hopper (sm_90a) per-tensor / per-token x per-channel family. Throws InvalidArgument for shapes it cannot run
 // (K % 16, D row alignment): the Python layer pads those first.
 void scaled_mm_sm90(const GemmProblem& p);
+// Block-scaled FP8 GEMM: D[m, n] = sum_kb scale_a[m, kb] * scale_b[n / 128, kb] * sum_{k in block kb} A[m, k] B[n, k]
+// (+ bias[n]). Scales are fp32 and K-major: scale_a [m, ceil(k/128)], scale_b [ceil(n/128), ceil(k/128)], contiguous.
+struct BlockGemmProblem {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  void* d = nullptr;
+  int64_t m = 0, n = 0, k = 0;
+  int64_t lda = 0, ldb = 0, ldd = 0;
+  DType d_dtype = DType::kBFloat16;
+  const float* scale_a = nullptr;
+  const float* scale_b = nullptr;
+  const void* bias = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Hopper (sm_90a) block-scaled family (1x128 x 128x128).
+void blockwise_sm90(const BlockGemmProblem& p);
+
 // Name of config i of a family ("" past the end) and the config select_config picks for a problem.
 const char* gemm_config_name(const char* family, int index);
 int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k);

@@ -1,0 +1,106 @@
+// Hopper block-scaled FP8 GEMM (1x128 activation groups x 128x128 weight blocks): CUTLASS's blockwise-scaling
+// mainloop (the collective of CUTLASS example 67) applies both scales while promoting WGMMA partial sums into fp32
+// every 128 of K; the epilogue adds the bias and converts once.
+#pragma once
+
+#include <cutlass/detail/blockwise_scale_layout.hpp>
+
+#include "scaled_mm_sm90.cuh"
+
+namespace fp8kern::sm90 {
+
+template <class TileShape_, class ClusterShape_>
+struct BlockConfig {
+  using TileShape = TileShape_;        // CTA tile (M, N, K); K must be 128, the scale block
+  using ClusterShape = ClusterShape_;
+};
+
+template <class Cfg, class ElementD_>
+struct BlockScaledMm {
+  using ElementA = cutlass::float_e4m3_t;
+  using ElementB = cutlass::float_e4m3_t;
+  using ElementD = ElementD_;
+  using TileShape = typename Cfg::TileShape;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignAB = 16;
+  static constexpr int kAlignD = 16 / sizeof(ElementD);
+  static_assert(size<2>(TileShape{}) == 128, "one K tile per scale block");
+
+  // Scales K-major for both operands: A scales [M, ceil(K/128)] and B scales [ceil(N/128), ceil(K/128)] row-major,
+  // the layouts fp8kern.quantize(granularity='group') and the checkpoints produce, so no conversion is needed.
+  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::K,
+                                                               cute::GMMA::Major::K>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+  using Bias = fusion::Sm90RowBroadcast<0, TileShape, ElementD, float, Stride<_0, _1, int64_t>, 1>;
+  using EpilogueTree = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, ElementD, float,
+                                                           cutlass::FloatRoundStyle::round_to_nearest>,
+                                       fusion::Sm90AccFetch, Bias>;  // acc + bias, then to ElementD
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, typename Cfg::ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutD, kAlignD,
+      ElementD, LayoutD, kAlignD,
+      cutlass::epilogue::TmaWarpSpecializedCooperative, EpilogueTree>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      ElementA, cute::tuple<LayoutA, LayoutSFA>, kAlignAB,
+      ElementB, cute::tuple<LayoutB, LayoutSFB>, kAlignAB,
+      float, TileShape, typename Cfg::ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static void run(const BlockGemmProblem& p) {
+    const int m = int(p.m), n = int(p.n), k = int(p.k);
+    using StrideA = typename Gemm::GemmKernel::StrideA;
+    using StrideB = typename Gemm::GemmKernel::StrideB;
+    using StrideD = typename Gemm::GemmKernel::StrideD;
+    StrideA stride_a = make_stride(p.lda, Int<1>{}, int64_t(0));
+    StrideB stride_b = make_stride(p.ldb, Int<1>{}, int64_t(0));
+    StrideD stride_d = make_stride(p.ldd, Int<1>{}, int64_t(0));
+    const auto shape = make_shape(m, n, k, 1);
+    const LayoutSFA layout_sfa = ScaleConfig::tile_atom_to_shape_SFA(shape);
+    const LayoutSFB layout_sfb = ScaleConfig::tile_atom_to_shape_SFB(shape);
+
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = current_device();
+    hw.sm_count = sm_count(hw.device_id);
+    typename Bias::Arguments bias_args{static_cast<const ElementD*>(p.bias), ElementD(0), {}};
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {m, n, k, 1},
+        {static_cast<const ElementA*>(p.a), stride_a, static_cast<const ElementB*>(p.b), stride_b,
+         p.scale_a, layout_sfa, p.scale_b, layout_sfb},
+        {{{}, bias_args, {}}, nullptr, stride_d, static_cast<ElementD*>(p.d), stride_d},
+        hw};
+
+    Gemm gemm;
+    const cutlass::Status ok = gemm.can_implement(args);
+    FP8KERN_CHECK(ok == cutlass::Status::kSuccess, "blockwise_sm90: CUTLASS cannot run M=", p.m, " N=", p.n, " K=",
+                  p.k, " (", cutlassGetStatusString(ok), ")");
+    const size_t ws = Gemm::get_workspace_size(args);
+    FP8KERN_CHECK(ws <= p.workspace_bytes, "blockwise_sm90: needs ", ws, " bytes of workspace, got ", p.workspace_bytes);
+    FP8KERN_CUTLASS_CHECK(gemm.initialize(args, p.workspace, p.stream));
+    FP8KERN_CUTLASS_CHECK(gemm.run(p.stream));
+    FP8KERN_CUDA_CHECK(cudaGetLastError());
+  }
+};
+
+using BlockCfg128x128 = BlockConfig<Shape<_128, _128, _128>, Shape<_1, _2, _1>>;
+
+}  // namespace fp8kern::sm90
+
+#define FP8KERN_SM90_BLOCK_INSTANTIATE(ElementD, CFG, NAME)                                \
+  namespace fp8kern::sm90 {                                                                \
+  void NAME(const BlockGemmProblem& p) { BlockScaledMm<CFG, ElementD>::run(p); }           \
+  }

@@ -1,0 +1,4 @@
+// sm90 block-scaled kernel: fp16 output, 128x128x128 cooperative tile, 1x2 cluster.
+#include "blockwise_sm90.cuh"
+
+FP8KERN_SM90_BLOCK_INSTANTIATE(cutlass::half_t, BlockCfg128x128, run_block_fp16_tile128x128)
