@@ -1,0 +1,226 @@
+"""What every checkpoint format shares: reading config.json and safetensors headers, the per-layer spec, the base
+class that each format fills in, and the optional-dependency and progress helpers.
+
+The one rule every format is converted to is fp8kern's: real value = fp8 value * weight_scale, with weight_scale
+shaped per channel (N, 1), per tensor (1,) or per 128x128 block (ceil(N/128), ceil(K/128)). Each format's
+`weight_scale` method is the only place that knows how its stored scale maps onto that rule; the loader and the
+dequantize CLI both go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..reference import BLOCK, E8M0, dequantize
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def require(module: str, pip_name: str | None = None):
+    """Import an optional dependency, or raise ImportError with the pip command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"fp8kern.checkpoints needs the optional package {pip_name or module!r}: "
+                          f"pip install {pip_name or module}") from e
+
+
+def progress(items, desc: str):
+    """Iterate items with a tqdm bar when tqdm is installed, else print one line per item on stderr."""
+    items = list(items)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        def plain():
+            for i, item in enumerate(items):
+                print(f"{desc}: {i + 1}/{len(items)} {item}", file=sys.stderr, flush=True)
+                yield item
+        return plain()
+    return tqdm(items, desc=desc, unit="shard")
+
+
+def read_config(path: str) -> dict:
+    cfg = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"path={path!r} has no {CONFIG_NAME}; pass the directory of a Hugging Face checkpoint")
+    with open(cfg) as f:
+        return json.load(f)
+
+
+def shard_files(path: str) -> list[str]:
+    """Shard file names (relative to path): those the index lists, else every *.safetensors in the directory."""
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in files if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise FileNotFoundError(f"{INDEX_NAME} in {path!r} lists shard(s) that are not there: {missing}")
+        return files
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"path={path!r} holds no *.safetensors files (only safetensors checkpoints are read)")
+    return files
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's safetensors dtype string ('F8_E4M3', 'BF16', ...), shape and shard, read without loading it."""
+
+    dtype: str
+    shape: tuple
+    shard: str
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint by name, from the safetensors headers only (no tensor data is read)."""
+    safe_open = require("safetensors").safe_open
+    header = {}
+    for shard in shard_files(path):
+        with safe_open(os.path.join(path, shard), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                header[key] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()), shard)
+    return header
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one quantized Linear is held by fp8kern: the Fp8Linear arguments."""
+
+    scheme: str
+    weight_granularity: str  # 'channel' | 'tensor' | 'block'
+    scale_format: str = "fp32"  # 'fp32' | 'ue8m0'
+
+    def fp8linear_kwargs(self) -> dict:
+        return {"scheme": self.scheme, "weight_granularity": self.weight_granularity, "scale_format": self.scale_format}
+
+
+def scale_shape(granularity: str, n: int, k: int) -> tuple:
+    return {"channel": (n, 1), "tensor": (1,), "block": (math.ceil(n / BLOCK), math.ceil(k / BLOCK))}[granularity]
+
+
+def reshape_scale(raw: torch.Tensor, granularity: str, n: int, k: int, key: str) -> torch.Tensor:
+    """raw reshaped to Fp8Linear's weight_scale shape; any stored shape holding the same numbers in the same order is
+    accepted ((N,) or (N, 1) per channel, () or (1,) per tensor), anything else is an error naming the tensor."""
+    want = scale_shape(granularity, n, k)
+    fits = (raw.numel() == math.prod(want) and (granularity != "block" or tuple(raw.shape) == want))
+    if not fits:
+        raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(raw.shape)}, expected {want} for a "
+                         f"{granularity} scale of a [{n}, {k}] weight")
+    return raw.reshape(want)
+
+
+def as_e8m0(scale: torch.Tensor, key: str) -> torch.Tensor:
+    """scale as float8_e8m0fnu, which holds only powers of two: an error names the tensor when one is not."""
+    if scale.dtype == E8M0:
+        return scale
+    e = scale.float().to(E8M0)
+    if not torch.equal(e.float(), scale.float()):
+        raise ValueError(f"checkpoint tensor {key!r} should hold UE8M0 scales (scale_fmt 'ue8m0') but has values "
+                         "that are not powers of two")
+    return e
+
+
+class CheckpointFormat:
+    """One FP8 checkpoint format. A subclass sets `name` and `suffixes`, and implements `matches`, `layer_spec` and
+    (when its convention differs from real = fp8 * scale) `weight_scale`.
+
+    suffixes: checkpoint tensor name after '<module>.' -> Fp8Linear buffer ('weight', 'weight_scale',
+    'input_scale') for the modules whose weight is stored as float8_e4m3fn.
+    """
+
+    name: ClassVar[str]
+    suffixes: ClassVar[dict[str, str]] = {"weight": "weight", "weight_scale": "weight_scale",
+                                          "input_scale": "input_scale"}
+
+    def __init__(self, config: dict, header: dict[str, TensorInfo]):
+        self.config = config
+        self.qconfig = config.get("quantization_config") or {}
+        self.header = header
+
+    @classmethod
+    def matches(cls, config: dict, header: dict[str, TensorInfo]) -> bool:
+        raise NotImplementedError
+
+    def layer_spec(self, module: str, class_names=("Linear",)) -> LayerSpec | None:
+        """The spec of module (whose weight the checkpoint stores in FP8), or None where the config excludes it.
+        class_names: the module's class and base class names, for formats whose config targets classes."""
+        raise NotImplementedError
+
+    def kv_cache_scale(self, key: str) -> bool:
+        """Whether key is a KV-cache (attention output) scale the config declares: fp8kern keeps the KV cache in
+        high precision, so these are skipped with a warning rather than rejected as unexpected."""
+        return False
+
+    def split(self, key: str) -> tuple[str, str] | None:
+        """'<module>.<suffix>' -> (module, Fp8Linear buffer) for a suffix of this format, longest suffix first."""
+        for suffix in sorted(self.suffixes, key=len, reverse=True):
+            if key.endswith("." + suffix):
+                return key[: -len(suffix) - 1], self.suffixes[suffix]
+        return None
+
+    def checkpoint_key(self, module: str, buffer: str) -> str:
+        """The checkpoint tensor name that fills module's Fp8Linear buffer."""
+        suffix = next(s for s, b in self.suffixes.items() if b == buffer)
+        return f"{module}.{suffix}"
+
+    def weight_scale(self, raw: torch.Tensor, spec: LayerSpec, n: int, k: int, key: str) -> torch.Tensor:
+        """Stored scale -> Fp8Linear.weight_scale (real = fp8 * scale; float32, or float8_e8m0fnu for 'ue8m0')."""
+        s = reshape_scale(raw, spec.weight_granularity, n, k, key)
+        return as_e8m0(s, key) if spec.scale_format == "ue8m0" else s.float()
+
+    def input_scale(self, raw: torch.Tensor, key: str) -> torch.Tensor:
+        """Stored static activation scale -> Fp8Linear.input_scale, float32 of shape (1,)."""
+        if raw.numel() != 1:
+            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(raw.shape)}, expected one value (a static "
+                             "per-tensor activation scale)")
+        return raw.float().reshape(1)
+
+    def dequantize_weight(self, module: str, q: torch.Tensor, raw_scale: torch.Tensor) -> torch.Tensor:
+        """fp32 value of module's stored FP8 weight q [N, K] with its stored scale."""
+        n, k = q.shape
+        spec = self.layer_spec(module)
+        if spec is None:
+            raise ValueError(f"{module}.weight is stored as float8_e4m3fn but quantization_config excludes {module}")
+        ws = self.weight_scale(raw_scale, spec, n, k, self.checkpoint_key(module, "weight_scale"))
+        return dequantize(q, ws, block_size=(BLOCK, BLOCK) if spec.weight_granularity == "block" else None)
+
+
+def fp8_modules(header: dict[str, TensorInfo]) -> dict[str, tuple]:
+    """module name -> (N, K) for every 2-D '<module>.weight' stored as float8_e4m3fn."""
+    return {key[: -len(".weight")]: info.shape for key, info in header.items()
+            if key.endswith(".weight") and info.dtype == "F8_E4M3" and len(info.shape) == 2}
+
+
+def unsupported(what: str, found, fix: str = "") -> ValueError:
+    return ValueError(f"unsupported FP8 checkpoint: {what} is {found!r}{'; ' + fix if fix else ''}")
+
+
+def choose_scheme(weight_granularity: str, act_granularity: str | None, dynamic: bool, where: str) -> str:
+    """The Fp8Linear scheme for a weight layout and an activation layout (None: weight-only checkpoint, whose
+    activations fp8kern then quantizes dynamically, per token, or per 1x128 group for block weights)."""
+    if weight_granularity == "block":
+        if act_granularity is None or dynamic:
+            return "block128"
+        raise unsupported(f"{where}: static activations with 128x128 block weights", act_granularity,
+                          "block-scaled checkpoints need dynamic activations")
+    if act_granularity is None:
+        return "dynamic_per_token"
+    if dynamic and act_granularity in ("token", "tensor"):
+        return "dynamic_per_token" if act_granularity == "token" else "dynamic_per_tensor"
+    if not dynamic and act_granularity == "tensor":
+        return "static_per_tensor"
+    raise unsupported(f"{where}: {'dynamic' if dynamic else 'static'} activation granularity", act_granularity,
+                      "fp8kern supports dynamic per-token or per-tensor, or static per-tensor activations with "
+                      "per-channel or per-tensor weights")

@@ -1,0 +1,621 @@
+"""fp8kern.checkpoints.from_pretrained and the fp8kern-dequantize CLI, on tiny Llama models written in each FP8
+checkpoint format (CPU only).
+
+Sizes (hidden 160, intermediate 320, kv 80) are not multiples of 128, so block scales have partial edge blocks.
+compressed-tensors checkpoints are written by the compressed-tensors library itself; the other formats are written
+tensor by tensor following their published layout, with fp8kern.quantize_weight supplying the numbers. Every
+expectation (file bytes, scale conventions, float64 dequantization, error bounds) is computed here, independently of
+the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import fp8kern  # noqa: E402
+from fp8kern.checkpoints import detect_format, from_pretrained  # noqa: E402
+from fp8kern.nn import Fp8Linear  # noqa: E402
+
+E4M3, E8M0 = torch.float8_e4m3fn, torch.float8_e8m0fnu
+PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj"]
+QUANT = [f"model.layers.{i}.{p}" for i in range(2) for p in PROJ]
+INDEX = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing checkpoints
+
+
+def llama_config(tie: bool):
+    return transformers.LlamaConfig(hidden_size=160, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+                                    tie_word_embeddings=tie)
+
+
+def read_tensors(d) -> dict:
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, f)))
+    return out
+
+
+def save_sharded(tensors: dict, d, n_shards: int) -> None:
+    """One model.safetensors, or n_shards round-robin shards (so a weight and its scale land in different shards)
+    with an index."""
+    os.makedirs(d, exist_ok=True)
+    if n_shards == 1:
+        save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        return
+    keys = sorted(tensors)
+    names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+    weight_map = {k: names[i % n_shards] for i, k in enumerate(keys)}
+    for name in names:
+        save_file({k: tensors[k] for k in keys if weight_map[k] == name}, os.path.join(d, name),
+                  metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(d, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+
+
+def write_config(src, dst, qconfig) -> None:
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    if qconfig is not None:
+        cfg["quantization_config"] = qconfig
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for name in os.listdir(src):
+        if name not in ("config.json", "model.safetensors") and not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(src, name), dst)
+
+
+def calibration_scales(src, ids) -> dict:
+    """Static activation scales: 2 * amax / 448 of each layer's input on the test input (the margin keeps the FP8
+    model's slightly different activations clear of clipping, which the per-layer check asserts)."""
+    model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    amax = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: amax.__setitem__(n, float(a[0].abs().max()))) for n in QUANT]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return {n: 2 * v / 448 for n, v in amax.items()}
+
+
+def write_ct(src, dst, preset: str, ids) -> None:
+    """compressed-tensors checkpoint written by the compressed-tensors library (as llm-compressor does), with
+    fp8kern.quantize_weight's scales and calibrated static input scales."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization import quant_scheme
+
+    scheme = dict(quant_scheme.PRESET_SCHEMES["FP8_DYNAMIC" if preset == "W8A16" else preset])
+    if preset == "W8A16":
+        scheme["input_activations"] = None
+    model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": {"targets": ["Linear"], **scheme}},
+                                                        ignore=["lm_head"]))
+    gran = str(getattr(scheme["weights"].strategy, "value", scheme["weights"].strategy))
+    calib = calibration_scales(src, ids) if preset == "FP8" else {}
+    with torch.no_grad():
+        for n in QUANT:
+            m = model.get_submodule(n)
+            _, s = fp8kern.quantize_weight(m.weight.float(), gran)
+            m.weight_scale.copy_(s.reshape(m.weight_scale.shape))
+            if n in calib:
+                m.input_scale.fill_(calib[n])
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(dst, max_shard_size="150KB" if preset == "FP8_BLOCK" else "50MB")
+    compressor.update_config(dst)
+
+
+def write_fp8_block(src, dst, scale_dtype, n_shards: int, scale_fmt=None, skip=None) -> None:
+    """quant_method 'fp8' (DeepSeek-V3 layout): weight_scale_inv [ceil(N/128), ceil(K/128)], real = fp8 * it."""
+    t = read_tensors(src)
+    for n in QUANT:
+        q, s = fp8kern.quantize_weight(t[f"{n}.weight"].float(), "block",
+                                       scale_format="ue8m0" if scale_dtype == E8M0 else "fp32")
+        t[f"{n}.weight"], t[f"{n}.weight_scale_inv"] = q, s.to(scale_dtype)
+    save_sharded(t, dst, n_shards)
+    q = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
+         "modules_to_not_convert": skip}
+    if scale_fmt:
+        q["scale_fmt"] = scale_fmt
+    write_config(src, dst, q)
+
+
+def quark_qconfig(weight_qscheme, input_tensors, weight_dtype="fp8_e4m3"):
+    return {"quant_method": "quark", "quant_mode": "eager_mode", "exclude": ["lm_head"], "layer_quant_config": {},
+            "layer_type_quant_config": {}, "export": {"kv_cache_group": [], "weight_format": "real_quantized"},
+            "global_quant_config": {
+                "weight": {"dtype": weight_dtype, "qscheme": weight_qscheme, "is_dynamic": False, "symmetric": True,
+                           "ch_axis": 0 if weight_qscheme == "per_channel" else None, "group_size": None,
+                           "round_method": "half_even", "scale_type": "float"},
+                "input_tensors": input_tensors, "output_tensors": None, "bias": None}}
+
+
+def write_quark(src, dst, kind: str, ids) -> None:
+    """AMD Quark FP8: 'static' = per-tensor weights + static per-tensor input_scale (scalars, shape ()),
+    'ptpc' = per-channel weights (scale [N]) + per-token dynamic activations."""
+    t = read_tensors(src)
+    calib = calibration_scales(src, ids) if kind == "static" else {}
+    for n in QUANT:
+        q, s = fp8kern.quantize_weight(t[f"{n}.weight"].float(), "tensor" if kind == "static" else "channel")
+        t[f"{n}.weight"], t[f"{n}.weight_scale"] = q, s.reshape(()) if kind == "static" else s.reshape(-1)
+        if kind == "static":
+            t[f"{n}.input_scale"] = torch.tensor(calib[n], dtype=torch.float32)
+    save_sharded(t, dst, 1)
+    act = {"dtype": "fp8_e4m3", "symmetric": True, "group_size": None, "round_method": "half_even",
+           "scale_type": "float"}
+    act.update({"qscheme": "per_tensor", "is_dynamic": False, "ch_axis": None} if kind == "static" else
+               {"qscheme": "per_channel", "is_dynamic": True, "ch_axis": 1})
+    write_config(src, dst, quark_qconfig("per_tensor" if kind == "static" else "per_channel", act))
+
+
+def write_grok2(src, dst) -> None:
+    """Grok-2 FP8: '<m>.weight.scale' [N] with bf16 = fp8 / scale, i.e. scale = 1 / weight_scale per row."""
+    t = read_tensors(src)
+    for n in QUANT:
+        q, s = fp8kern.quantize_weight(t[f"{n}.weight"].float(), "channel")
+        t[f"{n}.weight"], t[f"{n}.weight.scale"] = q, torch.reciprocal(s.reshape(-1))
+    save_sharded(t, dst, 2)
+    write_config(src, dst, None)
+
+
+# variant -> (tied embeddings, writer, format name, scheme, weight granularity, scale_format)
+VARIANTS = {
+    "ct-fp8-dynamic": (False, lambda s, d, ids: write_ct(s, d, "FP8_DYNAMIC", ids), "compressed-tensors",
+                       "dynamic_per_token", "channel", "fp32"),
+    "ct-fp8-static": (False, lambda s, d, ids: write_ct(s, d, "FP8", ids), "compressed-tensors",
+                      "static_per_tensor", "tensor", "fp32"),
+    "ct-fp8-block-sharded": (False, lambda s, d, ids: write_ct(s, d, "FP8_BLOCK", ids), "compressed-tensors",
+                             "block128", "block", "fp32"),
+    "ct-w8a16": (False, lambda s, d, ids: write_ct(s, d, "W8A16", ids), "compressed-tensors", "dynamic_per_token",
+                 "channel", "fp32"),
+    "fp8-block-fp32-sharded": (False, lambda s, d, ids: write_fp8_block(s, d, torch.float32, 3), "fp8", "block128",
+                               "block", "fp32"),
+    "fp8-block-bf16": (False, lambda s, d, ids: write_fp8_block(s, d, torch.bfloat16, 1), "fp8", "block128", "block",
+                       "fp32"),
+    "fp8-block-ue8m0-tied": (True, lambda s, d, ids: write_fp8_block(s, d, E8M0, 1, "ue8m0", ["lm_head"]), "fp8",
+                             "block128", "block", "ue8m0"),
+    "quark-static": (False, lambda s, d, ids: write_quark(s, d, "static", ids), "quark", "static_per_tensor", "tensor",
+                     "fp32"),
+    "quark-ptpc": (False, lambda s, d, ids: write_quark(s, d, "ptpc", ids), "quark", "dynamic_per_token", "channel",
+                   "fp32"),
+    "grok2": (False, lambda s, d, ids: write_grok2(s, d), "grok2", "dynamic_per_token", "channel", "fp32"),
+}
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, ids):
+    """ckpt(variant or 'bf16' / 'bf16-tied') -> directory, written once per module."""
+    root = tmp_path_factory.mktemp("ckpts")
+    made = {}
+
+    def bf16(tie):
+        key = "bf16-tied" if tie else "bf16"
+        if key not in made:
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM(llama_config(tie)).to(torch.bfloat16)
+            with torch.no_grad():  # rows and columns of very different sizes: a misplaced scale shows
+                for n in QUANT:
+                    w = model.get_submodule(n).weight
+                    rows, cols = torch.rand(w.shape[0], 1) * 6 - 3, torch.rand(1, w.shape[1]) * 2 - 1
+                    w.mul_(torch.exp2(rows) * torch.exp2(cols))
+            model.save_pretrained(root / key)
+            made[key] = str(root / key)
+        return made[key]
+
+    def get(name):
+        if name in ("bf16", "bf16-tied"):
+            return bf16(name == "bf16-tied")
+        if name not in made:
+            tie, writer = VARIANTS[name][:2]
+            src = bf16(tie)
+            writer(src, str(root / name), ids)
+            made[name] = str(root / name)
+        return made[name]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Independent expectations
+
+
+def expected_weight_scale(fmt: str, gran: str, scale_format: str, stored: torch.Tensor, n: int, k: int):
+    """The stored scale in fp8kern's convention (real = fp8 * scale) and Fp8Linear's shape."""
+    shape = {"channel": (n, 1), "tensor": (1,), "block": (math.ceil(n / 128), math.ceil(k / 128))}[gran]
+    if fmt == "grok2":  # bf16 = fp8 / scale
+        return torch.reciprocal(stored.float()).reshape(shape)
+    if scale_format == "ue8m0":
+        return stored.reshape(shape)
+    return stored.float().reshape(shape)
+
+
+def deq64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float64 q * s with explicit per-element scale indices (per tensor, per row, or 128x128 blocks)."""
+    n, k = q.shape
+    Q, S = q.double(), s.double()
+    if S.numel() == 1:
+        return Q * S.reshape(())
+    if tuple(S.shape) == (n, 1):
+        return Q * S
+    return Q * S[(torch.arange(n) // 128)[:, None], (torch.arange(k) // 128)[None, :]]
+
+
+def stored_scale_key(fmt: str, n: str) -> str:
+    return {"fp8": f"{n}.weight_scale_inv", "grok2": f"{n}.weight.scale"}.get(fmt, f"{n}.weight_scale")
+
+
+def activation_scale_bound(layer: Fp8Linear, X: torch.Tensor) -> torch.Tensor:
+    """Per element of X [M, K], an upper bound on the activation scale fp8kern uses for it: amax / 448 of the
+    element's row (token), of X (tensor) or of its 1x128 group, floored at 2^-126, at most doubled when rounded up
+    to a power of two (ue8m0); the stored input_scale for static layers."""
+    M, K = X.shape
+    A = X.abs()
+    if not layer.dynamic:
+        s = layer.input_scale.double().reshape(1, 1)
+        assert float(A.max()) <= 448 * float(s), "static input scale would clip: the bound below would not hold"
+        return s.expand(M, K)
+    if layer.act_granularity == "token":
+        amax = A.amax(dim=1, keepdim=True).expand(M, K)
+    elif layer.act_granularity == "tensor":
+        amax = A.amax().expand(M, K)
+    else:
+        G = math.ceil(K / 128)
+        g = torch.nn.functional.pad(A, (0, G * 128 - K)).reshape(M, G, 128).amax(dim=2)
+        amax = g.repeat_interleave(128, dim=1)[:, :K]
+    s = torch.clamp(amax / 448, min=2.0**-126)
+    return s * 2 if layer.scale_format == "ue8m0" else s
+
+
+def expected_weights(variant: str, stored: dict) -> dict:
+    """name -> float64 W_deq of each quantized layer, from the checkpoint's tensors and its format's convention."""
+    _, _, fmt, _, gran, scale_format = VARIANTS[variant]
+    return {n: deq64(stored[f"{n}.weight"], expected_weight_scale(fmt, gran, scale_format,
+                                                                   stored[stored_scale_key(fmt, n)],
+                                                                   *stored[f"{n}.weight"].shape)) for n in QUANT}
+
+
+def check_layers_against_float64(model, ids, weights: dict) -> None:
+    """Each Fp8Linear's output vs float64 x @ W_deq.T, within a bound derived from the arithmetic (not tuned).
+
+    weights: the float64 W_deq of each layer, from the checkpoint file (expected_weights), so a layer holding
+    other numbers than the file says fails here. With x the layer's bf16 input, fp8kern computes
+    y = bf16(fl32(sum_k q_k s_k W_nk)), q_k s_k the e4m3-quantized x_k. Per element, e4m3 rounding (3 mantissa
+    bits, round to nearest) errs by at most 2^-4 |x_k| in the normal range and 2^-10 s_k (half the subnormal step
+    2^-9, times the scale) in the subnormal range, so
+        E_n = sum_k (2^-4 |x_k| + 2^-10 s_k) |W_nk|.
+    fp32 arithmetic (the rounded reciprocal of the scale, the dequantized products, the K-term sum) adds at most
+        F_n = gamma_{K+2} sum_k ((1 + 2^-4) |x_k| + 2^-10 s_k) |W_nk|,  gamma_m = m 2^-24 / (1 - m 2^-24),
+    and the bf16 output rounding 2^-8 of the fp32 result, which is within E_n + F_n of the reference. So
+        |y_n - ref_n| <= (E_n + F_n)(1 + 2^-8) + 2^-8 |ref_n| + 2^-133 (half the bf16 subnormal step).
+    s_k is bounded by activation_scale_bound (static layers: the stored input_scale, asserted not to clip).
+    """
+    records = {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: records.__setitem__(n, (a[0], out)))
+             for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(records) == set(layers) == set(weights)
+    for n, layer in layers.items():
+        x, y = records[n]
+        K, N = layer.in_features, layer.out_features
+        X = x.reshape(-1, K).double()
+        W = weights[n]
+        ref = X @ W.T
+        if layer.bias is not None:
+            ref = ref + layer.bias.double()
+        s = activation_scale_bound(layer, X)
+        E = (2.0**-4 * X.abs() + 2.0**-10 * s) @ W.abs().T
+        m = K + 2
+        gamma = m * 2.0**-24 / (1 - m * 2.0**-24)
+        F = gamma * (((1 + 2.0**-4) * X.abs() + 2.0**-10 * s) @ W.abs().T)
+        bound = (E + F) * (1 + 2.0**-8) + 2.0**-8 * ref.abs() + 2.0**-133
+        err = (y.reshape(-1, N).double() - ref).abs()
+        worst = int((err - bound).argmax())
+        assert bool((err <= bound).all()), (f"{n}: |y - ref| = {float(err.flatten()[worst])} exceeds the bound "
+                                            f"{float(bound.flatten()[worst])} at flat index {worst}")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_from_pretrained(ckpt, ids, variant):
+    tie, _, fmt, scheme, gran, scale_format = VARIANTS[variant]
+    d = ckpt(variant)
+    assert detect_format(d) == fmt
+    model = from_pretrained(d)
+    assert not model.training
+    stored = read_tensors(d)
+
+    # Structure: every quantized projection is an Fp8Linear of the expected scheme; lm_head stays high precision.
+    for n in QUANT:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, Fp8Linear), n
+        assert (layer.scheme, layer.weight_granularity, layer.scale_format) == (scheme, gran, scale_format), n
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert t.device.type == "cpu", name
+
+    # Exactly what was written: FP8 bytes, scales in fp8kern's convention, static input scales, everything else.
+    for n in QUANT:
+        layer = model.get_submodule(n)
+        q = stored[f"{n}.weight"]
+        assert q.dtype == E4M3 and torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)), n
+        want = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n)], *q.shape)
+        assert layer.weight_scale.dtype == want.dtype and layer.weight_scale.shape == want.shape, n
+        assert torch.equal(layer.weight_scale.view(torch.uint8), want.view(torch.uint8)), n
+        if scheme == "static_per_tensor":
+            assert torch.equal(layer.input_scale, stored[f"{n}.input_scale"].float().reshape(1)), n
+    quant_keys = {k for k in stored if any(k.startswith(n + ".") for n in QUANT)}
+    sd = model.state_dict()
+    for k in set(stored) - quant_keys:
+        assert torch.equal(sd[k], stored[k].to(torch.bfloat16)), k
+    if tie:
+        assert "lm_head.weight" not in stored
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    # Numerics, per layer, against float64 with a derived bound.
+    weights = expected_weights(variant, stored)
+    check_layers_against_float64(model, ids, weights)
+
+    # Sanity check only (end to end): the same model as a plain transformers model with the FP8 weights
+    # dequantized to bf16 gives nearly the same logits.
+    plain = transformers.LlamaForCausalLM.from_pretrained(ckpt("bf16-tied" if tie else "bf16"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for n in QUANT:
+            plain.get_submodule(n).weight.copy_(weights[n].to(torch.bfloat16))
+        got, want = model(ids).logits, plain(ids).logits
+    assert got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
+    assert cosine(got, want) > 0.99
+
+
+def test_layer_check_catches_a_wrong_scale(ckpt, ids):
+    """The per-layer bound is tight enough to see a scale off by 25% (a misread convention or layout)."""
+    d = ckpt("fp8-block-fp32-sharded")
+    model, weights = from_pretrained(d), expected_weights("fp8-block-fp32-sharded", read_tensors(d))
+    check_layers_against_float64(model, ids, weights)
+    with torch.no_grad():
+        model.get_submodule(QUANT[5]).weight_scale[0, 0] *= 1.25
+    with pytest.raises(AssertionError, match=QUANT[5]):
+        check_layers_against_float64(model, ids, weights)
+
+
+def test_from_pretrained_dtype_and_format_override(ckpt):
+    model = from_pretrained(ckpt("quark-ptpc"), format="quark", dtype=torch.float16)
+    assert model.lm_head.weight.dtype == torch.float16 and model.model.norm.weight.dtype == torch.float16
+    assert model.get_submodule(QUANT[0]).bias is None and model.get_submodule(QUANT[0]).weight.dtype == E4M3
+    with pytest.raises(ValueError, match="format='bogus'"):
+        from_pretrained(ckpt("quark-ptpc"), format="bogus")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def copy_ckpt(src, dst, edit_config=None, edit_tensors=None) -> str:
+    shutil.copytree(src, dst)
+    if edit_config:
+        with open(os.path.join(dst, "config.json")) as f:
+            cfg = json.load(f)
+        edit_config(cfg)
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(cfg, f)
+    if edit_tensors:
+        path = os.path.join(dst, "model.safetensors")
+        t = load_file(path)
+        edit_tensors(t)
+        save_file(t, path)
+    return str(dst)
+
+
+def test_unknown_format(ckpt, tmp_path):
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "awq",
+                  edit_config=lambda c: c["quantization_config"].update(quant_method="awq"))
+    for call in (lambda: detect_format(d), lambda: from_pretrained(d)):
+        with pytest.raises(ValueError, match="quant_method is 'awq'"):
+            call()
+    with pytest.raises(ValueError, match="no quantization_config"):
+        from_pretrained(ckpt("bf16"))
+
+
+def test_quark_int4_rejected(ckpt, tmp_path):
+    src = ckpt("quark-ptpc")
+    d = copy_ckpt(src, tmp_path / "int4", edit_config=lambda c: c.__setitem__(
+        "quantization_config", quark_qconfig("per_group", {"dtype": "fp8_e4m3", "qscheme": "per_tensor",
+                                                           "is_dynamic": False}, weight_dtype="uint4")))
+    with pytest.raises(ValueError, match="'uint4'.*INT4 W4A8"):
+        from_pretrained(d)
+
+    def pack(t):  # INT4 weights as Quark exports them: int32 words holding 8 nibbles
+        t[f"{QUANT[0]}.weight"] = torch.zeros(160, 20, dtype=torch.int32)
+
+    d2 = copy_ckpt(src, tmp_path / "packed", edit_tensors=pack)
+    with pytest.raises(ValueError, match=f"int32-packed weights \\({QUANT[0]}.weight"):
+        from_pretrained(d2)
+
+
+def test_missing_tensor(ckpt, tmp_path):
+    scale = f"{QUANT[4]}.weight_scale_inv"
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "noscale", edit_tensors=lambda t: t.pop(scale))
+    with pytest.raises(ValueError, match=f"lacks 1 tensor.*{QUANT[4]}.weight_scale \\(checkpoint tensor {scale}\\)"):
+        from_pretrained(d)
+    d2 = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "nonorm", edit_tensors=lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(ValueError, match="lacks 1 tensor.*'model.norm.weight'"):
+        from_pretrained(d2)
+
+
+def test_unexpected_tensor(ckpt, tmp_path):
+    extra = "model.layers.0.mlp.up_proj.smooth_factor"
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "extra",
+                  edit_tensors=lambda t: t.__setitem__(extra, torch.ones(3)))
+    with pytest.raises(ValueError, match=f"1 tensor\\(s\\) that fit nothing.*{extra}"):
+        from_pretrained(d)
+
+
+def test_config_and_tensors_disagree(ckpt, tmp_path):
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "skip",
+                  edit_config=lambda c: c["quantization_config"].update(modules_to_not_convert=["up_proj"]))
+    with pytest.raises(ValueError, match=f"stores {QUANT[0].replace('self_attn.q_proj', 'mlp.up_proj')}.weight as "
+                                         "float8_e4m3fn but its quantization_config excludes"):
+        from_pretrained(d)
+
+
+def test_kv_cache_scales(ckpt, tmp_path):
+    """Quark FP8-KV output_scale tensors load (ignored, with a warning) only where the config declares them."""
+    kv = f"{QUANT[1]}.output_scale"
+
+    def add(t):
+        t[kv] = torch.tensor(0.25)
+
+    declared = copy_ckpt(ckpt("quark-ptpc"), tmp_path / "kv", edit_tensors=add, edit_config=lambda c: c[
+        "quantization_config"]["export"].update(kv_cache_group=["*k_proj", "*v_proj"]))
+    with pytest.warns(UserWarning, match=f"ignored 1 KV-cache scale.*{kv}"):
+        model = from_pretrained(declared)
+    assert isinstance(model.get_submodule(QUANT[1]), Fp8Linear)
+    undeclared = copy_ckpt(ckpt("quark-ptpc"), tmp_path / "kv2", edit_tensors=add)
+    with pytest.raises(ValueError, match=f"fit nothing.*{kv}"):
+        from_pretrained(undeclared)
+
+
+def test_static_scale_for_dynamic_layer(ckpt, tmp_path):
+    """An input_scale where the config says dynamic activations: the config and tensors disagree."""
+    d = copy_ckpt(ckpt("quark-ptpc"), tmp_path / "static",
+                  edit_tensors=lambda t: t.__setitem__(f"{QUANT[1]}.input_scale", torch.tensor(0.5)))
+    with pytest.raises(ValueError, match=f"{QUANT[1]}.input_scale.*static activation scale"):
+        from_pretrained(d)
+
+
+def test_package_imports_without_optional_deps(ckpt):
+    code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('transformers', 'safetensors', 'tqdm', "
+            "'compressed_tensors')]\nimport fp8kern, fp8kern.checkpoints, fp8kern.dequantize\n"
+            f"try:\n    fp8kern.checkpoints.detect_format({ckpt('bf16')!r})\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "pip install safetensors" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp8kern-dequantize
+
+
+@pytest.mark.parametrize("variant", ["fp8-block-fp32-sharded", "grok2", "ct-fp8-static"])
+def test_dequantize_cli(ckpt, tmp_path, capsys, variant):
+    from fp8kern.dequantize import main
+
+    _, _, fmt, _, gran, scale_format = VARIANTS[variant]
+    src, orig, out = ckpt(variant), ckpt("bf16"), str(tmp_path / "bf16")
+    assert main(["--input", src, "--output", out, "--verify", orig]) == 0
+    report = capsys.readouterr().out
+
+    # Files: same shard names, index whose map covers exactly the kept tensors, config without quantization_config.
+    shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == shards
+    stored, written = read_tensors(src), read_tensors(out)
+    scale_keys = {stored_scale_key(fmt, n) for n in QUANT} | {f"{n}.input_scale" for n in QUANT}
+    assert set(written) == set(stored) - scale_keys
+    if len(shards) > 1:
+        with open(os.path.join(out, INDEX)) as f:
+            index = json.load(f)
+        assert set(index["weight_map"]) == set(written)
+        for k, shard in index["weight_map"].items():
+            assert k in load_file(os.path.join(out, shard))
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    with open(os.path.join(out, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    assert os.path.isfile(os.path.join(out, "generation_config.json"))
+
+    # Values: bf16 of fp8 * scale (fp32 product, fp8kern's convention), other tensors untouched.
+    for k, t in written.items():
+        n = k[: -len(".weight")]
+        if n in QUANT:
+            q = stored[k]
+            s = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n)], *q.shape)
+            S = s.float()
+            S = S[(torch.arange(q.shape[0]) // 128)[:, None], (torch.arange(q.shape[1]) // 128)[None, :]] \
+                if gran == "block" else S.reshape(-1, 1)
+            assert t.dtype == torch.bfloat16 and torch.equal(t, (q.float() * S).to(torch.bfloat16)), k
+        else:
+            assert t.dtype == stored[k].dtype and torch.equal(t, stored[k]), k
+
+    # The output is a plain transformers checkpoint.
+    plain = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    for k, t in plain.state_dict().items():
+        assert torch.equal(t, written[k]), k
+
+    # --verify: one row per tensor, numbers recomputed here from the files; e4m3-sized error on quantized weights.
+    original = read_tensors(orig)
+    rows = {}
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in written:
+            rows[parts[0]] = (float(parts[1]), float(parts[2]))
+    assert set(rows) == set(written)
+    for k, (cos, rel) in rows.items():
+        a, b = written[k].double(), original[k].double()
+        want_rel = float((a - b).norm() / b.norm())
+        assert cos == pytest.approx(cosine(a, b), abs=1e-6) and rel == pytest.approx(want_rel, abs=1e-6), k
+        if k[: -len(".weight")] in QUANT:
+            # e4m3 rounds each element within 2^-4 relative (normal range), so the tensor's relative error is at
+            # most about 2^-4; random values sit far below the worst case (typically ~2^-5.5).
+            assert 0 < rel <= 2.0**-4 and cos >= 1 - 2.0**-7, (k, cos, rel)
+        else:
+            assert (cos, rel) == (1.0, 0.0), k
+    summary = [ln for ln in report.splitlines() if ln.startswith("verified ")]
+    assert len(summary) == 1 and summary[0].startswith(f"verified {len(written)} tensors: min cosine ")
+    worst = max(r for _, r in rows.values())
+    assert f"max rel error {worst:.6f}" in summary[0]
+
+
+def test_dequantize_module_entry_point(ckpt, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fp8kern.dequantize", "--input", ckpt("quark-static"), "--output",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    t = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert t[f"{QUANT[0]}.weight"].dtype == torch.bfloat16 and f"{QUANT[0]}.input_scale" not in t
+    assert not os.path.exists(tmp_path / "o" / INDEX)
+
+
+def test_dequantize_cli_usage_error(capsys):
+    from fp8kern.dequantize import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--output", "x"])
+    assert e.value.code == 2 and "--input" in capsys.readouterr().err
