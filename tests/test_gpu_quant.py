@@ -25,11 +25,16 @@ def ref(x, **kw):
 
 
 def same_bytes(a, b):
+    """Byte equality, except that NaN encodings are not compared bit for bit: IEEE leaves a NaN's sign and payload
+    to the hardware (the GPU makes canonical NaNs, x86 propagates the input's), so any NaN matches any NaN."""
     a, b = a.cpu().contiguous(), b.cpu().contiguous()
     assert a.dtype == b.dtype and a.numel() == b.numel()
-    ua, ub = a.view(torch.uint8).reshape(-1), b.view(torch.uint8).reshape(-1)
-    bad = (ua != ub).nonzero()
-    assert bad.numel() == 0, f"{bad.numel()} of {ua.numel()} bytes differ, first at {int(bad[0])}: {int(ua[bad[0]])} vs {int(ub[bad[0]])}"
+    nan_a, nan_b = torch.isnan(a.float()).reshape(-1), torch.isnan(b.float()).reshape(-1)
+    assert torch.equal(nan_a, nan_b), f"NaN positions differ: {int((nan_a != nan_b).sum())} elements"
+    ua, ub = a.view(torch.uint8).reshape(a.numel(), -1), b.view(torch.uint8).reshape(b.numel(), -1)
+    bad = ((ua != ub).any(dim=1) & ~nan_a).nonzero()
+    assert bad.numel() == 0, (f"{bad.numel()} of {a.numel()} elements differ, first at {int(bad[0])}: "
+                              f"{ua[bad[0]].tolist()} vs {ub[bad[0]].tolist()}")
 
 
 def poison_allocator(nbytes):

@@ -2,8 +2,9 @@
 # The whole GPU check in one call, for a GPU machine without network: build, all tests (GPU ones included),
 # compute-sanitizer on small problems, the quick benchmark. Logs, JSON and a summary go to DIR.
 #   bash tools/gpu_check.sh DIR
-# Needs torch (CUDA), pybind11, cmake, ninja, pytest, nvcc there, and the nvidia-cutlass wheel in .whl/
-# (prepare it here with: pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0).
+# Needs torch (CUDA), pybind11, cmake, ninja, pytest, nvcc there, and in .whl/ (ignored by git; name it in the
+# device tool's carry) the wheels it lacks, prepared here with:
+#   pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0 nvidia-cuda-cuobjdump==13.2.86
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash tools/gpu_check.sh DIR}
@@ -17,7 +18,10 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} FP8KERN_REQU
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-python -c "import cutlass_library" 2>/dev/null || pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl
+export PATH="/usr/local/cuda/bin:$PATH"
+pip install -q --no-deps --no-index .whl/*.whl
+cuobj=$(python -c "import glob, sys; print(next((p for d in sys.path for p in glob.glob(d + '/nvidia/cu*/bin')), ''))")
+if [ -n "$cuobj" ]; then export PATH="$PATH:$cuobj"; fi
 pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 python -c "import fp8kern, json; print(json.dumps(fp8kern.info()))" | tee "$out/info.json"
 

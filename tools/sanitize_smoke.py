@@ -1,8 +1,10 @@
-"""Small quantization problems through every kernel path, for compute-sanitizer (memcheck / racecheck)."""
+"""Small problems through every kernel path, for compute-sanitizer (memcheck / racecheck): quantization kernels on
+any sm_89+ GPU, and the sm90 scaled_mm families (forced with set_backend) on Hopper."""
 
 import torch
 
 import fp8kern
+from fp8kern import _backend
 
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
     for M, K in ((1, 1), (3, 7), (5, 128), (4, 300), (2, 20000)):
@@ -14,5 +16,19 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
             fp8kern.quantize(x, "group", group_size=100)
             fp8kern.quantize(x, "token", scale=torch.full((M,), 0.01, device="cuda"))
             fp8kern.quantize(x, "group", scale=torch.full((M, -(-K // 128)), 0.01, device="cuda"))
+
+if torch.cuda.get_device_capability() == (9, 0) and "sm90" in _backend.compiled_families():
+    fp8kern.set_backend("sm90")
+    for M, N, K in ((1, 8, 16), (3, 130, 200), (33, 256, 512), (70, 7, 40), (130, 264, 1000)):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        for act, wg in (("token", "channel"), ("tensor", "tensor"), ("group", "block")):
+            xq, xs = fp8kern.quantize(x, act)
+            wq, ws = fp8kern.quantize_weight(w, wg)
+            for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+                bias = torch.randn(N, device="cuda", dtype=out_dtype)
+                fp8kern.scaled_mm(xq, wq, xs, ws, out_dtype=out_dtype, bias=bias)
+            if act == "token":
+                fp8kern.scaled_mm(xq, wq, xs, ws, fast_accum=True)
 torch.cuda.synchronize()
 print("sanitize_smoke: done")

@@ -9,7 +9,7 @@ namespace fp8kern::sm90 {
 namespace {
 
 constexpr ConfigInfo kTable[kNumConfigs] = {
-    {"sm90_swap_64x32x256_pingpong", 32, true},
+    {"sm90_swap_64x32x128_pingpong", 32, true},
     {"sm90_swap_64x64x128_pingpong", 64, true},
     {"sm90_128x128x128_coop_c1x2", INT64_MAX, false},
 };

@@ -7,7 +7,7 @@ namespace fp8kern::sm90 {
 
 // Config ids; the table in sm90_configs.cpp gives each one's name and the M range it serves.
 enum Config : int {
-  kSwap64x32 = 0,   // M <= 32: swap A/B so the tiny M is the MMA's N (kernel tile 64 x 32 x 256, pingpong)
+  kSwap64x32 = 0,   // M <= 32: swap A/B so the tiny M is the MMA's N (kernel tile 64 x 32 x 128, pingpong)
   kSwap64x64 = 1,   // M in (32, 64]: swapped, kernel tile 64 x 64 x 128, pingpong
   kTile128x128 = 2, // M > 64: 128 x 128 x 128 cooperative, cluster 1x2
   kNumConfigs = 3,

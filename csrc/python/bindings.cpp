@@ -15,6 +15,22 @@ namespace {
 using fp8kern::DType;
 using fp8kern::QuantProblem;
 
+// Makes `device` current for a launch and restores the caller's device afterwards, so a call on cuda:1 does not
+// change where the caller's later allocations land.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    FP8KERN_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (device != previous_) FP8KERN_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 DType to_dtype(int code, const char* arg) {
   FP8KERN_CHECK(code >= 0 && code <= static_cast<int>(DType::kFloat8E8M0), arg, ": unknown dtype code ", code);
   return static_cast<DType>(code);
@@ -50,8 +66,34 @@ void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype
                                  : nullptr;
   FP8KERN_CHECK(run != nullptr, "quantize: kind='", kind, "', expected 'token', 'group', 'tensor' or 'static'");
   py::gil_scoped_release release;
-  FP8KERN_CUDA_CHECK(cudaSetDevice(device));
+  DeviceGuard guard(device);
   run(p);
+}
+
+// Fields shared by the GEMM problem types, from the raw values the Python layer passes.
+template <class Problem>
+Problem gemm_problem(std::uintptr_t a, std::uintptr_t b, std::uintptr_t d, int64_t m, int64_t n, int64_t k,
+                     int64_t lda, int64_t ldb, int64_t ldd, int d_dtype, std::uintptr_t scale_a, std::uintptr_t scale_b,
+                     std::uintptr_t bias, std::uintptr_t workspace, std::size_t workspace_bytes,
+                     std::uintptr_t stream) {
+  Problem p;
+  p.a = reinterpret_cast<const void*>(a);
+  p.b = reinterpret_cast<const void*>(b);
+  p.d = reinterpret_cast<void*>(d);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.lda = lda;
+  p.ldb = ldb;
+  p.ldd = ldd;
+  p.d_dtype = to_dtype(d_dtype, "d");
+  p.scale_a = reinterpret_cast<const float*>(scale_a);
+  p.scale_b = reinterpret_cast<const float*>(scale_b);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.workspace_bytes = workspace_bytes;
+  p.stream = reinterpret_cast<cudaStream_t>(stream);
+  return p;
 }
 
 void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
@@ -59,30 +101,15 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
                std::uintptr_t scale_a, bool scale_a_vector, std::uintptr_t scale_b, bool scale_b_vector,
                std::uintptr_t bias, bool fast_accum, int config, std::uintptr_t workspace, std::size_t workspace_bytes,
                std::uintptr_t stream) {
-  fp8kern::GemmProblem p;
-  p.a = reinterpret_cast<const void*>(a);
-  p.b = reinterpret_cast<const void*>(b);
-  p.d = reinterpret_cast<void*>(d);
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.lda = lda;
-  p.ldb = ldb;
-  p.ldd = ldd;
-  p.d_dtype = to_dtype(d_dtype, "d");
-  p.scale_a = reinterpret_cast<const float*>(scale_a);
+  FP8KERN_CHECK(family == "sm90", "scaled_mm: family='", family, "', expected 'sm90'");
+  auto p = gemm_problem<fp8kern::GemmProblem>(a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias,
+                                              workspace, workspace_bytes, stream);
   p.scale_a_vector = scale_a_vector;
-  p.scale_b = reinterpret_cast<const float*>(scale_b);
   p.scale_b_vector = scale_b_vector;
-  p.bias = reinterpret_cast<const void*>(bias);
   p.fast_accum = fast_accum;
   p.config = config;
-  p.workspace = reinterpret_cast<void*>(workspace);
-  p.workspace_bytes = workspace_bytes;
-  p.stream = reinterpret_cast<cudaStream_t>(stream);
-  FP8KERN_CHECK(family == "sm90", "scaled_mm: family='", family, "', expected 'sm90'");
   py::gil_scoped_release release;
-  FP8KERN_CUDA_CHECK(cudaSetDevice(device));
+  DeviceGuard guard(device);
   fp8kern::scaled_mm_sm90(p);
 }
 
@@ -90,26 +117,11 @@ void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, st
                      int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
                      std::uintptr_t scale_a, std::uintptr_t scale_b, std::uintptr_t bias, std::uintptr_t workspace,
                      std::size_t workspace_bytes, std::uintptr_t stream) {
-  fp8kern::BlockGemmProblem p;
-  p.a = reinterpret_cast<const void*>(a);
-  p.b = reinterpret_cast<const void*>(b);
-  p.d = reinterpret_cast<void*>(d);
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.lda = lda;
-  p.ldb = ldb;
-  p.ldd = ldd;
-  p.d_dtype = to_dtype(d_dtype, "d");
-  p.scale_a = reinterpret_cast<const float*>(scale_a);
-  p.scale_b = reinterpret_cast<const float*>(scale_b);
-  p.bias = reinterpret_cast<const void*>(bias);
-  p.workspace = reinterpret_cast<void*>(workspace);
-  p.workspace_bytes = workspace_bytes;
-  p.stream = reinterpret_cast<cudaStream_t>(stream);
   FP8KERN_CHECK(family == "sm90", "scaled_mm_block: family='", family, "', expected 'sm90'");
+  const auto p = gemm_problem<fp8kern::BlockGemmProblem>(a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b,
+                                                         bias, workspace, workspace_bytes, stream);
   py::gil_scoped_release release;
-  FP8KERN_CUDA_CHECK(cudaSetDevice(device));
+  DeviceGuard guard(device);
   fp8kern::blockwise_sm90(p);
 }
 

@@ -84,15 +84,7 @@ struct BlockScaledMm {
         {{{}, bias_args, {}}, nullptr, stride_d, static_cast<ElementD*>(p.d), stride_d},
         hw};
 
-    Gemm gemm;
-    const cutlass::Status ok = gemm.can_implement(args);
-    FP8KERN_CHECK(ok == cutlass::Status::kSuccess, "blockwise_sm90: CUTLASS cannot run M=", p.m, " N=", p.n, " K=",
-                  p.k, " (", cutlassGetStatusString(ok), ")");
-    const size_t ws = Gemm::get_workspace_size(args);
-    FP8KERN_CHECK(ws <= p.workspace_bytes, "blockwise_sm90: needs ", ws, " bytes of workspace, got ", p.workspace_bytes);
-    FP8KERN_CUTLASS_CHECK(gemm.initialize(args, p.workspace, p.stream));
-    FP8KERN_CUTLASS_CHECK(gemm.run(p.stream));
-    FP8KERN_CUDA_CHECK(cudaGetLastError());
+    launch<Gemm>(args, p, "blockwise_sm90");
   }
 };
 

@@ -45,6 +45,24 @@ struct Config {
   static constexpr bool kSwapAB = kSwapAB_;      // kernel computes D^T = B A^T: tiny M lands on the MMA's N
 };
 
+// Checks that the mainloop can run the arguments and that the caller's workspace suffices, then launches on
+// p.stream. The epilogue's own can_implement is not asked: it demands the output's contiguous extent (N) be a
+// multiple of 16 bytes, while its TMA store only needs what the entry validated (a 16-byte aligned base and row
+// stride); TMA clips the ragged last tile itself, so any N is written in bounds.
+template <class Gemm, class Problem>
+void launch(const typename Gemm::Arguments& args, const Problem& p, const char* what) {
+  using Kernel = typename Gemm::GemmKernel;
+  const bool ok = Kernel::CollectiveMainloop::can_implement(args.problem_shape, args.mainloop);
+  FP8KERN_CHECK(ok, what, ": the CUTLASS mainloop cannot run M=", p.m, " N=", p.n, " K=", p.k,
+                " (K and the operand row strides must be multiples of 16)");
+  const size_t ws = Gemm::get_workspace_size(args);
+  FP8KERN_CHECK(ws <= p.workspace_bytes, what, ": needs ", ws, " bytes of workspace, got ", p.workspace_bytes);
+  Gemm gemm;
+  FP8KERN_CUTLASS_CHECK(gemm.initialize(args, p.workspace, p.stream));
+  FP8KERN_CUTLASS_CHECK(gemm.run(p.stream));
+  FP8KERN_CUDA_CHECK(cudaGetLastError());
+}
+
 template <class Cfg, class ElementD_>
 struct ScaledMm {
   using ElementA = cutlass::float_e4m3_t;
@@ -129,16 +147,7 @@ struct ScaledMm {
          nullptr, stride_d, static_cast<ElementD*>(p.d), stride_d},
         hw};
 
-    Gemm gemm;
-    const cutlass::Status ok = gemm.can_implement(args);
-    FP8KERN_CHECK(ok == cutlass::Status::kSuccess, "scaled_mm_sm90: CUTLASS cannot run M=", p.m, " N=", p.n, " K=",
-                  p.k, " (", cutlassGetStatusString(ok), "); K must be a multiple of 16 and D rows 16-byte aligned");
-    const size_t ws = Gemm::get_workspace_size(args);
-    FP8KERN_CHECK(ws <= p.workspace_bytes, "scaled_mm_sm90: needs ", ws, " bytes of workspace, got ",
-                  p.workspace_bytes);
-    FP8KERN_CUTLASS_CHECK(gemm.initialize(args, p.workspace, p.stream));
-    FP8KERN_CUTLASS_CHECK(gemm.run(p.stream));
-    FP8KERN_CUDA_CHECK(cudaGetLastError());
+    launch<Gemm>(args, p, "scaled_mm_sm90");
   }
 };
 
@@ -151,8 +160,9 @@ using EpiCooperative = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
 // The config table's kernels (ids in csrc/dispatch/sm90_configs.h); kFast picks FP8 fast accumulation, otherwise
 // WGMMA partial sums are promoted into fp32 registers every 4 MMAs (128 of K).
+// K tiles are 128 so the promoted flavour's promotion interval (4 MMAs of K=32) divides the tile's 4 MMAs.
 template <bool kFast>
-using CfgSwap64x32 = Config<Shape<_64, _32, _256>, Shape<_1, _1, _1>,
+using CfgSwap64x32 = Config<Shape<_64, _32, _128>, Shape<_1, _1, _1>,
                             cute::conditional_t<kFast, PingpongFast, Pingpong>, EpiPingpong, true>;
 template <bool kFast>
 using CfgSwap64x64 = Config<Shape<_64, _64, _128>, Shape<_1, _1, _1>,

@@ -1,5 +1,5 @@
-// Entry of the sm90 per-token/per-channel family: validates the problem again (never trust the caller) and
-// dispatches to the instantiation for the output dtype and the selected config.
+// Entries of the sm90 families (per-tensor/per-token/per-channel and block-scaled): validate the problem again
+// (never trust the caller) and dispatch to the instantiation for the output dtype and the selected config.
 #include <cstdint>
 #include <string>
 
@@ -13,54 +13,33 @@ namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-void validate(const GemmProblem& p) {
-  FP8KERN_CHECK(p.m >= 1 && p.n >= 1 && p.k >= 1, "scaled_mm_sm90: M=", p.m, " N=", p.n, " K=", p.k,
-                ", expected all >= 1 (empty problems never reach the kernel)");
-  FP8KERN_CHECK(p.m <= INT32_MAX && p.n <= INT32_MAX && p.k <= INT32_MAX, "scaled_mm_sm90: M, N, K must be < 2^31");
-  FP8KERN_CHECK(p.a && p.b && p.d && p.scale_a && p.scale_b, "scaled_mm_sm90: a, b, d, scale_a and scale_b must be "
-                "non-null device pointers");
-  FP8KERN_CHECK(p.lda >= p.k && p.ldb >= p.k && p.ldd >= p.n, "scaled_mm_sm90: leading dimensions (", p.lda, ", ",
-                p.ldb, ", ", p.ldd, ") must be >= (K, K, N) = (", p.k, ", ", p.k, ", ", p.n, ")");
-  FP8KERN_CHECK(p.k % 16 == 0 && p.lda % 16 == 0 && p.ldb % 16 == 0 && aligned16(p.a) && aligned16(p.b),
-                "scaled_mm_sm90: K=", p.k, " and the A/B row strides must be multiples of 16 with 16-byte aligned "
-                "pointers (TMA); pad K first");
+// Checks shared by both problem types (the Python layer checked already; never trust it).
+template <class Problem>
+void validate_operands(const Problem& p, const char* what, int64_t min_k) {
+  FP8KERN_CHECK(p.m >= 1 && p.n >= 1 && p.k >= min_k, what, ": M=", p.m, " N=", p.n, " K=", p.k,
+                ", expected M, N >= 1 and K >= ", min_k, " (empty problems never reach the kernel; pad smaller K)");
+  FP8KERN_CHECK(p.m <= INT32_MAX && p.n <= INT32_MAX && p.k <= INT32_MAX, what, ": M, N, K must be < 2^31");
+  FP8KERN_CHECK(p.a && p.b && p.d && p.scale_a && p.scale_b, what,
+                ": a, b, d, scale_a and scale_b must be non-null device pointers");
+  FP8KERN_CHECK(p.lda >= p.k && p.ldb >= p.k && p.ldd >= p.n, what, ": leading dimensions (", p.lda, ", ", p.ldb,
+                ", ", p.ldd, ") must be >= (K, K, N) = (", p.k, ", ", p.k, ", ", p.n, ")");
+  FP8KERN_CHECK(p.k % 16 == 0 && p.lda % 16 == 0 && p.ldb % 16 == 0 && aligned16(p.a) && aligned16(p.b), what,
+                ": K=", p.k, " and the A/B row strides must be multiples of 16 with 16-byte aligned pointers (TMA); "
+                "pad K first");
   FP8KERN_CHECK(p.d_dtype == DType::kBFloat16 || p.d_dtype == DType::kFloat16 || p.d_dtype == DType::kFloat32,
-                "scaled_mm_sm90: output dtype ", dtype_name(p.d_dtype), ", expected bfloat16, float16 or float32");
-  FP8KERN_CHECK((p.ldd * dtype_size(p.d_dtype)) % 16 == 0 && aligned16(p.d), "scaled_mm_sm90: output row stride ",
-                p.ldd, " x ", dtype_size(p.d_dtype), " bytes must be a multiple of 16 with a 16-byte aligned pointer");
+                what, ": output dtype ", dtype_name(p.d_dtype), ", expected bfloat16, float16 or float32");
+  FP8KERN_CHECK((p.ldd * dtype_size(p.d_dtype)) % 16 == 0 && aligned16(p.d), what, ": output row stride ", p.ldd,
+                " x ", dtype_size(p.d_dtype), " bytes must be a multiple of 16 with a 16-byte aligned pointer");
   FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.scale_a) % 4 == 0 && reinterpret_cast<uintptr_t>(p.scale_b) % 4 == 0,
-                "scaled_mm_sm90: scale pointers must be 4-byte aligned fp32");
-  FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.bias) % dtype_size(p.d_dtype) == 0,
-                "scaled_mm_sm90: bias pointer is not aligned to its dtype");
-  FP8KERN_CHECK(p.config >= -1 && p.config < sm90::kNumConfigs, "scaled_mm_sm90: config=", p.config,
-                ", expected -1 (select by shape) or 0..", int(sm90::kNumConfigs) - 1);
-}
-
-void validate_block(const BlockGemmProblem& p) {
-  FP8KERN_CHECK(p.m >= 1 && p.n >= 1 && p.k >= 128, "blockwise_sm90: M=", p.m, " N=", p.n, " K=", p.k,
-                ", expected M, N >= 1 and K >= 128 (pad smaller K)");
-  FP8KERN_CHECK(p.m <= INT32_MAX && p.n <= INT32_MAX && p.k <= INT32_MAX, "blockwise_sm90: M, N, K must be < 2^31");
-  FP8KERN_CHECK(p.a && p.b && p.d && p.scale_a && p.scale_b, "blockwise_sm90: a, b, d, scale_a and scale_b must be "
-                "non-null device pointers");
-  FP8KERN_CHECK(p.lda >= p.k && p.ldb >= p.k && p.ldd >= p.n, "blockwise_sm90: leading dimensions (", p.lda, ", ",
-                p.ldb, ", ", p.ldd, ") must be >= (K, K, N)");
-  FP8KERN_CHECK(p.k % 16 == 0 && p.lda % 16 == 0 && p.ldb % 16 == 0 && aligned16(p.a) && aligned16(p.b),
-                "blockwise_sm90: K=", p.k, " and the A/B row strides must be multiples of 16 with 16-byte aligned "
-                "pointers (TMA); pad K first");
-  FP8KERN_CHECK(p.d_dtype == DType::kBFloat16 || p.d_dtype == DType::kFloat16 || p.d_dtype == DType::kFloat32,
-                "blockwise_sm90: output dtype ", dtype_name(p.d_dtype), ", expected bfloat16, float16 or float32");
-  FP8KERN_CHECK((p.ldd * dtype_size(p.d_dtype)) % 16 == 0 && aligned16(p.d), "blockwise_sm90: output row stride ",
-                p.ldd, " x ", dtype_size(p.d_dtype), " bytes must be a multiple of 16 with a 16-byte aligned pointer");
-  FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.scale_a) % 4 == 0 && reinterpret_cast<uintptr_t>(p.scale_b) % 4 == 0,
-                "blockwise_sm90: scale pointers must be 4-byte aligned fp32");
-  FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.bias) % dtype_size(p.d_dtype) == 0,
-                "blockwise_sm90: bias pointer is not aligned to its dtype");
+                what, ": scale pointers must be 4-byte aligned fp32");
+  FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.bias) % dtype_size(p.d_dtype) == 0, what,
+                ": bias pointer is not aligned to its dtype");
 }
 
 }  // namespace
 
 void blockwise_sm90(const BlockGemmProblem& p) {
-  validate_block(p);
+  validate_operands(p, "blockwise_sm90", 128);
 #if defined(FP8KERN_HAS_SM90)
   switch (p.d_dtype) {
     case DType::kBFloat16: sm90::run_block_bf16_tile128x128(p); break;
@@ -82,7 +61,9 @@ bool gemm_family_compiled(const char* family) {
 }
 
 void scaled_mm_sm90(const GemmProblem& p) {
-  validate(p);
+  validate_operands(p, "scaled_mm_sm90", 1);
+  FP8KERN_CHECK(p.config >= -1 && p.config < sm90::kNumConfigs, "scaled_mm_sm90: config=", p.config,
+                ", expected -1 (select by shape) or 0..", int(sm90::kNumConfigs) - 1);
 #if defined(FP8KERN_HAS_SM90)
   using Launch = void (*)(const GemmProblem&);
   // [output dtype][config id], config order as in csrc/dispatch/sm90_configs.h

@@ -205,15 +205,18 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
 
 def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out):
     """Launch a compiled family. Shapes TMA cannot address directly are padded here, at a stated cost:
-    K % 16 != 0 (or K < 128 for block-scaled) copies a and b with zero columns appended; an output whose rows are
-    not 16-byte aligned (N not a multiple of 8 for 16-bit outputs, 4 for fp32, or such an `out` view) goes through
-    a padded buffer and a copy. Block-scaled scales that are not fp32 row-major are converted (a small copy)."""
+    K % 16 != 0 (or K < 128 for block-scaled) copies a and b with zero columns appended; an output whose row stride
+    is not a multiple of 16 bytes (N not a multiple of 8 for 16-bit outputs, 4 for fp32, or such an `out` view) is
+    computed into a buffer with a padded row stride (the kernel writes only the N real columns) and copied. Block-scaled scales that are not fp32 row-major are converted (a small copy)."""
     M, K = a.shape
     N = b.shape[0]
     block = layout.name == "block"
     k_run = max(-(-K // 16) * 16, 128 if block else 16)  # zero columns add nothing; ceil(K/128) is unchanged
-    if k_run != K:
-        a, b = _pad_cols(a, k_run), _pad_cols(b, k_run)
+    # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K.
+    if k_run != K or a.data_ptr() % 16:
+        a = _pad_cols(a, k_run)
+    if k_run != K or b.data_ptr() % 16:
+        b = _pad_cols(b, k_run)
     elem = out_dtype.itemsize
     align = 16 // elem
     d = out
