@@ -39,7 +39,9 @@ else
   echo "compute-sanitizer: not found" | tee "$out/sanitizer_memcheck.log"
 fi
 
-python -m fp8kern.bench --quick --json "$out/bench.json" > "$out/bench.txt" 2>&1
+# Hopper: time the sm90 kernels even before they are marked verified (the tests above are what verifies them).
+backend=$(python -c "import torch; print('sm90' if torch.cuda.get_device_capability() == (9, 0) else 'auto')")
+python -m fp8kern.bench --quick --backend "$backend" --json "$out/bench.json" > "$out/bench.txt" 2>&1
 echo "bench: rc=$?"
 tail -40 "$out/bench.txt"
 exit $test_rc

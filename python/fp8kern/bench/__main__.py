@@ -174,7 +174,7 @@ def run_gpu(args) -> list[dict]:
             fns = peers(layout, x, w, a, b, sa, sb, out_dtype)
             try:
                 ours = fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
-                fns["fp8kern"] = lambda: fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
+                fns[args.label] = lambda: fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
                 diff = calc_diff(ours, fp8kern.reference.scaled_mm(a, b, sa, sb, out_dtype))
             except NotImplementedError:
                 diff = None
@@ -192,7 +192,7 @@ def run_gpu(args) -> list[dict]:
                     pct_fp8_peak=100 * flops / us / 1e6 / peaks["fp8_tflops"],
                     pct_hbm=100 * nbytes / us / 1e3 / peaks["hbm_gbps"],
                     x_scaled_mm=(base / us) if base and not is_q else None,
-                    diff_vs_reference=diff if name == "fp8kern" else None,
+                    diff_vs_reference=diff if name == args.label else None,
                     repro=f"fp8kern-bench --suite {suite} --m {M} --layouts {layout} --out-dtype {args.out_dtype}"))
     print(file=sys.stderr)
     # Host overhead per eager call (tiny problem: launch cost only).
@@ -201,7 +201,7 @@ def run_gpu(args) -> list[dict]:
     overhead = {"torch._scaled_mm": host_overhead_us(lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16))}
     try:
         fp8kern.scaled_mm(a, b, sa.reshape(16), sb.reshape(128))
-        overhead["fp8kern"] = host_overhead_us(lambda: fp8kern.scaled_mm(a, b, sa.reshape(16), sb.reshape(128)))
+        overhead[args.label] = host_overhead_us(lambda: fp8kern.scaled_mm(a, b, sa.reshape(16), sb.reshape(128)))
     except NotImplementedError:
         pass
     xq = torch.ones(16, 4096, dtype=torch.bfloat16, device="cuda")
@@ -228,7 +228,7 @@ def print_gpu_table(rows, peaks):
     for r in rows:
         if r.get("host_overhead_us") is not None:
             print(f"host overhead per eager call, {r['backend']}: {r['host_overhead_us']:.1f} us")
-    if not any(r["backend"] == "fp8kern" for r in rows):
+    if not any(r["backend"].startswith("fp8kern") and r["backend"] != "fp8kern.quantize" for r in rows):
         print("fp8kern.scaled_mm has no compiled GEMM kernel for this GPU yet: rows show the peers and fp8kern.quantize.")
 
 
@@ -271,6 +271,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default="bench_out/results.json", help="where to write the JSON rows")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
     p.add_argument("--cpu", action="store_true", help="run the CPU reference check even when a GPU is present")
+    p.add_argument("--backend", default=None, choices=["auto", "reference", "sm89", "sm90"],
+                   help="fp8kern kernel family to time (default: FP8KERN_BACKEND or auto); sm89 rows are labelled "
+                        "fp8kern-sm89")
     args = p.parse_args(argv)
     suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
     bad = [s for s in suites if s not in SUITES]
@@ -287,6 +290,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.backend:
+        fp8kern.set_backend(args.backend)
+    args.label = "fp8kern-sm89" if fp8kern.get_backend() == "sm89" else "fp8kern"
     on_gpu = torch.cuda.is_available() and not args.cpu
     rows = run_gpu(args) if on_gpu else run_cpu(args)
     meta = {"fp8kern": fp8kern.info(), "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -1,0 +1,34 @@
+"""The benchmark command on the CPU: it runs the reference path, checks it, and writes comparable JSON rows."""
+
+import json
+
+import pytest
+import torch
+
+from fp8kern.bench.__main__ import main, parse_args
+
+REQUIRED = {"gpu", "layout", "backend", "M", "N", "K", "out_dtype", "median_us", "tflops"}
+
+
+def test_cpu_run_writes_checked_rows(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["--quick", "--cpu", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["layout"] for r in rows} == {"tensor", "token_channel", "block"}
+    for r in rows:
+        assert REQUIRED <= set(r), f"missing {REQUIRED - set(r)}"
+        assert r["ok"] and r["diff_vs_fp64"] < 1e-9
+    assert data["meta"]["command"].startswith("fp8kern-bench")
+    assert "Timings need a GPU" in capsys.readouterr().err
+
+
+def test_args():
+    a = parse_args(["--quick"])
+    assert a.suites == ["llama8b"] and a.m == [1, 16, 128, 4096]
+    assert parse_args(["--suite", "deepseek,grok2", "--m", "1,7"]).suites == ["deepseek", "grok2"]
+    with pytest.raises(SystemExit):
+        parse_args(["--suite", "gpt5"])
+    with pytest.raises(SystemExit):
+        parse_args(["--layouts", "rowwise"])
+
