@@ -60,9 +60,17 @@ def compiled_archs() -> list[str]:
     return _C.compiled_archs().split(",") if _C is not None else []
 
 
+_arch_cache: dict = {}
+
+
 def device_arch(device: torch.device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    """Compute capability as major*10+minor, cached per device (it is asked on every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    arch = _arch_cache.get(index)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = _arch_cache[index] = major * 10 + minor
+    return arch
 
 
 def quant_kernels_available(device: torch.device) -> bool:

@@ -207,7 +207,8 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     """Launch a compiled family. Shapes TMA cannot address directly are padded here, at a stated cost:
     K % 16 != 0 (or K < 128 for block-scaled) copies a and b with zero columns appended; an output whose row stride
     is not a multiple of 16 bytes (N not a multiple of 8 for 16-bit outputs, 4 for fp32, or such an `out` view) is
-    computed into a buffer with a padded row stride (the kernel writes only the N real columns) and copied. Block-scaled scales that are not fp32 row-major are converted (a small copy)."""
+    computed into a buffer with a padded row stride (the kernel writes only the N real columns) and copied.
+    Block-scaled scales that are not fp32 row-major are converted (a small copy)."""
     M, K = a.shape
     N = b.shape[0]
     block = layout.name == "block"
