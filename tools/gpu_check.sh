@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a GPU machine without network: build, all tests (GPU ones included),
-# compute-sanitizer on small problems, the quick benchmark. Logs, JSON and a summary go to DIR.
+# compute-sanitizer on small problems, the quick benchmark, the Llama-8B-shaped stack (fp8 vs bf16, CUDA graphs). Logs, JSON and a summary go to DIR.
 #   bash tools/gpu_check.sh DIR
 # Needs torch (CUDA), pybind11, cmake, ninja, pytest, nvcc there, and in .whl/ (ignored by git; name it in the
 # device tool's carry) the wheels it lacks, prepared here with:
@@ -43,5 +43,8 @@ fi
 backend=$(python -c "import torch; print('sm90' if torch.cuda.get_device_capability() == (9, 0) else 'auto')")
 python -m fp8kern.bench --quick --backend "$backend" --json "$out/bench.json" > "$out/bench.txt" 2>&1
 echo "bench: rc=$?"
+FP8KERN_BACKEND="$backend" python benchmarks/llama_stack.py --json "$out/llama_stack.json" > "$out/llama_stack.txt" 2>&1
+echo "llama_stack: rc=$?"
+cat "$out/llama_stack.txt"
 tail -40 "$out/bench.txt"
 exit $test_rc
