@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a GPU machine without network: build, all tests (GPU ones included),
-# compute-sanitizer on small problems, the quick benchmark, the Llama-8B-shaped stack (fp8 vs bf16, CUDA graphs). Logs, JSON and a summary go to DIR.
+# compute-sanitizer on small problems, the quick benchmark, the Llama-8B-shaped stack (fp8 vs bf16, CUDA graphs).
+# Logs, JSON and a summary go to DIR.
 #   bash tools/gpu_check.sh DIR
 # Needs torch (CUDA), pybind11, cmake, ninja, pytest, nvcc there, and in .whl/ (ignored by git; name it in the
 # device tool's carry) the wheels it lacks, prepared here with:
