@@ -56,3 +56,18 @@ def test_sm90_sass_has_fp8_wgmma():
     assert kernels, "no CUTLASS GEMM kernels in the sm_90a code"
     for blk in kernels:
         assert "QGMMA" in blk and "E4M3.E4M3" in blk, f"kernel without FP8 WGMMA: {blk.splitlines()[0][:120]}"
+
+
+def test_sm89_sass_has_fp8_mma():
+    """The Ada kernels run FP8 mma.sync (QMMA.16832.F32.E4M3.E4M3 in sm_89 SASS)."""
+    if _backend._C is None or "89" not in _backend.compiled_archs():
+        pytest.skip("no sm_89 code in this build")
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        pytest.skip("cuobjdump not on PATH")
+    sass = subprocess.run([tool, "-sass", "-arch", "sm_89", _backend._C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    kernels = [blk for blk in sass.split("Function : ")[1:] if "DefaultGemmWithVisitor" in blk.split("\n", 1)[0]]
+    assert len(kernels) >= 3, "expected the sm89 GEMM kernels (one per output dtype) in the sm_89 code"
+    for blk in kernels:
+        assert "QMMA.16832.F32.E4M3.E4M3" in blk, f"kernel without FP8 mma: {blk.splitlines()[0][:120]}"

@@ -23,6 +23,11 @@ def test_sm90_small_m_swaps(M, expected):
     assert expected in _backend.config_name("sm90", M, 6144, 4096)
 
 
+def test_sm89_has_one_config():
+    assert _backend._C.gemm_configs("sm89") == ["sm89_128x64x64_4stage"]
+    assert _backend.config_name("sm89", 1, 4096, 4096) == "sm89_128x64x64_4stage"
+
+
 def test_unknown_family_is_an_error():
     with pytest.raises(ValueError, match="unknown GEMM family 'sm100'"):
         _backend._C.gemm_select_config("sm100", 1, 1, 1)

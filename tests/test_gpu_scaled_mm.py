@@ -1,7 +1,7 @@
-"""GPU: the sm90 scaled_mm kernels against an independent float64 computation (conftest.exact_scaled_mm).
+"""GPU: the sm90 and sm89 scaled_mm kernels against an independent float64 computation (conftest.exact_scaled_mm).
 
 Tolerance, per element, with S = sum_k |a_deq * b_deq| (bounds any summation's error) and D the exact result:
-- Hopper FP8 WGMMA sums each K=32 step into its accumulator keeping at least 13 significant bits (the reduced
+- FP8 tensor cores (Hopper WGMMA; Ada mma.sync is assumed no better) sum each K=32 step into its accumulator keeping at least 13 significant bits (the reduced
   precision of FP8 tensor-core accumulation), so one step errs by at most 2^-13 of the magnitudes it adds,
   which are bounded by S.
 - Promoted (default) mode moves partial sums into fp32 every 128 of K: at most 4 steps, 4 * 2^-13 * S = 2^-11 * S,
@@ -22,17 +22,37 @@ import fp8kern
 from conftest import UNIT_ROUNDOFF, exact_scaled_mm, make_operands, requires_gpu
 from fp8kern import _backend
 
-pytestmark = [pytest.mark.gpu, requires_gpu,
-              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                                 reason="sm90 kernels need an H100/H200 (sm_90)"),
-              pytest.mark.skipif("sm90" not in _backend.compiled_families(), reason="sm90 kernels not compiled")]
+pytestmark = [pytest.mark.gpu, requires_gpu]
 
 
-@pytest.fixture(autouse=True)
-def sm90_backend():
+def _use(family):
+    """Skip unless this GPU can run the family's compiled kernels; otherwise select it for the test."""
+    if family not in _backend.compiled_families():
+        pytest.skip(f"{family} kernels not compiled")
+    cap = torch.cuda.get_device_capability()
+    if family == "sm90" and cap != (9, 0):
+        pytest.skip("sm90 kernels need an H100/H200 (sm_90)")
+    if family == "sm89" and cap < (8, 9):
+        pytest.skip("sm89 kernels need sm_89 or newer")
     prev = fp8kern.get_backend()
-    fp8kern.set_backend("sm90")
-    yield
+    fp8kern.set_backend(family)
+    return prev
+
+
+@pytest.fixture(params=["sm90", "sm89"])
+def family(request):
+    """Per-tensor / per-token x per-channel kernels: the Hopper family and the Ada family (which also runs on
+    Hopper, for testing)."""
+    prev = _use(request.param)
+    yield request.param
+    fp8kern.set_backend(prev)
+
+
+@pytest.fixture
+def sm90():
+    """Block-scaled kernels exist for sm90 only."""
+    prev = _use("sm90")
+    yield "sm90"
     fp8kern.set_backend(prev)
 
 
@@ -66,37 +86,37 @@ def run_and_check(M, N, K, layout, out_dtype=torch.bfloat16, bias=False, fast=Fa
 
 
 @pytest.mark.parametrize("M", list(range(1, 129)))
-def test_m_sweep(M):
+def test_m_sweep(family, M):
     run_and_check(M, 256, 512, "token_channel")
 
 
 @pytest.mark.parametrize("layout", ["tensor", "token_channel", "tensor_channel", "token_tensor"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M", [1, 17, 64, 200])
-def test_layouts_dtypes_bias(layout, out_dtype, M):
+def test_layouts_dtypes_bias(family, layout, out_dtype, M):
     run_and_check(M, 384, 1024, layout, out_dtype, bias=True)
     run_and_check(M, 384, 1024, layout, out_dtype, bias=False)
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 130, 200), (5, 7, 16), (33, 129, 257), (77, 1000, 40), (130, 3420, 576),
                                    (3, 6840, 3420)])
-def test_unaligned_shapes(M, N, K):
+def test_unaligned_shapes(family, M, N, K):
     """K % 16 != 0 and N not a multiple of 8 go through the padded paths."""
     run_and_check(M, N, K, "token_channel", bias=True)
 
 
 @pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (2112, 7168)])
 @pytest.mark.parametrize("M", [1, 16, 128, 1024])
-def test_model_shapes(N, K, M):
+def test_model_shapes(family, N, K, M):
     run_and_check(M, N, K, "token_channel")
 
 
 @pytest.mark.parametrize("M", [1, 64, 512])
-def test_fast_accum(M):
+def test_fast_accum(family, M):
     run_and_check(M, 512, 2048, "token_channel", fast=True)
 
 
-def test_poisoned_out_view():
+def test_poisoned_out_view(family):
     """Every element of an out= view is written, nothing outside it is touched."""
     big = torch.full((70, 300), float("nan"), dtype=torch.bfloat16, device="cuda")
     view = big[:, 8:264]
@@ -104,7 +124,7 @@ def test_poisoned_out_view():
     assert torch.isnan(big[:, :8]).all() and torch.isnan(big[:, 264:]).all()
 
 
-def test_bound_catches_wrong_scale():
+def test_bound_catches_wrong_scale(family):
     gen = torch.Generator().manual_seed(3)
     a, b, sa, sb = make_operands(64, 256, 512, "token_channel", gen)
     wrong = sb.clone()
@@ -114,7 +134,7 @@ def test_bound_catches_wrong_scale():
     assert not (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 512, torch.float32, False)).all()
 
 
-def test_cuda_graph_capture():
+def test_cuda_graph_capture(family):
     gen = torch.Generator().manual_seed(4)
     a, b, sa, sb = (t.cuda() for t in make_operands(32, 512, 1024, "token_channel", gen))
     fp8kern.scaled_mm(a, b, sa, sb)  # warm-up (allocates the workspace) outside the capture
@@ -133,28 +153,28 @@ def test_cuda_graph_capture():
 # Block-scaled (1x128 x 128x128): the kernel promotes every 128 of K, so the promoted-mode bound applies.
 
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 16, 31, 64, 100, 128, 129, 1000])
-def test_block_m_sweep(M):
+def test_block_m_sweep(sm90, M):
     run_and_check(M, 512, 1024, "block")
 
 
 @pytest.mark.parametrize("M,N,K", [(5, 130, 200), (17, 7168, 2112), (64, 300, 1000), (8, 2112, 7168),
                                    (33, 256, 640), (4, 24576, 1536), (3, 100, 40)])
-def test_block_partial_blocks_and_odd_k_blocks(M, N, K):
+def test_block_partial_blocks_and_odd_k_blocks(sm90, M, N, K):
     """N and K not multiples of 128 (partial edge blocks), (K/128) % 4 != 0, K < 128."""
     run_and_check(M, N, K, "block", bias=True)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_block_scale_and_out_dtypes(scale_dtype, out_dtype):
+def test_block_scale_and_out_dtypes(sm90, scale_dtype, out_dtype):
     run_and_check(48, 384, 768, "block", out_dtype, bias=True, scale_dtype=scale_dtype)
 
 
-def test_block_column_major_a_scales():
+def test_block_column_major_a_scales(sm90):
     run_and_check(40, 256, 896, "block", a_scales_col_major=True)
 
 
-def test_block_from_quantize():
+def test_block_from_quantize(sm90):
     """fp8kern.quantize(granularity='group') output feeds the block kernel with no layout conversion."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(37, 1000, generator=g).to(torch.bfloat16).cuda()

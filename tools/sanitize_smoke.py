@@ -1,5 +1,6 @@
 """Small problems through every kernel path, for compute-sanitizer (memcheck / racecheck): quantization kernels on
-any sm_89+ GPU, and the sm90 scaled_mm families (forced with set_backend) on Hopper."""
+any sm_89+ GPU, the sm89 scaled_mm family on any sm_89+ GPU and the sm90 families on Hopper (forced with
+set_backend, since unverified families do not run by default)."""
 
 import torch
 
@@ -17,12 +18,15 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
             fp8kern.quantize(x, "token", scale=torch.full((M,), 0.01, device="cuda"))
             fp8kern.quantize(x, "group", scale=torch.full((M, -(-K // 128)), 0.01, device="cuda"))
 
-if torch.cuda.get_device_capability() == (9, 0) and "sm90" in _backend.compiled_families():
-    fp8kern.set_backend("sm90")
+families = [f for f in _backend.compiled_families()
+            if (f == "sm90" and torch.cuda.get_device_capability() == (9, 0)) or f == "sm89"]
+for family in families:
+    fp8kern.set_backend(family)
+    layouts = (("token", "channel"), ("tensor", "tensor")) + ((("group", "block"),) if family == "sm90" else ())
     for M, N, K in ((1, 8, 16), (3, 130, 200), (33, 256, 512), (70, 7, 40), (130, 264, 1000)):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        for act, wg in (("token", "channel"), ("tensor", "tensor"), ("group", "block")):
+        for act, wg in layouts:
             xq, xs = fp8kern.quantize(x, act)
             wq, ws = fp8kern.quantize_weight(w, wg)
             for out_dtype in (torch.bfloat16, torch.float16, torch.float32):

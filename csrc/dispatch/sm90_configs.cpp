@@ -1,4 +1,4 @@
-// select_config for the sm90 per-token/per-channel family: an ordered table by M (thresholds appear once).
+// select_config for the GEMM families: sm90's ordered table by M (thresholds appear once); sm89 has one config.
 #include "sm90_configs.h"
 
 #include <cstring>
@@ -33,11 +33,13 @@ namespace fp8kern {
 
 const char* gemm_config_name(const char* family, int index) {
   if (std::strcmp(family, "sm90") == 0 && index >= 0 && index < sm90::kNumConfigs) return sm90::kTable[index].name;
+  if (std::strcmp(family, "sm89") == 0 && index == 0) return "sm89_128x64x64_4stage";  // one config so far
   return "";
 }
 
 int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k) {
-  FP8KERN_CHECK(std::strcmp(family, "sm90") == 0, "unknown GEMM family '", family, "', expected 'sm90'");
+  if (std::strcmp(family, "sm89") == 0) return 0;
+  FP8KERN_CHECK(std::strcmp(family, "sm90") == 0, "unknown GEMM family '", family, "', expected 'sm90' or 'sm89'");
   return sm90::select_config(m, n, k);
 }
 

@@ -101,7 +101,7 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
                std::uintptr_t scale_a, bool scale_a_vector, std::uintptr_t scale_b, bool scale_b_vector,
                std::uintptr_t bias, bool fast_accum, int config, std::uintptr_t workspace, std::size_t workspace_bytes,
                std::uintptr_t stream) {
-  FP8KERN_CHECK(family == "sm90", "scaled_mm: family='", family, "', expected 'sm90'");
+  FP8KERN_CHECK(family == "sm90" || family == "sm89", "scaled_mm: family='", family, "', expected 'sm90' or 'sm89'");
   auto p = gemm_problem<fp8kern::GemmProblem>(a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias,
                                               workspace, workspace_bytes, stream);
   p.scale_a_vector = scale_a_vector;
@@ -110,7 +110,8 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
   p.config = config;
   py::gil_scoped_release release;
   DeviceGuard guard(device);
-  fp8kern::scaled_mm_sm90(p);
+  if (family == "sm90") fp8kern::scaled_mm_sm90(p);
+  else fp8kern::scaled_mm_sm89(p);
 }
 
 void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
@@ -145,10 +146,10 @@ PYBIND11_MODULE(_C, m) {
         "Compute capability of a device as major*10+minor (90 for H100).");
   m.def("gemm_families", [] {
           py::list out;
-          for (const char* f : {"sm90"})
+          for (const char* f : {"sm90", "sm89"})
             if (fp8kern::gemm_family_compiled(f)) out.append(f);
           return out;
-        }, "Compiled scaled_mm kernel families, e.g. ['sm90'].");
+        }, "Compiled scaled_mm kernel families, e.g. ['sm90', 'sm89'].");
   m.def("scaled_mm_block", &scaled_mm_block, py::arg("family"), py::arg("device"), py::arg("a"), py::arg("b"),
         py::arg("d"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"), py::arg("ldd"),
         py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_b"), py::arg("bias"), py::arg("workspace"),

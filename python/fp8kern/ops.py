@@ -212,6 +212,9 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     M, K = a.shape
     N = b.shape[0]
     block = layout.name == "block"
+    if block and family != "sm90":
+        raise NotImplementedError(f"fp8kern.scaled_mm: block-scaled kernels are not built for {family} yet; set "
+                                  "FP8KERN_BACKEND=reference to run the reference on the GPU")
     k_run = max(-(-K // 16) * 16, 128 if block else 16)  # zero columns add nothing; ceil(K/128) is unchanged
     # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K.
     if k_run != K or a.data_ptr() % 16:

@@ -94,6 +94,9 @@ struct GemmProblem {
 // Hopper (sm_90a) per-tensor / per-token x per-channel family. Throws InvalidArgument for shapes it cannot run
 // (K % 16, D row alignment): the Python layer pads those first.
 void scaled_mm_sm90(const GemmProblem& p);
+// Ada (sm_89) per-tensor / per-token x per-channel family (mma.sync; also built for sm_90a to test on Hopper).
+void scaled_mm_sm89(const GemmProblem& p);
+
 // Block-scaled FP8 GEMM: D[m, n] = sum_kb scale_a[m, kb] * scale_b[n / 128, kb] * sum_{k in block kb} A[m, k] B[n, k]
 // (+ bias[n]). Scales are fp32 and K-major: scale_a [m, ceil(k/128)], scale_b [ceil(n/128), ceil(k/128)], contiguous.
 struct BlockGemmProblem {
