@@ -43,16 +43,21 @@ def test_device_code_for_each_arch():
                 assert f"{src}.sm_{arch}.cubin" in listing, f"{src} has no sm_{arch} device code:\n{listing}"
 
 
-def test_sm90_sass_has_fp8_wgmma():
-    """The Hopper kernels run FP8 WGMMA (QGMMA ... E4M3.E4M3 in SASS), not a slow fallback."""
-    if _backend._C is None or "90a" not in _backend.compiled_archs():
-        pytest.skip("no sm_90a code in this build")
+def _sass_kernels(arch: str, name_fragment: str) -> list[str]:
+    """SASS blocks (one per kernel) of the compiled module for arch whose mangled name holds name_fragment."""
+    if _backend._C is None or arch not in _backend.compiled_archs():
+        pytest.skip(f"no sm_{arch} code in this build")
     tool = shutil.which("cuobjdump")
     if tool is None:
         pytest.skip("cuobjdump not on PATH")
-    sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", _backend._C.__file__], capture_output=True, text=True,
-                          check=True).stdout
-    kernels = [blk for blk in sass.split("Function : ")[1:] if "GemmUniversal" in blk.split("\n", 1)[0]]
+    sass = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", _backend._C.__file__], capture_output=True,
+                          text=True, check=True).stdout
+    return [blk for blk in sass.split("Function : ")[1:] if name_fragment in blk.split("\n", 1)[0]]
+
+
+def test_sm90_sass_has_fp8_wgmma():
+    """The Hopper kernels run FP8 WGMMA (QGMMA ... E4M3.E4M3 in SASS), not a slow fallback."""
+    kernels = _sass_kernels("90a", "GemmUniversal")
     assert kernels, "no CUTLASS GEMM kernels in the sm_90a code"
     for blk in kernels:
         assert "QGMMA" in blk and "E4M3.E4M3" in blk, f"kernel without FP8 WGMMA: {blk.splitlines()[0][:120]}"
@@ -60,14 +65,7 @@ def test_sm90_sass_has_fp8_wgmma():
 
 def test_sm89_sass_has_fp8_mma():
     """The Ada kernels run FP8 mma.sync (QMMA.16832.F32.E4M3.E4M3 in sm_89 SASS)."""
-    if _backend._C is None or "89" not in _backend.compiled_archs():
-        pytest.skip("no sm_89 code in this build")
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        pytest.skip("cuobjdump not on PATH")
-    sass = subprocess.run([tool, "-sass", "-arch", "sm_89", _backend._C.__file__], capture_output=True, text=True,
-                          check=True).stdout
-    kernels = [blk for blk in sass.split("Function : ")[1:] if "DefaultGemmWithVisitor" in blk.split("\n", 1)[0]]
+    kernels = _sass_kernels("89", "DefaultGemmWithVisitor")
     assert len(kernels) >= 3, "expected the sm89 GEMM kernels (one per output dtype) in the sm_89 code"
     for blk in kernels:
         assert "QMMA.16832.F32.E4M3.E4M3" in blk, f"kernel without FP8 mma: {blk.splitlines()[0][:120]}"
