@@ -133,14 +133,16 @@ def as_e8m0(scale: torch.Tensor, key: str) -> torch.Tensor:
 
 
 class CheckpointFormat:
-    """One FP8 checkpoint format. A subclass sets `name` and `suffixes`, and implements `matches`, `layer_spec` and
-    (when its convention differs from real = fp8 * scale) `weight_scale`.
+    """One FP8 checkpoint format. A subclass sets `name`, `suffixes` and either `quant_method` (the
+    quantization_config value that identifies it) or its own `matches`; it implements `layer_spec` and (when its
+    convention differs from real = fp8 * scale) `weight_scale`.
 
     suffixes: checkpoint tensor name after '<module>.' -> Fp8Linear buffer ('weight', 'weight_scale',
     'input_scale') for the modules whose weight is stored as float8_e4m3fn.
     """
 
     name: ClassVar[str]
+    quant_method: ClassVar[str | None] = None
     suffixes: ClassVar[dict[str, str]] = {"weight": "weight", "weight_scale": "weight_scale",
                                           "input_scale": "input_scale"}
 
@@ -151,7 +153,9 @@ class CheckpointFormat:
 
     @classmethod
     def matches(cls, config: dict, header: dict[str, TensorInfo]) -> bool:
-        raise NotImplementedError
+        if cls.quant_method is None:
+            raise NotImplementedError(f"{cls.__name__} sets neither quant_method nor matches")
+        return (config.get("quantization_config") or {}).get("quant_method") == cls.quant_method
 
     def layer_spec(self, module: str, class_names=("Linear",)) -> LayerSpec | None:
         """The spec of module (whose weight the checkpoint stores in FP8), or None where the config excludes it.

@@ -28,10 +28,7 @@ def _matches(name: str, class_names, target: str) -> bool:
 
 class CompressedTensors(CheckpointFormat):
     name = "compressed-tensors"
-
-    @classmethod
-    def matches(cls, config, header) -> bool:
-        return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+    quant_method = "compressed-tensors"
 
     def __init__(self, config, header):
         super().__init__(config, header)

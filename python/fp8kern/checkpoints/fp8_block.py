@@ -15,11 +15,8 @@ from .common import CheckpointFormat, LayerSpec, unsupported
 
 class Fp8Block(CheckpointFormat):
     name = "fp8"
+    quant_method = "fp8"
     suffixes = {"weight": "weight", "weight_scale_inv": "weight_scale"}
-
-    @classmethod
-    def matches(cls, config, header) -> bool:
-        return (config.get("quantization_config") or {}).get("quant_method") == "fp8"
 
     def __init__(self, config, header):
         super().__init__(config, header)

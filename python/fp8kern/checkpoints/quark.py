@@ -26,10 +26,7 @@ def _match(module: str, pattern: str) -> bool:
 
 class Quark(CheckpointFormat):
     name = "quark"
-
-    @classmethod
-    def matches(cls, config, header) -> bool:
-        return (config.get("quantization_config") or {}).get("quant_method") == "quark"
+    quant_method = "quark"
 
     def __init__(self, config, header):
         super().__init__(config, header)
