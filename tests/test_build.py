@@ -63,9 +63,11 @@ def test_sm90_sass_has_fp8_wgmma():
         assert "QGMMA" in blk and "E4M3.E4M3" in blk, f"kernel without FP8 WGMMA: {blk.splitlines()[0][:120]}"
 
 
-def test_sm89_sass_has_fp8_mma():
-    """The Ada kernels run FP8 mma.sync (QMMA.16832.F32.E4M3.E4M3 in sm_89 SASS)."""
-    kernels = _sass_kernels("89", "DefaultGemmWithVisitor")
-    assert len(kernels) >= 3, "expected the sm89 GEMM kernels (one per output dtype) in the sm_89 code"
+@pytest.mark.parametrize("fragment,count", [("DefaultGemmWithVisitor", 3), ("blockwise_kernel", 9)])
+def test_sm89_sass_has_fp8_mma(fragment, count):
+    """The Ada kernels run FP8 mma.sync (QMMA.16832.F32.E4M3.E4M3 in sm_89 SASS): the per-token family (one kernel
+    per output dtype) and the block-scaled family (three tile configs per output dtype)."""
+    kernels = _sass_kernels("89", fragment)
+    assert len(kernels) >= count, f"expected {count} sm89 {fragment} kernels in the sm_89 code, found {len(kernels)}"
     for blk in kernels:
         assert "QMMA.16832.F32.E4M3.E4M3" in blk, f"kernel without FP8 mma: {blk.splitlines()[0][:120]}"

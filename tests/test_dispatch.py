@@ -9,12 +9,20 @@ from fp8kern import _backend
 pytestmark = pytest.mark.skipif("sm90" not in _backend.compiled_families(), reason="sm90 kernels not compiled")
 
 
-def test_sm90_table_covers_every_m():
-    names = _backend._C.gemm_configs("sm90")
-    assert len(names) >= 2 and len(set(names)) == len(names)
-    picked = [_backend._C.gemm_select_config("sm90", m, 4096, 4096) for m in range(1, 20000, 7)]
+@pytest.mark.parametrize("family,min_configs", [("sm90", 3), ("sm89", 1), ("sm90_block", 1), ("sm89_block", 3)])
+def test_table_covers_every_m(family, min_configs):
+    names = _backend._C.gemm_configs(family)
+    assert len(names) >= min_configs and len(set(names)) == len(names)
+    picked = [_backend._C.gemm_select_config(family, m, 4096, 4096) for m in range(1, 20000, 7)]
     assert all(0 <= i < len(names) for i in picked)
     assert picked == sorted(picked), "configs are ordered by the M range they serve"
+    assert set(picked) == set(range(len(names))), "every config serves some M"
+
+
+@pytest.mark.parametrize("M,expected", [(1, "32x32"), (32, "32x32"), (33, "64x128"), (256, "64x128"),
+                                        (257, "128x128"), (16384, "128x128")])
+def test_sm89_block_tiles_by_m(M, expected):
+    assert expected in _backend.config_name("sm89_block", M, 7168, 2048)
 
 
 @pytest.mark.parametrize("M,expected", [(1, "swap_64x32"), (32, "swap_64x32"), (33, "swap_64x64"), (64, "swap_64x64"),

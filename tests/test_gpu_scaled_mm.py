@@ -48,11 +48,11 @@ def family(request):
     fp8kern.set_backend(prev)
 
 
-@pytest.fixture
-def sm90():
-    """Block-scaled kernels exist for sm90 only."""
-    prev = _use("sm90")
-    yield "sm90"
+@pytest.fixture(params=["sm90", "sm89"])
+def block_family(request):
+    """Block-scaled kernels: Hopper's (CUTLASS blockwise WGMMA) and Ada's (mma.sync, scales in the mainloop)."""
+    prev = _use(request.param)
+    yield request.param
     fp8kern.set_backend(prev)
 
 
@@ -124,6 +124,20 @@ def test_poisoned_out_view(family):
     assert torch.isnan(big[:, :8]).all() and torch.isnan(big[:, 264:]).all()
 
 
+def test_one_row_operands_with_odd_strides(family):
+    """A [1, K] view's row stride is meaningless (torch calls it contiguous); it must not be passed to the kernel."""
+    gen = torch.Generator().manual_seed(8)
+    a, b, sa, sb = make_operands(1, 1, 32, "token_channel", gen)
+    a_big = torch.zeros(1, 40, dtype=torch.uint8)
+    a_big[:, :32] = a.view(torch.uint8)
+    a_view = a_big.view(a.dtype).cuda()[:, :32]  # stride (40, 1)
+    b_view = b.cuda().reshape(32).as_strided((1, 32), (0, 1))
+    assert a_view.is_contiguous() and a_view.stride(0) == 40 and b_view.stride(0) == 0
+    y = fp8kern.scaled_mm(a_view, b_view, sa.cuda(), sb.cuda(), out_dtype=torch.float32)
+    D, S = exact_scaled_mm(a, b, sa, sb)
+    assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 32, torch.float32, False)).all()
+
+
 def test_bound_catches_wrong_scale(family):
     gen = torch.Generator().manual_seed(3)
     a, b, sa, sb = make_operands(64, 256, 512, "token_channel", gen)
@@ -150,31 +164,31 @@ def test_cuda_graph_capture(family):
     assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 1024, torch.bfloat16, False)).all()
 
 
-# Block-scaled (1x128 x 128x128): the kernel promotes every 128 of K, so the promoted-mode bound applies.
+# Block-scaled (1x128 x 128x128): both kernels promote every 128 of K, so the promoted-mode bound applies.
 
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 16, 31, 64, 100, 128, 129, 1000])
-def test_block_m_sweep(sm90, M):
+def test_block_m_sweep(block_family, M):
     run_and_check(M, 512, 1024, "block")
 
 
 @pytest.mark.parametrize("M,N,K", [(5, 130, 200), (17, 7168, 2112), (64, 300, 1000), (8, 2112, 7168),
                                    (33, 256, 640), (4, 24576, 1536), (3, 100, 40)])
-def test_block_partial_blocks_and_odd_k_blocks(sm90, M, N, K):
+def test_block_partial_blocks_and_odd_k_blocks(block_family, M, N, K):
     """N and K not multiples of 128 (partial edge blocks), (K/128) % 4 != 0, K < 128."""
     run_and_check(M, N, K, "block", bias=True)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_block_scale_and_out_dtypes(sm90, scale_dtype, out_dtype):
+def test_block_scale_and_out_dtypes(block_family, scale_dtype, out_dtype):
     run_and_check(48, 384, 768, "block", out_dtype, bias=True, scale_dtype=scale_dtype)
 
 
-def test_block_column_major_a_scales(sm90):
+def test_block_column_major_a_scales(block_family):
     run_and_check(40, 256, 896, "block", a_scales_col_major=True)
 
 
-def test_block_from_quantize(sm90):
+def test_block_from_quantize(block_family):
     """fp8kern.quantize(granularity='group') output feeds the block kernel with no layout conversion."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(37, 1000, generator=g).to(torch.bfloat16).cuda()
@@ -184,3 +198,43 @@ def test_block_from_quantize(sm90):
     y = fp8kern.scaled_mm(xq, wq, xs, ws, out_dtype=torch.float32)
     D, S = exact_scaled_mm(xq.cpu(), wq.cpu(), xs.cpu(), ws.cpu())
     assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 1000, torch.float32, False)).all()
+
+
+def _every_config():
+    """(query family, config index) for every config of every compiled family's table."""
+    out = []
+    for family in _backend.compiled_families():
+        for query in (family, family + "_block"):
+            out += [(query, i) for i in range(len(_backend._C.gemm_configs(query)))]
+    return out
+
+
+@pytest.mark.parametrize("query,config", _every_config())
+@pytest.mark.parametrize("M,N,K", [(1, 512, 1024), (17, 300, 1000), (32, 64, 128), (33, 130, 40), (100, 2112, 7168),
+                                   (129, 384, 896), (300, 7168, 512)])
+def test_every_config(monkeypatch, query, config, M, N, K):
+    """Each config of each table, whatever select_config would pick for the shape: M and N edges inside and across
+    tiles, K < 128, K % 16 != 0, partial last blocks."""
+    family = query.split("_")[0]
+    prev = _use(family)
+    try:
+        monkeypatch.setitem(fp8kern.ops._config_override, query, config)
+        run_and_check(M, N, K, "block" if query.endswith("_block") else "token_channel", bias=True)
+    finally:
+        fp8kern.set_backend(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_fp8_linear(block_family, dtype):
+    """Quantize + block GEMM in one call: the GPU quantizer is bit-exact with the reference, so the GEMM bound holds
+    against the CPU-quantized operands."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 19, 700, generator=g) * 3).to(dtype)
+    wq, ws = fp8kern.quantize_weight(torch.randn(300, 700, generator=g), "block")
+    bias = torch.randn(300, generator=g).to(dtype)
+    y = fp8kern.block_fp8_linear(x.cuda(), wq.cuda(), ws.cuda(), bias.cuda())
+    assert y.shape == (2, 19, 300) and y.dtype == dtype
+    xq, xs = fp8kern.quantize(x.reshape(-1, 700), "group")
+    D, S = exact_scaled_mm(xq, wq, xs, ws, bias)
+    err = np.abs(y.reshape(-1, 300).double().cpu().numpy() - D)
+    assert (err <= bound(D, S, 700, dtype, False)).all()

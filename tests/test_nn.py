@@ -25,15 +25,16 @@ def w_deq(m: Fp8Linear) -> torch.Tensor:
     return fp8kern.reference.dequantize(m.weight, s, bs).double()
 
 
-def check_linear(m: Fp8Linear, x: torch.Tensor):
-    y = m(x)
+def check_linear(m: Fp8Linear, x: torch.Tensor, y: torch.Tensor | None = None):
+    """Check y (default m(x)) against float64 x @ W_deq.T + b with the bound in the module docstring."""
+    y = m(x) if y is None else y
     assert y.shape == (*x.shape[:-1], m.out_features) and y.dtype == x.dtype
     x2 = x.reshape(-1, m.in_features).double()
     W = w_deq(m)
     exact = x2 @ W.t() + (m.bias.double() if m.bias is not None else 0)
     if m.dynamic:
         gran = m.act_granularity
-        _, s = fp8kern.reference.quantize(x.reshape(-1, m.in_features).float(), gran)
+        _, s = fp8kern.reference.quantize(x.reshape(-1, m.in_features).float(), gran, scale_format=m.scale_format)
         s_x = s.double().amax(dim=-1, keepdim=True) if gran != "tensor" else s.double().reshape(1, 1)
     else:
         s_x = m.input_scale.double().reshape(1, 1)
@@ -108,6 +109,35 @@ def test_compiled_forward_matches_eager():
     m = Fp8Linear.from_linear(nn.Linear(128, 64), "dynamic_per_token")
     x = torch.randn(6, 128)
     assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+@pytest.mark.parametrize("act_scale_format", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_fp8_linear(act_scale_format, dtype):
+    """fp8kern.block_fp8_linear on checkpoint-style tensors (weight, weight_scale, bias) meets the Fp8Linear bound;
+    N and K are not multiples of 128, x has two leading dims, the bias comes in another dtype."""
+    torch.manual_seed(2)
+    m = Fp8Linear.from_linear(nn.Linear(300, 260).to(dtype), "block128", scale_format=act_scale_format)
+    x = torch.randn(3, 4, 300).to(dtype)
+    y = fp8kern.block_fp8_linear(x, m.weight, m.weight_scale, m.bias.float(), act_scale_format=act_scale_format)
+    check_linear(m, x, y)
+    assert torch.equal(y, m(x)), "Fp8Linear('block128') and block_fp8_linear share one path"
+    strided = x.reshape(12, 300).t().contiguous().t()  # same values, column-major: copied, not rejected
+    y_strided = fp8kern.block_fp8_linear(strided, m.weight, m.weight_scale, m.bias, act_scale_format=act_scale_format)
+    assert torch.equal(y_strided, y.reshape(12, 260))
+
+
+def test_block_fp8_linear_errors():
+    w, s = fp8kern.quantize_weight(torch.randn(260, 300), "block")
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        fp8kern.block_fp8_linear(torch.ones(2, 300, dtype=torch.int64), w, s)
+    with pytest.raises(ValueError, match=r"x's last dim must be K=300"):
+        fp8kern.block_fp8_linear(torch.randn(2, 299), w, s)
+    with pytest.raises(ValueError, match=r"weight_scale has shape \(260, 1\), expected the per-128x128-block shape "
+                                         r"\(3, 3\)"):
+        fp8kern.block_fp8_linear(torch.randn(2, 300), w, torch.ones(260, 1))
+    with pytest.raises(TypeError, match="weight has dtype torch.bfloat16, expected torch.float8_e4m3fn"):
+        fp8kern.block_fp8_linear(torch.randn(2, 300), w.bfloat16(), s)
 
 
 def test_errors():

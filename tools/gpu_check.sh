@@ -44,7 +44,7 @@ fi
 backend=$(python -c "import torch; print('sm90' if torch.cuda.get_device_capability() == (9, 0) else 'auto')")
 python -m fp8kern.bench --quick --backend "$backend" --json "$out/bench.json" > "$out/bench.txt" 2>&1
 echo "bench: rc=$?"
-python -m fp8kern.bench --quick --backend sm89 --layouts tensor,token_channel --json "$out/bench_sm89.json" \
+python -m fp8kern.bench --quick --backend sm89 --json "$out/bench_sm89.json" \
   > "$out/bench_sm89.txt" 2>&1
 echo "bench sm89 (fp8kern-sm89 rows): rc=$?"
 FP8KERN_BACKEND="$backend" python benchmarks/llama_stack.py --json "$out/llama_stack.json" > "$out/llama_stack.txt" 2>&1

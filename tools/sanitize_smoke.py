@@ -1,6 +1,7 @@
-"""Small problems through every kernel path, for compute-sanitizer (memcheck / racecheck): quantization kernels on
-any sm_89+ GPU, the sm89 scaled_mm family on any sm_89+ GPU and the sm90 families on Hopper (forced with
-set_backend, since unverified families do not run by default)."""
+"""Small problems through every kernel path, for compute-sanitizer (memcheck / racecheck): quantization kernels and
+the sm89 scaled_mm families (per-token and block-scaled) on any sm_89+ GPU, the sm90 families on Hopper (forced with
+set_backend, since unverified families do not run by default). The M values reach every sm89 block-scaled tile
+config (M <= 32, <= 256, > 256)."""
 
 import torch
 
@@ -22,8 +23,8 @@ families = [f for f in _backend.compiled_families()
             if (f == "sm90" and torch.cuda.get_device_capability() == (9, 0)) or f == "sm89"]
 for family in families:
     fp8kern.set_backend(family)
-    layouts = (("token", "channel"), ("tensor", "tensor")) + ((("group", "block"),) if family == "sm90" else ())
-    for M, N, K in ((1, 8, 16), (3, 130, 200), (33, 256, 512), (70, 7, 40), (130, 264, 1000)):
+    layouts = (("token", "channel"), ("tensor", "tensor"), ("group", "block"))
+    for M, N, K in ((1, 8, 16), (3, 130, 200), (33, 256, 512), (70, 7, 40), (130, 264, 1000), (300, 260, 272)):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         for act, wg in layouts:

@@ -2,6 +2,7 @@
 #include <cuda_runtime_api.h>
 
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "check.h"
@@ -86,4 +87,12 @@ void validate(const QuantProblem& p, const char* what, bool dynamic) {
 }
 
 }  // namespace quant
+
+void validate_quantize(const QuantProblem& p, const char* kind) {
+  const std::string k(kind);
+  FP8KERN_CHECK(k == "token" || k == "group" || k == "tensor" || k == "static", "quantize: kind='", kind,
+                "', expected 'token', 'group', 'tensor' or 'static'");
+  quant::validate(p, k == "static" ? "quantize_static" : ("quantize_per_" + k).c_str(), k != "static");
+}
+
 }  // namespace fp8kern

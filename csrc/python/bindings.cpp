@@ -64,7 +64,7 @@ void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype
               : kind == "tensor" ? &fp8kern::quantize_per_tensor
               : kind == "static" ? &fp8kern::quantize_static
                                  : nullptr;
-  FP8KERN_CHECK(run != nullptr, "quantize: kind='", kind, "', expected 'token', 'group', 'tensor' or 'static'");
+  fp8kern::validate_quantize(p, kind.c_str());  // before touching the device: bad input fails the same way anywhere
   py::gil_scoped_release release;
   DeviceGuard guard(device);
   run(p);
@@ -108,6 +108,7 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
   p.scale_b_vector = scale_b_vector;
   p.fast_accum = fast_accum;
   p.config = config;
+  fp8kern::validate_gemm(p, family.c_str());
   py::gil_scoped_release release;
   DeviceGuard guard(device);
   if (family == "sm90") fp8kern::scaled_mm_sm90(p);
@@ -116,14 +117,18 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
 
 void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
                      int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
-                     std::uintptr_t scale_a, std::uintptr_t scale_b, std::uintptr_t bias, std::uintptr_t workspace,
-                     std::size_t workspace_bytes, std::uintptr_t stream) {
-  FP8KERN_CHECK(family == "sm90", "scaled_mm_block: family='", family, "', expected 'sm90'");
-  const auto p = gemm_problem<fp8kern::BlockGemmProblem>(a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b,
-                                                         bias, workspace, workspace_bytes, stream);
+                     std::uintptr_t scale_a, std::uintptr_t scale_b, std::uintptr_t bias, int config,
+                     std::uintptr_t workspace, std::size_t workspace_bytes, std::uintptr_t stream) {
+  FP8KERN_CHECK(family == "sm90" || family == "sm89", "scaled_mm_block: family='", family,
+                "', expected 'sm90' or 'sm89'");
+  auto p = gemm_problem<fp8kern::BlockGemmProblem>(a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias,
+                                                   workspace, workspace_bytes, stream);
+  p.config = config;
+  fp8kern::validate_gemm(p, (family + "_block").c_str());
   py::gil_scoped_release release;
   DeviceGuard guard(device);
-  fp8kern::blockwise_sm90(p);
+  if (family == "sm90") fp8kern::blockwise_sm90(p);
+  else fp8kern::blockwise_sm89(p);
 }
 
 py::list gemm_configs(const std::string& family) {
@@ -152,10 +157,11 @@ PYBIND11_MODULE(_C, m) {
         }, "Compiled scaled_mm kernel families, e.g. ['sm90', 'sm89'].");
   m.def("scaled_mm_block", &scaled_mm_block, py::arg("family"), py::arg("device"), py::arg("a"), py::arg("b"),
         py::arg("d"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"), py::arg("ldd"),
-        py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_b"), py::arg("bias"), py::arg("workspace"),
-        py::arg("workspace_bytes"), py::arg("stream"),
-        "Launch a block-scaled (1x128 x 128x128) kernel; scales fp32, K-major, contiguous.");
-  m.def("gemm_configs", &gemm_configs, py::arg("family"), "Config names of a family, in table order.");
+        py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_b"), py::arg("bias"), py::arg("config"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+        "Launch a block-scaled (1x128 x 128x128) kernel of a family; scales fp32, K-major, contiguous.");
+  m.def("gemm_configs", &gemm_configs, py::arg("family"),
+        "Config names of a family ('sm90', 'sm89', 'sm90_block', 'sm89_block'), in table order.");
   m.def("gemm_select_config", [](const std::string& family, int64_t m, int64_t n, int64_t k) {
           return fp8kern::gemm_select_config(family.c_str(), m, n, k);
         }, py::arg("family"), py::arg("m"), py::arg("n"), py::arg("k"),

@@ -1,6 +1,6 @@
-// Entry of the sm89 per-tensor/per-token/per-channel family: validates the problem again and dispatches by output
-// dtype. mma.sync accumulates in fp32 registers, so fast_accum changes nothing here.
-#include "../common/gemm_checks.h"
+// Entries of the sm89 families (per-tensor/per-token/per-channel and block-scaled): validate the problem again and
+// dispatch by output dtype and config. mma.sync accumulates in fp32 registers, so fast_accum changes nothing here.
+#include "../dispatch/gemm_configs.h"
 #include "fp8kern/fp8kern.h"
 
 namespace fp8kern {
@@ -8,15 +8,27 @@ namespace sm89 {
 void run_bf16_tile128x64(const GemmProblem& p);
 void run_fp16_tile128x64(const GemmProblem& p);
 void run_fp32_tile128x64(const GemmProblem& p);
+void run_block_bf16(const BlockGemmProblem& p, int config);
+void run_block_fp16(const BlockGemmProblem& p, int config);
+void run_block_fp32(const BlockGemmProblem& p, int config);
 }  // namespace sm89
 
 void scaled_mm_sm89(const GemmProblem& p) {
-  validate_operands(p, "scaled_mm_sm89", 1);
-  FP8KERN_CHECK(p.config >= -1 && p.config < 1, "scaled_mm_sm89: config=", p.config, ", expected -1 or 0");
+  validate_gemm(p, "sm89");
   switch (p.d_dtype) {
     case DType::kBFloat16: sm89::run_bf16_tile128x64(p); break;
     case DType::kFloat16: sm89::run_fp16_tile128x64(p); break;
     default: sm89::run_fp32_tile128x64(p); break;
+  }
+}
+
+void blockwise_sm89(const BlockGemmProblem& p) {
+  validate_gemm(p, "sm89_block");
+  const int config = p.config >= 0 ? p.config : sm89::select_block_config(p.m, p.n, p.k);
+  switch (p.d_dtype) {
+    case DType::kBFloat16: sm89::run_block_bf16(p, config); break;
+    case DType::kFloat16: sm89::run_block_fp16(p, config); break;
+    default: sm89::run_block_fp32(p, config); break;
   }
 }
 

@@ -4,15 +4,14 @@
 #include <string>
 
 #include "../common/check.h"
-#include "../common/gemm_checks.h"
-#include "../dispatch/sm90_configs.h"
+#include "../dispatch/gemm_configs.h"
 #include "fp8kern/fp8kern.h"
 #include "sm90_kernels.h"
 
 namespace fp8kern {
 
 void blockwise_sm90(const BlockGemmProblem& p) {
-  validate_operands(p, "blockwise_sm90", 128);
+  validate_gemm(p, "sm90_block");
 #if defined(FP8KERN_HAS_SM90)
   switch (p.d_dtype) {
     case DType::kBFloat16: sm90::run_block_bf16_tile128x128(p); break;
@@ -33,12 +32,10 @@ bool gemm_family_compiled(const char* family) {
 }
 
 void scaled_mm_sm90(const GemmProblem& p) {
-  validate_operands(p, "scaled_mm_sm90", 1);
-  FP8KERN_CHECK(p.config >= -1 && p.config < sm90::kNumConfigs, "scaled_mm_sm90: config=", p.config,
-                ", expected -1 (select by shape) or 0..", int(sm90::kNumConfigs) - 1);
+  validate_gemm(p, "sm90");
 #if defined(FP8KERN_HAS_SM90)
   using Launch = void (*)(const GemmProblem&);
-  // [output dtype][config id], config order as in csrc/dispatch/sm90_configs.h
+  // [output dtype][config id], config order as in csrc/dispatch/gemm_configs.h
   static constexpr Launch kTable[3][sm90::kNumConfigs] = {
       {sm90::run_bf16_swap64x32, sm90::run_bf16_swap64x64, sm90::run_bf16_tile128x128},
       {sm90::run_fp16_swap64x32, sm90::run_fp16_swap64x64, sm90::run_fp16_tile128x128},

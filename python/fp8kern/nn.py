@@ -100,8 +100,11 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"Fp8Linear: input has {x.shape[-1]} features in the last dim, expected {self.in_features}")
         if x.dtype not in ops.OUT_DTYPES:
             raise TypeError(f"Fp8Linear: input dtype {x.dtype}, expected bfloat16, float16 or float32")
+        if self.scheme == "block128":
+            return ops.block_fp8_linear(x, self.weight, self.weight_scale, self.bias,
+                                        act_scale_format=self.scale_format)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = ops.as_rows(x)
         if self.dynamic:
             q, s = ops.quantize(x2, self.act_granularity, scale_format=self.scale_format)
         else:

@@ -176,12 +176,25 @@ def _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fas
     M, K = a.shape
     N = b.shape[0]
     if _backend._state["print_config"]:
-        what = f"{family} {_backend.config_name(family, M, N, K)}" if family else f"reference ({a.device.type})"
+        what = (f"{family} {_config_label(family, layout.name == 'block', M, N, K)}" if family
+                else f"reference ({a.device.type})")
         _backend.note_path("scaled_mm", (M, N, K, layout.name, str(out_dtype)), what)
     if family is None:
         result = reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, layout)
         return out.copy_(result) if out is not None else result
     return _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out)
+
+
+# Config forced per query family ('sm90', 'sm89', 'sm90_block', 'sm89_block') instead of select_config's choice:
+# for tests that run every config of a table, and for tuning. Empty in normal use.
+_config_override: dict = {}
+
+
+def _config_label(family: str, block: bool, M: int, N: int, K: int) -> str:
+    """Name of the config a problem runs with (the forced one when _config_override names one)."""
+    query = family + "_block" if block else family
+    forced = _config_override.get(query)
+    return _backend._C.gemm_configs(query)[forced] if forced is not None else _backend.config_name(query, M, N, K)
 
 
 # Workspace handed to CUTLASS kernels, one buffer per device, allocated on first use (before any graph capture).
@@ -212,10 +225,9 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     M, K = a.shape
     N = b.shape[0]
     block = layout.name == "block"
-    if block and family != "sm90":
-        raise NotImplementedError(f"fp8kern.scaled_mm: block-scaled kernels are not built for {family} yet; set "
-                                  "FP8KERN_BACKEND=reference to run the reference on the GPU")
-    k_run = max(-(-K // 16) * 16, 128 if block else 16)  # zero columns add nothing; ceil(K/128) is unchanged
+    # Zero columns add nothing and keep ceil(K/128). The sm90 block kernel's TMA tiles need K >= 128; the sm89 one
+    # zero-fills a partial last block itself.
+    k_run = max(-(-K // 16) * 16, 128 if block and family == "sm90" else 16)
     # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K.
     if k_run != K or a.data_ptr() % 16:
         a = _pad_cols(a, k_run)
@@ -228,6 +240,10 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
         ld = -(-N // align) * align
         d = torch.empty((M, ld), dtype=out_dtype, device=a.device)[:, :N]
     ldd = d.stride(0) if M > 1 else -(-N // align) * align
+    # A one-row operand is contiguous whatever its row stride says (torch ignores strides of size-1 dims), and the
+    # kernels read only its row 0: pass a stride they accept.
+    lda = a.stride(0) if M > 1 else k_run
+    ldb = b.stride(0) if N > 1 else k_run
     ws = _workspace(a.device)
     stream = torch.cuda.current_stream(a.device).cuda_stream
     bias_ptr = bias.data_ptr() if bias is not None else 0
@@ -235,15 +251,16 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
         sa = scale_a.float().contiguous()
         sb = scale_b.float().contiguous()
         _backend._C.scaled_mm_block(family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run,
-                                    a.stride(0), b.stride(0), ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
-                                    sb.data_ptr(), bias_ptr, ws.data_ptr(), ws.numel(), stream)
+                                    lda, ldb, ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
+                                    sb.data_ptr(), bias_ptr, _config_override.get(family + "_block", -1),
+                                    ws.data_ptr(), ws.numel(), stream)
     else:
         sa = scale_a.reshape(-1).contiguous()
         sb = scale_b.reshape(-1).contiguous()
         _backend._C.scaled_mm(family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run,
-                              a.stride(0), b.stride(0), ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
+                              lda, ldb, ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
                               layout.a == "token", sb.data_ptr(), layout.b == "channel", bias_ptr, bool(fast_accum),
-                              -1, ws.data_ptr(), ws.numel(), stream)
+                              _config_override.get(family, -1), ws.data_ptr(), ws.numel(), stream)
     if out is not None:
         return out if d is out else out.copy_(d)
     return d if d.is_contiguous() else d.contiguous()
@@ -326,6 +343,13 @@ def _flatten_rows(x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name} of shape {_shape(x)} has strides {x.stride()}; expected the last dim contiguous and "
                          f"the leading dims flattenable without a copy; call {name}.contiguous()")
     return x2
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """Activations [..., K] as [M, K] with a contiguous last dim, copying only when no such view exists (a linear
+    layer accepts any input layout; fp8kern.quantize itself never copies and says so instead)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
 
 
 def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOCK, scale: torch.Tensor | None = None,
@@ -465,3 +489,43 @@ def quantize_weight(w: torch.Tensor, granularity: str = "channel", block_size=(B
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in block_size)):
         raise ValueError(f"block_size={block_size!r}, expected two positive ints such as (128, 128)")
     return reference.quantize_weight(w, granularity, tuple(block_size), scale_format)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block-scaled linear
+
+
+def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None = None, *, act_scale_format: str = "fp32") -> torch.Tensor:
+    """y = x @ W.T (+ bias) for a weight quantized in 128x128 blocks (DeepSeek-V3, Qwen3-FP8, FP8_BLOCK checkpoints).
+
+    x: [..., K] bfloat16, float16 or float32. weight: [N, K] float8_e4m3fn. weight_scale: [ceil(N/128), ceil(K/128)]
+    (fp32, bf16, fp16 or float8_e8m0fnu), multiplied into the weight (the checkpoints' weight_scale_inv).
+    bias: [N] or None, any float dtype (cast to x's dtype). Returns [..., N] in x's dtype.
+
+    The activations are quantized per 1x128 group (fp8kern.quantize(x, 'group'), the fused kernel on a GPU) and the
+    block-scaled GEMM applies both scales in its mainloop: two launches, no host synchronization, and the group
+    scales feed the GEMM in the layout the quantizer writes. act_scale_format='ue8m0' rounds the activation scales
+    up to powers of two, as DeepSeek-V3's UE8M0 recipe does; the default fp32 scales are more accurate.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in OUT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x has dtype {got}, expected bfloat16, float16 or float32 activations")
+    _check_fp8_operand(weight, "weight", "[N, K]")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {_shape(x)} but weight has shape {_shape(weight)}; x's last dim must be K="
+                         f"{weight.shape[1]}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()):
+        raise TypeError(f"bias must be a floating-point tensor [N] or None, got {type(bias).__name__}")
+    N, K = weight.shape
+    want = (-(-N // BLOCK), -(-K // BLOCK))
+    if not isinstance(weight_scale, torch.Tensor) or _shape(weight_scale) != want:
+        got = _shape(weight_scale) if isinstance(weight_scale, torch.Tensor) else type(weight_scale).__name__
+        raise ValueError(f"weight_scale has shape {got}, expected the per-128x128-block shape {want} for weight "
+                         f"{_shape(weight)} (fp8kern.quantize_weight(w, 'block'))")
+    lead = x.shape[:-1]
+    q, s = quantize(as_rows(x), "group", scale_format=act_scale_format)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = scaled_mm(q, weight, s, weight_scale, out_dtype=x.dtype, bias=bias)
+    return y.reshape(*lead, weight.shape[0])

@@ -109,6 +109,7 @@ struct BlockGemmProblem {
   const float* scale_a = nullptr;
   const float* scale_b = nullptr;
   const void* bias = nullptr;
+  int config = -1;                    // index into the family's config table; -1 selects by shape
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
@@ -116,8 +117,19 @@ struct BlockGemmProblem {
 
 // Hopper (sm_90a) block-scaled family (1x128 x 128x128).
 void blockwise_sm90(const BlockGemmProblem& p);
+// Ada (sm_89) block-scaled family: mma.sync with the scales applied in the mainloop every 128 of K; K needs only
+// to be a multiple of 16 (a partial last block is zero-filled). Also built for sm_90a to test on Hopper.
+void blockwise_sm89(const BlockGemmProblem& p);
 
-// Name of config i of a family ("" past the end) and the config select_config picks for a problem.
+// The checks every launch function runs first, callable on their own (no device needed): they throw InvalidArgument
+// for a problem the named path cannot run. GEMM families: "sm90", "sm89", "sm90_block", "sm89_block"; quantize kinds:
+// "token", "group", "tensor", "static".
+void validate_gemm(const GemmProblem& p, const char* family);
+void validate_gemm(const BlockGemmProblem& p, const char* family);
+void validate_quantize(const QuantProblem& p, const char* kind);
+
+// Name of config i of a family ("" past the end) and the config select_config picks for a problem. Families:
+// "sm90", "sm89" (per-tensor / per-token x per-channel), "sm90_block", "sm89_block" (block-scaled).
 const char* gemm_config_name(const char* family, int index);
 int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k);
 // Whether the module was compiled with the family's kernels (sm90 needs the 90a target).

@@ -1,0 +1,91 @@
+// select_config for the GEMM families: ordered tables by M, so each threshold appears once. The thresholds are
+// first choices from the tile shapes (a tile's M side should not be mostly empty), not yet tuned by measurement.
+#include "gemm_configs.h"
+
+#include <cstring>
+
+#include "../common/check.h"
+#include "../common/gemm_checks.h"
+#include "fp8kern/fp8kern.h"
+
+namespace fp8kern {
+namespace {
+
+struct Family {
+  const char* name;
+  const char* entry;  // launch function, named in errors
+  const ConfigInfo* table;
+  int size;
+  bool block;
+  int64_t min_k;      // the sm90 block kernel's TMA tiles need K >= 128; the others zero-fill partial K tiles
+};
+
+constexpr ConfigInfo kSm90[sm90::kNumConfigs] = {
+    {"sm90_swap_64x32x128_pingpong", 32},
+    {"sm90_swap_64x64x128_pingpong", 64},
+    {"sm90_128x128x128_coop_c1x2", INT64_MAX},
+};
+constexpr ConfigInfo kSm89[] = {{"sm89_128x64x64_4stage", INT64_MAX}};
+constexpr ConfigInfo kSm90Block[] = {{"sm90_block_128x128x128_coop_c1x2", INT64_MAX}};
+// Ada has 128 (RTX 4090) to 142 (L40S) SMs: 32x32 tiles keep N / 32 CTAs streaming weights at decode sizes, 64x128
+// tiles halve the wasted rows of a 128-row tile up to M = 256, 128x128 tiles reuse both operands most for large M.
+constexpr ConfigInfo kSm89Block[sm89::kNumBlockConfigs] = {
+    {"sm89_block_32x32x128_4stage", 32},
+    {"sm89_block_64x128x128_4stage", 256},
+    {"sm89_block_128x128x128_3stage", INT64_MAX},
+};
+
+constexpr Family kFamilies[] = {
+    {"sm90", "scaled_mm_sm90", kSm90, sm90::kNumConfigs, false, 16},
+    {"sm89", "scaled_mm_sm89", kSm89, 1, false, 16},
+    {"sm90_block", "blockwise_sm90", kSm90Block, 1, true, 128},
+    {"sm89_block", "blockwise_sm89", kSm89Block, sm89::kNumBlockConfigs, true, 16},
+};
+
+const Family* find(const char* name) {
+  for (const Family& f : kFamilies)
+    if (std::strcmp(f.name, name) == 0) return &f;
+  return nullptr;
+}
+
+int select(const Family& f, int64_t m) {
+  for (int i = 0; i < f.size; ++i)
+    if (m <= f.table[i].max_m) return i;
+  return f.size - 1;
+}
+
+}  // namespace
+
+int sm90::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm90"), m); }
+int sm89::select_block_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89_block"), m); }
+
+const char* gemm_config_name(const char* family, int index) {
+  const Family* f = find(family);
+  return f != nullptr && index >= 0 && index < f->size ? f->table[index].name : "";
+}
+
+static const Family& family_or_throw(const char* family) {
+  const Family* f = find(family);
+  FP8KERN_CHECK(f != nullptr, "unknown GEMM family '", family,
+                "', expected 'sm90', 'sm89', 'sm90_block' or 'sm89_block'");
+  return *f;
+}
+
+int gemm_select_config(const char* family, int64_t m, int64_t /*n*/, int64_t /*k*/) {
+  return select(family_or_throw(family), m);
+}
+
+template <class Problem>
+static void validate_family(const Problem& p, const char* family, bool block) {
+  const Family& f = family_or_throw(family);
+  FP8KERN_CHECK(f.block == block, f.entry, ": family '", family, "' is for ",
+                f.block ? "block-scaled" : "per-tensor / per-token", " problems");
+  validate_operands(p, f.entry, f.min_k);
+  FP8KERN_CHECK(p.config >= -1 && p.config < f.size, f.entry, ": config=", p.config,
+                ", expected -1 (select by shape) or 0..", f.size - 1);
+}
+
+void validate_gemm(const GemmProblem& p, const char* family) { validate_family(p, family, false); }
+void validate_gemm(const BlockGemmProblem& p, const char* family) { validate_family(p, family, true); }
+
+}  // namespace fp8kern

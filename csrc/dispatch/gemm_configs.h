@@ -1,0 +1,36 @@
+// Config tables and select_config of the GEMM families: data, in one place, testable on the CPU. Query families:
+// "sm90" and "sm89" (per-tensor / per-token x per-channel), "sm90_block" and "sm89_block" (block-scaled).
+#pragma once
+
+#include <cstdint>
+
+namespace fp8kern {
+
+struct ConfigInfo {
+  const char* name;
+  int64_t max_m;  // serves M <= max_m (the first matching row wins)
+};
+
+namespace sm90 {
+// Config ids of the sm90 per-tensor / per-token family, in table order.
+enum Config : int {
+  kSwap64x32 = 0,   // M <= 32: swap A/B so the tiny M is the MMA's N (kernel tile 64 x 32 x 128, pingpong)
+  kSwap64x64 = 1,   // M in (32, 64]: swapped, kernel tile 64 x 64 x 128, pingpong
+  kTile128x128 = 2, // M > 64: 128 x 128 x 128 cooperative, cluster 1x2
+  kNumConfigs = 3,
+};
+int select_config(int64_t m, int64_t n, int64_t k);
+}  // namespace sm90
+
+namespace sm89 {
+// Config ids of the sm89 block-scaled family (tiles in csrc/sm89/blockwise_sm89.cuh).
+enum BlockConfig : int {
+  kBlock32x32 = 0,
+  kBlock64x128 = 1,
+  kBlock128x128 = 2,
+  kNumBlockConfigs = 3,
+};
+int select_block_config(int64_t m, int64_t n, int64_t k);
+}  // namespace sm89
+
+}  // namespace fp8kern
