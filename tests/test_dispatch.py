@@ -9,7 +9,7 @@ from fp8kern import _backend
 pytestmark = pytest.mark.skipif("sm90" not in _backend.compiled_families(), reason="sm90 kernels not compiled")
 
 
-@pytest.mark.parametrize("family,min_configs", [("sm90", 3), ("sm89", 1), ("sm90_block", 1), ("sm89_block", 3)])
+@pytest.mark.parametrize("family,min_configs", [("sm90", 3), ("sm89", 3), ("sm90_block", 1), ("sm89_block", 3)])
 def test_table_covers_every_m(family, min_configs):
     names = _backend._C.gemm_configs(family)
     assert len(names) >= min_configs and len(set(names)) == len(names)
@@ -32,9 +32,10 @@ def test_sm90_small_m_swaps(M, expected):
     assert expected in _backend.config_name("sm90", M, 6144, 4096)
 
 
-def test_sm89_has_one_config():
-    assert _backend._C.gemm_configs("sm89") == ["sm89_128x64x64_4stage"]
-    assert _backend.config_name("sm89", 1, 4096, 4096) == "sm89_128x64x64_4stage"
+@pytest.mark.parametrize("M,expected", [(1, "32x64x128"), (32, "32x64x128"), (33, "64x128x64"), (128, "64x128x64"),
+                                        (129, "128x64x64"), (16384, "128x64x64")])
+def test_sm89_tiles_by_m(M, expected):
+    assert expected in _backend.config_name("sm89", M, 4096, 4096)
 
 
 def test_unknown_family_is_an_error():

@@ -25,7 +25,12 @@ constexpr ConfigInfo kSm90[sm90::kNumConfigs] = {
     {"sm90_swap_64x64x128_pingpong", 64},
     {"sm90_128x128x128_coop_c1x2", INT64_MAX},
 };
-constexpr ConfigInfo kSm89[] = {{"sm89_128x64x64_4stage", INT64_MAX}};
+// Ada per-token: a 32-row tile for decode, 64x128 while M fills few 128-row tiles, 128x64 beyond.
+constexpr ConfigInfo kSm89[sm89::kNumConfigs] = {
+    {"sm89_32x64x128_4stage", 32},
+    {"sm89_64x128x64_4stage", 128},
+    {"sm89_128x64x64_4stage", INT64_MAX},
+};
 constexpr ConfigInfo kSm90Block[] = {{"sm90_block_128x128x128_coop_c1x2", INT64_MAX}};
 // Ada has 128 (RTX 4090) to 142 (L40S) SMs: 32x32 tiles keep N / 32 CTAs streaming weights at decode sizes, 64x128
 // tiles halve the wasted rows of a 128-row tile up to M = 256, 128x128 tiles reuse both operands most for large M.
@@ -37,7 +42,7 @@ constexpr ConfigInfo kSm89Block[sm89::kNumBlockConfigs] = {
 
 constexpr Family kFamilies[] = {
     {"sm90", "scaled_mm_sm90", kSm90, sm90::kNumConfigs, false, 16},
-    {"sm89", "scaled_mm_sm89", kSm89, 1, false, 16},
+    {"sm89", "scaled_mm_sm89", kSm89, sm89::kNumConfigs, false, 16},
     {"sm90_block", "blockwise_sm90", kSm90Block, 1, true, 128},
     {"sm89_block", "blockwise_sm89", kSm89Block, sm89::kNumBlockConfigs, true, 16},
 };
@@ -57,6 +62,7 @@ int select(const Family& f, int64_t m) {
 }  // namespace
 
 int sm90::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm90"), m); }
+int sm89::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89"), m); }
 int sm89::select_block_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89_block"), m); }
 
 const char* gemm_config_name(const char* family, int index) {

@@ -23,6 +23,14 @@ int select_config(int64_t m, int64_t n, int64_t k);
 }  // namespace sm90
 
 namespace sm89 {
+// Config ids of the sm89 per-tensor / per-token family (tiles in csrc/sm89/scaled_mm_sm89.cuh).
+enum Config : int {
+  kTile32x64 = 0,
+  kTile64x128 = 1,
+  kTile128x64 = 2,
+  kNumConfigs = 3,
+};
+int select_config(int64_t m, int64_t n, int64_t k);
 // Config ids of the sm89 block-scaled family (tiles in csrc/sm89/blockwise_sm89.cuh).
 enum BlockConfig : int {
   kBlock32x32 = 0,

@@ -86,8 +86,22 @@ struct ScaledMm {
   }
 };
 
-// Ada has 99 KB of shared memory per block: 4 stages of (128 + 64) x 64 fp8 take 48 KB. 128x128 tiles with 64x64
-// warps made ptxas spill (255 registers); 64x32 warps fit in 206 without spills.
+// Configs, ids and names in csrc/dispatch/gemm_configs.cpp. Each keeps 4 stages in 48 KB of shared memory (Ada has
+// 99 KB per block). 128x128 tiles with 64x64 warps made ptxas spill (255 registers); 64x32 warps fit in 206.
+// Small M: a 32-row tile and 64 columns, so decode-sized problems spread N / 64 CTAs over the SMs.
+using Cfg32x64 = Config<cutlass::gemm::GemmShape<32, 64, 128>, cutlass::gemm::GemmShape<32, 32, 128>, 4>;
+using Cfg64x128 = Config<cutlass::gemm::GemmShape<64, 128, 64>, cutlass::gemm::GemmShape<32, 32, 64>, 4>;
 using Cfg128x64 = Config<cutlass::gemm::GemmShape<128, 64, 64>, cutlass::gemm::GemmShape<64, 32, 64>, 4>;
 
 }  // namespace fp8kern::sm89
+
+#define FP8KERN_SM89_INSTANTIATE(ElementD, NAME)                                \
+  namespace fp8kern::sm89 {                                                     \
+  void NAME(const GemmProblem& p, int config) {                                 \
+    switch (config) {                                                           \
+      case 0: ScaledMm<Cfg32x64, ElementD>::run(p); break;                      \
+      case 1: ScaledMm<Cfg64x128, ElementD>::run(p); break;                     \
+      default: ScaledMm<Cfg128x64, ElementD>::run(p); break;                    \
+    }                                                                           \
+  }                                                                             \
+  }

@@ -1,6 +1,5 @@
-// sm89 scaled_mm kernel: bf16 output, 128x64x64 tile, 4 stages (also built for sm_90a for testing on Hopper).
+// sm89 per-tensor / per-token x per-channel kernels with bf16 output, every tile config (also built for sm_90a for
+// testing on Hopper).
 #include "scaled_mm_sm89.cuh"
 
-namespace fp8kern::sm89 {
-void run_bf16_tile128x64(const GemmProblem& p) { ScaledMm<Cfg128x64, cutlass::bfloat16_t>::run(p); }
-}  // namespace fp8kern::sm89
+FP8KERN_SM89_INSTANTIATE(cutlass::bfloat16_t, run_bf16)

@@ -5,9 +5,9 @@
 
 namespace fp8kern {
 namespace sm89 {
-void run_bf16_tile128x64(const GemmProblem& p);
-void run_fp16_tile128x64(const GemmProblem& p);
-void run_fp32_tile128x64(const GemmProblem& p);
+void run_bf16(const GemmProblem& p, int config);
+void run_fp16(const GemmProblem& p, int config);
+void run_fp32(const GemmProblem& p, int config);
 void run_block_bf16(const BlockGemmProblem& p, int config);
 void run_block_fp16(const BlockGemmProblem& p, int config);
 void run_block_fp32(const BlockGemmProblem& p, int config);
@@ -15,10 +15,11 @@ void run_block_fp32(const BlockGemmProblem& p, int config);
 
 void scaled_mm_sm89(const GemmProblem& p) {
   validate_gemm(p, "sm89");
+  const int config = p.config >= 0 ? p.config : sm89::select_config(p.m, p.n, p.k);
   switch (p.d_dtype) {
-    case DType::kBFloat16: sm89::run_bf16_tile128x64(p); break;
-    case DType::kFloat16: sm89::run_fp16_tile128x64(p); break;
-    default: sm89::run_fp32_tile128x64(p); break;
+    case DType::kBFloat16: sm89::run_bf16(p, config); break;
+    case DType::kFloat16: sm89::run_fp16(p, config); break;
+    default: sm89::run_fp32(p, config); break;
   }
 }
 

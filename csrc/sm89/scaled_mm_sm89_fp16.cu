@@ -1,6 +1,5 @@
-// sm89 scaled_mm kernel: fp16 output, 128x64x64 tile, 4 stages (also built for sm_90a for testing on Hopper).
+// sm89 per-tensor / per-token x per-channel kernels with fp16 output, every tile config (also built for sm_90a for
+// testing on Hopper).
 #include "scaled_mm_sm89.cuh"
 
-namespace fp8kern::sm89 {
-void run_fp16_tile128x64(const GemmProblem& p) { ScaledMm<Cfg128x64, cutlass::half_t>::run(p); }
-}  // namespace fp8kern::sm89
+FP8KERN_SM89_INSTANTIATE(cutlass::half_t, run_fp16)
