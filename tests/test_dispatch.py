@@ -9,7 +9,7 @@ from fp8kern import _backend
 pytestmark = pytest.mark.skipif("sm90" not in _backend.compiled_families(), reason="sm90 kernels not compiled")
 
 
-@pytest.mark.parametrize("family,min_configs", [("sm90", 3), ("sm89", 3), ("sm90_block", 1), ("sm89_block", 3)])
+@pytest.mark.parametrize("family,min_configs", [("sm90", 4), ("sm89", 3), ("sm90_block", 1), ("sm89_block", 3)])
 def test_table_covers_every_m(family, min_configs):
     names = _backend._C.gemm_configs(family)
     assert len(names) >= min_configs and len(set(names)) == len(names)
@@ -17,6 +17,13 @@ def test_table_covers_every_m(family, min_configs):
     assert all(0 <= i < len(names) for i in picked)
     assert picked == sorted(picked), "configs are ordered by the M range they serve"
     assert set(picked) == set(range(len(names))), "every config serves some M"
+
+
+@pytest.mark.parametrize("M,N,K,streamk", [(128, 4096, 4096, True), (256, 6144, 4096, True), (128, 4096, 512, False),
+                                           (1024, 4096, 4096, False), (64, 4096, 4096, False)])
+def test_sm90_stream_k_when_tiles_are_few(M, N, K, streamk):
+    """Stream-K only where 128x128 tiles would leave SMs idle (fewer than 100 tiles) and K is long enough to split."""
+    assert ("streamk" in _backend.config_name("sm90", M, N, K)) == streamk
 
 
 @pytest.mark.parametrize("M,expected", [(1, "32x32"), (32, "32x32"), (33, "64x128"), (256, "64x128"),

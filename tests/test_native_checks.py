@@ -57,6 +57,13 @@ def test_block_launch_rejects(family, kw, message):
         block(family, **kw)
 
 
+def test_workspace_query_validates_first():
+    args = dict(family="sm90", device=0, a=A, b=B, d=D, m=4, n=32, k=40, lda=48, ldb=48, ldd=32, d_dtype=BF16,
+                scale_a=SA, scale_a_vector=True, scale_b=SB, scale_b_vector=True, bias=0, fast_accum=False, config=-1)
+    with pytest.raises(ValueError, match="scaled_mm_sm90: K=40 and the A/B row strides must be multiples of 16"):
+        _backend._C.gemm_workspace_size(**args)
+
+
 def test_unknown_family():
     with pytest.raises(ValueError, match="family='sm100'"):
         gemm("sm100")

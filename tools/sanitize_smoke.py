@@ -24,7 +24,8 @@ families = [f for f in _backend.compiled_families()
 for family in families:
     fp8kern.set_backend(family)
     layouts = (("token", "channel"), ("tensor", "tensor"), ("group", "block"))
-    for M, N, K in ((1, 8, 16), (3, 130, 200), (33, 256, 512), (70, 7, 40), (130, 264, 1000), (300, 260, 272)):
+    for M, N, K in ((1, 8, 16), (3, 130, 200), (33, 256, 512), (70, 7, 40), (130, 264, 1000), (300, 260, 272),
+                    (128, 256, 2048)):  # the last one runs sm90's stream-K config
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         for act, wg in layouts:

@@ -20,9 +20,11 @@ struct Family {
   int64_t min_k;      // the sm90 block kernel's TMA tiles need K >= 128; the others zero-fill partial K tiles
 };
 
+// The stream-K row's max_m is never used: select_config picks it by tile count and K (below).
 constexpr ConfigInfo kSm90[sm90::kNumConfigs] = {
     {"sm90_swap_64x32x128_pingpong", 32},
     {"sm90_swap_64x64x128_pingpong", 64},
+    {"sm90_streamk_128x128x128_coop", 64},
     {"sm90_128x128x128_coop_c1x2", INT64_MAX},
 };
 // Ada per-token: a 32-row tile for decode, 64x128 while M fills few 128-row tiles, 128x64 beyond.
@@ -61,7 +63,12 @@ int select(const Family& f, int64_t m) {
 
 }  // namespace
 
-int sm90::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm90"), m); }
+int sm90::select_config(int64_t m, int64_t n, int64_t k) {
+  const int by_m = select(*find("sm90"), m);
+  if (by_m != kTile128x128) return by_m;
+  const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
+  return tiles < kStreamKTiles && k >= kStreamKMinK ? kStreamK128x128 : kTile128x128;
+}
 int sm89::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89"), m); }
 int sm89::select_block_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89_block"), m); }
 
@@ -77,8 +84,10 @@ static const Family& family_or_throw(const char* family) {
   return *f;
 }
 
-int gemm_select_config(const char* family, int64_t m, int64_t /*n*/, int64_t /*k*/) {
-  return select(family_or_throw(family), m);
+int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k) {
+  const Family& f = family_or_throw(family);
+  if (std::strcmp(f.name, "sm90") == 0) return sm90::select_config(m, n, k);
+  return select(f, m);
 }
 
 template <class Problem>

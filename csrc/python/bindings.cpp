@@ -96,11 +96,11 @@ Problem gemm_problem(std::uintptr_t a, std::uintptr_t b, std::uintptr_t d, int64
   return p;
 }
 
-void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
-               int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
-               std::uintptr_t scale_a, bool scale_a_vector, std::uintptr_t scale_b, bool scale_b_vector,
-               std::uintptr_t bias, bool fast_accum, int config, std::uintptr_t workspace, std::size_t workspace_bytes,
-               std::uintptr_t stream) {
+fp8kern::GemmProblem scaled_mm_problem(const std::string& family, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
+                                       int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd,
+                                       int d_dtype, std::uintptr_t scale_a, bool scale_a_vector, std::uintptr_t scale_b,
+                                       bool scale_b_vector, std::uintptr_t bias, bool fast_accum, int config,
+                                       std::uintptr_t workspace, std::size_t workspace_bytes, std::uintptr_t stream) {
   FP8KERN_CHECK(family == "sm90" || family == "sm89", "scaled_mm: family='", family, "', expected 'sm90' or 'sm89'");
   auto p = gemm_problem<fp8kern::GemmProblem>(a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias,
                                               workspace, workspace_bytes, stream);
@@ -108,7 +108,28 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
   p.scale_b_vector = scale_b_vector;
   p.fast_accum = fast_accum;
   p.config = config;
-  fp8kern::validate_gemm(p, family.c_str());
+  fp8kern::validate_gemm(p, family.c_str());  // before touching the device
+  return p;
+}
+
+std::size_t gemm_workspace_size(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b,
+                                std::uintptr_t d, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                                int64_t ldd, int d_dtype, std::uintptr_t scale_a, bool scale_a_vector,
+                                std::uintptr_t scale_b, bool scale_b_vector, std::uintptr_t bias, bool fast_accum,
+                                int config) {
+  const auto p = scaled_mm_problem(family, a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_a_vector, scale_b,
+                                   scale_b_vector, bias, fast_accum, config, 0, 0, 0);
+  DeviceGuard guard(device);  // stream-K sizes its workspace by the device's SM count
+  return fp8kern::gemm_workspace_size(p, family.c_str());
+}
+
+void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
+               int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
+               std::uintptr_t scale_a, bool scale_a_vector, std::uintptr_t scale_b, bool scale_b_vector,
+               std::uintptr_t bias, bool fast_accum, int config, std::uintptr_t workspace, std::size_t workspace_bytes,
+               std::uintptr_t stream) {
+  const auto p = scaled_mm_problem(family, a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_a_vector, scale_b,
+                                   scale_b_vector, bias, fast_accum, config, workspace, workspace_bytes, stream);
   py::gil_scoped_release release;
   DeviceGuard guard(device);
   if (family == "sm90") fp8kern::scaled_mm_sm90(p);
@@ -172,6 +193,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias"), py::arg("fast_accum"), py::arg("config"), py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("stream"),
         "Launch a scaled_mm kernel of a family on the given stream (see fp8kern.scaled_mm).");
+  m.def("gemm_workspace_size", &gemm_workspace_size, py::arg("family"), py::arg("device"), py::arg("a"), py::arg("b"),
+        py::arg("d"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"), py::arg("ldd"),
+        py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_a_vector"), py::arg("scale_b"),
+        py::arg("scale_b_vector"), py::arg("bias"), py::arg("fast_accum"), py::arg("config"),
+        "Workspace bytes scaled_mm needs for the same arguments (0 unless the config is stream-K).");
   m.def("quantize", &quantize, py::arg("kind"), py::arg("device"), py::arg("x"), py::arg("x_dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"), py::arg("q"), py::arg("q_row_stride"),
         py::arg("scale"), py::arg("scale_dtype"), py::arg("scale_row_stride"), py::arg("scale_col_stride"),

@@ -36,17 +36,19 @@ template <> struct OutType<DType::kFloat16> { using type = cutlass::half_t; };
 template <> struct OutType<DType::kFloat32> { using type = float; };
 
 // A kernel config: tile, cluster, schedules, whether A and B swap roles (small M), and the accumulation mode.
-template <class TileShape_, class ClusterShape_, class MainloopSchedule_, class EpilogueSchedule_, bool kSwapAB_>
+template <class TileShape_, class ClusterShape_, class MainloopSchedule_, class EpilogueSchedule_, bool kSwapAB_,
+          class TileScheduler_ = void>
 struct Config {
   using TileShape = TileShape_;                  // CTA tile (kernel M, kernel N, K)
   using ClusterShape = ClusterShape_;            // CTAs per cluster (TMA multicast)
   using MainloopSchedule = MainloopSchedule_;    // pingpong / cooperative, FP8 fast-accum or promoted
   using EpilogueSchedule = EpilogueSchedule_;
   static constexpr bool kSwapAB = kSwapAB_;      // kernel computes D^T = B A^T: tiny M lands on the MMA's N
+  using TileScheduler = TileScheduler_;          // void: persistent data-parallel; StreamKScheduler: K split over SMs
 };
 
-// Checks that the mainloop can run the arguments and that the caller's workspace suffices, then launches on
-// p.stream. The epilogue's own can_implement is not asked: it demands the output's contiguous extent (N) be a
+// Checks that the mainloop can run the arguments and that the caller's workspace suffices (the Python layer sizes it
+// with gemm_workspace_size; only stream-K needs any), then launches on p.stream. The epilogue's own can_implement is not asked: it demands the output's contiguous extent (N) be a
 // multiple of 16 bytes, while its TMA store only needs what the entry validated (a 16-byte aligned base and row
 // stride); TMA clips the ragged last tile itself, so any N is written in bounds.
 template <class Gemm, class Problem>
@@ -108,10 +110,13 @@ struct ScaledMm {
       typename Cfg::MainloopSchedule>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
+                                                      CollectiveEpilogue, typename Cfg::TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static void run(const GemmProblem& p) {
+  static void run(const GemmProblem& p) { launch<Gemm>(arguments(p), p, "scaled_mm_sm90"); }
+  static size_t workspace_size(const GemmProblem& p) { return Gemm::get_workspace_size(arguments(p)); }
+
+  static typename Gemm::Arguments arguments(const GemmProblem& p) {
     constexpr bool swap = Cfg::kSwapAB;
     const int km = int(swap ? p.n : p.m), kn = int(swap ? p.m : p.n), kk = int(p.k);
     const void* pa = swap ? p.b : p.a;
@@ -146,8 +151,9 @@ struct ScaledMm {
         {{row_args, {col_args, {}, {}}, bias_args, {}},
          nullptr, stride_d, static_cast<ElementD*>(p.d), stride_d},
         hw};
-
-    launch<Gemm>(args, p, "scaled_mm_sm90");
+    // Stream-K keeps its defaults: a heuristic picks data-parallel, split-K or stream-K per problem, and partial
+    // tiles are reduced in a fixed order, so results do not depend on timing.
+    return args;
   }
 };
 
@@ -158,7 +164,7 @@ using CooperativeFast = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Fas
 using EpiPingpong = cutlass::epilogue::TmaWarpSpecialized;
 using EpiCooperative = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
-// The config table's kernels (ids in csrc/dispatch/sm90_configs.h); kFast picks FP8 fast accumulation, otherwise
+// The config table's kernels (ids in csrc/dispatch/gemm_configs.h); kFast picks FP8 fast accumulation, otherwise
 // WGMMA partial sums are promoted into fp32 registers every 4 MMAs (128 of K).
 // K tiles are 128 so the promoted flavour's promotion interval (4 MMAs of K=32) divides the tile's 4 MMAs.
 template <bool kFast>
@@ -170,14 +176,25 @@ using CfgSwap64x64 = Config<Shape<_64, _64, _128>, Shape<_1, _1, _1>,
 template <bool kFast>
 using Cfg128x128 = Config<Shape<_128, _128, _128>, Shape<_1, _2, _1>,
                           cute::conditional_t<kFast, CooperativeFast, Cooperative>, EpiCooperative, false>;
+// Fewer output tiles than SMs: stream-K spreads the K loop of the tiles over all SMs and reduces partial tiles in a
+// workspace (sized per problem by gemm_workspace_size).
+template <bool kFast>
+using CfgStreamK128x128 = Config<Shape<_128, _128, _128>, Shape<_1, _1, _1>,
+                                 cute::conditional_t<kFast, CooperativeFast, Cooperative>, EpiCooperative, false,
+                                 cutlass::gemm::StreamKScheduler>;
 
 }  // namespace fp8kern::sm90
 
-// Defines fp8kern::sm90::NAME(problem) running config template CFG for output ElementD in either accumulation mode.
+// Defines fp8kern::sm90::NAME(problem) running config template CFG for output ElementD in either accumulation mode,
+// and NAME_workspace(problem), the workspace bytes it needs.
 #define FP8KERN_SM90_INSTANTIATE(ElementD, CFG, NAME)                                   \
   namespace fp8kern::sm90 {                                                             \
   void NAME(const GemmProblem& p) {                                                     \
     if (p.fast_accum) ScaledMm<CFG<true>, ElementD>::run(p);                            \
     else ScaledMm<CFG<false>, ElementD>::run(p);                                        \
+  }                                                                                     \
+  size_t NAME##_workspace(const GemmProblem& p) {                                       \
+    return p.fast_accum ? ScaledMm<CFG<true>, ElementD>::workspace_size(p)              \
+                        : ScaledMm<CFG<false>, ElementD>::workspace_size(p);            \
   }                                                                                     \
   }

@@ -31,23 +31,48 @@ bool gemm_family_compiled(const char* family) {
   return std::string(family) == "sm89";  // built for every requested arch
 }
 
+#if defined(FP8KERN_HAS_SM90)
+namespace {
+
+using Launch = void (*)(const GemmProblem&);
+using Workspace = size_t (*)(const GemmProblem&);
+// [output dtype][config id], config order as in csrc/dispatch/gemm_configs.h
+constexpr Launch kLaunch[3][sm90::kNumConfigs] = {
+    {sm90::run_bf16_swap64x32, sm90::run_bf16_swap64x64, sm90::run_bf16_streamk128x128, sm90::run_bf16_tile128x128},
+    {sm90::run_fp16_swap64x32, sm90::run_fp16_swap64x64, sm90::run_fp16_streamk128x128, sm90::run_fp16_tile128x128},
+    {sm90::run_fp32_swap64x32, sm90::run_fp32_swap64x64, sm90::run_fp32_streamk128x128, sm90::run_fp32_tile128x128},
+};
+constexpr Workspace kWorkspace[3][sm90::kNumConfigs] = {
+    {sm90::run_bf16_swap64x32_workspace, sm90::run_bf16_swap64x64_workspace, sm90::run_bf16_streamk128x128_workspace,
+     sm90::run_bf16_tile128x128_workspace},
+    {sm90::run_fp16_swap64x32_workspace, sm90::run_fp16_swap64x64_workspace, sm90::run_fp16_streamk128x128_workspace,
+     sm90::run_fp16_tile128x128_workspace},
+    {sm90::run_fp32_swap64x32_workspace, sm90::run_fp32_swap64x64_workspace, sm90::run_fp32_streamk128x128_workspace,
+     sm90::run_fp32_tile128x128_workspace},
+};
+
+int dtype_row(DType d) { return d == DType::kBFloat16 ? 0 : (d == DType::kFloat16 ? 1 : 2); }
+int config_id(const GemmProblem& p) { return p.config >= 0 ? p.config : sm90::select_config(p.m, p.n, p.k); }
+
+}  // namespace
+#endif
+
 void scaled_mm_sm90(const GemmProblem& p) {
   validate_gemm(p, "sm90");
 #if defined(FP8KERN_HAS_SM90)
-  using Launch = void (*)(const GemmProblem&);
-  // [output dtype][config id], config order as in csrc/dispatch/gemm_configs.h
-  static constexpr Launch kTable[3][sm90::kNumConfigs] = {
-      {sm90::run_bf16_swap64x32, sm90::run_bf16_swap64x64, sm90::run_bf16_tile128x128},
-      {sm90::run_fp16_swap64x32, sm90::run_fp16_swap64x64, sm90::run_fp16_tile128x128},
-      {sm90::run_fp32_swap64x32, sm90::run_fp32_swap64x64, sm90::run_fp32_tile128x128},
-  };
-  const int row = p.d_dtype == DType::kBFloat16 ? 0 : (p.d_dtype == DType::kFloat16 ? 1 : 2);
-  const int id = p.config >= 0 ? p.config : sm90::select_config(p.m, p.n, p.k);
-  kTable[row][id](p);
+  kLaunch[dtype_row(p.d_dtype)][config_id(p)](p);
 #else
   FP8KERN_CHECK(false, "scaled_mm_sm90: this fp8kern._C was built without the sm_90a target "
                 "(FP8KERN_CUDA_ARCHS=", compiled_archs(), "); rebuild with FP8KERN_CUDA_ARCHS including 90a");
 #endif
+}
+
+size_t gemm_workspace_size(const GemmProblem& p, const char* family) {
+  validate_gemm(p, family);
+#if defined(FP8KERN_HAS_SM90)
+  if (std::string(family) == "sm90") return kWorkspace[dtype_row(p.d_dtype)][config_id(p)](p);
+#endif
+  return 0;  // the other families' kernels use no workspace
 }
 
 }  // namespace fp8kern

@@ -197,7 +197,13 @@ def _config_label(family: str, block: bool, M: int, N: int, K: int) -> str:
     return _backend._C.gemm_configs(query)[forced] if forced is not None else _backend.config_name(query, M, N, K)
 
 
-# Workspace handed to CUTLASS kernels, one buffer per device, allocated on first use (before any graph capture).
+# Workspace bytes per problem shape for sm90 (stream-K needs some; the size depends on the shape, dtype, accumulation
+# mode, config and the device's SM count), so the size query runs once per shape.
+_ws_bytes: dict = {}
+
+
+# Workspace handed to CUTLASS kernels, one buffer per device, allocated on first use (before any graph capture), for
+# kernels that need at most a small fixed workspace (launch checks the size; stream-K gets its own per call).
 _WORKSPACE_BYTES = 1 << 20
 _workspaces: dict = {}
 
@@ -257,10 +263,19 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     else:
         sa = scale_a.reshape(-1).contiguous()
         sb = scale_b.reshape(-1).contiguous()
-        _backend._C.scaled_mm(family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run,
-                              lda, ldb, ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
-                              layout.a == "token", sb.data_ptr(), layout.b == "channel", bias_ptr, bool(fast_accum),
-                              _config_override.get(family, -1), ws.data_ptr(), ws.numel(), stream)
+        args = (family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+                _DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel",
+                bias_ptr, bool(fast_accum), _config_override.get(family, -1))
+        if family == "sm90":  # stream-K configs reduce partial tiles in a per-problem workspace
+            key = (a.device.index, M, N, k_run, out_dtype, bool(fast_accum), args[-1])
+            need = _ws_bytes.get(key)
+            if need is None:
+                if len(_ws_bytes) > 4096:
+                    _ws_bytes.clear()
+                need = _ws_bytes[key] = _backend._C.gemm_workspace_size(*args)
+            if need:  # from the caching allocator on this stream: never shared with a kernel on another stream
+                ws = torch.empty(need, dtype=torch.uint8, device=a.device)
+        _backend._C.scaled_mm(*args, ws.data_ptr(), ws.numel(), stream)
     if out is not None:
         return out if d is out else out.copy_(d)
     return d if d.is_contiguous() else d.contiguous()

@@ -128,6 +128,11 @@ void validate_gemm(const GemmProblem& p, const char* family);
 void validate_gemm(const BlockGemmProblem& p, const char* family);
 void validate_quantize(const QuantProblem& p, const char* kind);
 
+// Bytes of device workspace the kernel a per-tensor / per-token problem runs with needs ("sm90" or "sm89"; 0 unless
+// the selected config is stream-K). The caller provides at least that much in GemmProblem::workspace, owned by the
+// launch's stream.
+size_t gemm_workspace_size(const GemmProblem& p, const char* family);
+
 // Name of config i of a family ("" past the end) and the config select_config picks for a problem. Families:
 // "sm90", "sm89" (per-tensor / per-token x per-channel), "sm90_block", "sm89_block" (block-scaled).
 const char* gemm_config_name(const char* family, int index);

@@ -21,6 +21,7 @@ import time
 import torch
 
 import fp8kern
+from fp8kern import _backend
 from fp8kern.bench.shapes import CPU_SHAPES, M_VALUES, QUICK_M, SUITES
 
 LAYOUTS = ("tensor", "token_channel", "block")
@@ -176,8 +177,10 @@ def run_gpu(args) -> list[dict]:
                 ours = fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
                 fns[args.label] = lambda: fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
                 diff = calc_diff(ours, fp8kern.reference.scaled_mm(a, b, sa, sb, out_dtype))
+                family = _backend.gemm_family(a.device)
+                config = family and fp8kern.ops._config_label(family, layout == "block", M, N, K)
             except NotImplementedError:
-                diff = None
+                diff = config = None
             gran = {"tensor": "tensor", "token_channel": "token", "block": "group"}[layout]
             fns["fp8kern.quantize"] = lambda: fp8kern.quantize(x, gran)
             times = {name: timer(fn) for name, fn in fns.items()}
@@ -193,6 +196,7 @@ def run_gpu(args) -> list[dict]:
                     pct_hbm=100 * nbytes / us / 1e3 / peaks["hbm_gbps"],
                     x_scaled_mm=(base / us) if base and not is_q else None,
                     diff_vs_reference=diff if name == args.label else None,
+                    config=config if name == args.label else None,
                     repro=f"fp8kern-bench --suite {suite} --m {M} --layouts {layout} --out-dtype {args.out_dtype}"))
     print(file=sys.stderr)
     # Host overhead per eager call (tiny problem: launch cost only).

@@ -1,0 +1,4 @@
+// sm90 scaled_mm kernels: bf16 output, config CfgStreamK128x128 (promoted and fast accumulation).
+#include "scaled_mm_sm90.cuh"
+
+FP8KERN_SM90_INSTANTIATE(cutlass::bfloat16_t, CfgStreamK128x128, run_bf16_streamk128x128)
