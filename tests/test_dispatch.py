@@ -19,10 +19,12 @@ def test_table_covers_every_m(family, min_configs):
     assert set(picked) == set(range(len(names))), "every config serves some M"
 
 
-@pytest.mark.parametrize("M,N,K,streamk", [(128, 4096, 4096, True), (256, 6144, 4096, True), (128, 4096, 512, False),
+@pytest.mark.parametrize("M,N,K,streamk", [(128, 4096, 4096, True), (256, 4096, 1152, True), (128, 8320, 4096, True),
+                                           (128, 8448, 4096, False), (256, 6144, 4096, False), (128, 4096, 1024, False),
                                            (1024, 4096, 4096, False), (64, 4096, 4096, False)])
 def test_sm90_stream_k_when_tiles_are_few(M, N, K, streamk):
-    """Stream-K only where 128x128 tiles would leave SMs idle (fewer than 100 tiles) and K is long enough to split."""
+    """Stream-K only where 128x128 tiles would leave most of an H100's 132 SMs idle (at most 65 tiles) and K has more
+    than 8 tiles of 128 to split, the limits of CUTLASS's own stream-K heuristic."""
     assert ("streamk" in _backend.config_name("sm90", M, N, K)) == streamk
 
 

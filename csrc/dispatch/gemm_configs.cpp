@@ -67,7 +67,7 @@ int sm90::select_config(int64_t m, int64_t n, int64_t k) {
   const int by_m = select(*find("sm90"), m);
   if (by_m != kTile128x128) return by_m;
   const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
-  return tiles < kStreamKTiles && k >= kStreamKMinK ? kStreamK128x128 : kTile128x128;
+  return tiles <= kStreamKMaxTiles && k > kStreamKMinK ? kStreamK128x128 : kTile128x128;
 }
 int sm89::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89"), m); }
 int sm89::select_block_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89_block"), m); }

@@ -16,13 +16,15 @@ namespace sm90 {
 enum Config : int {
   kSwap64x32 = 0,     // M <= 32: swap A/B so the tiny M is the MMA's N (kernel tile 64 x 32 x 128, pingpong)
   kSwap64x64 = 1,     // M in (32, 64]: swapped, kernel tile 64 x 64 x 128, pingpong
-  kStreamK128x128 = 2,// M > 64 with fewer 128x128 tiles than kStreamKTiles and K >= kStreamKMinK: stream-K
+  kStreamK128x128 = 2,// M > 64, at most kStreamKMaxTiles 128x128 tiles and K > kStreamKMinK: stream-K
   kTile128x128 = 3,   // M > 64 otherwise: 128 x 128 x 128 cooperative, cluster 1x2
   kNumConfigs = 4,
 };
-// Stream-K pays a partial-tile reduction; it wins when a data-parallel launch would leave many of the 132 SMs of an
-// H100 SXM / H200 idle and each tile has a long K loop to split.
-constexpr int64_t kStreamKTiles = 100;
+// Stream-K pays a partial-tile reduction; it wins when a data-parallel launch would leave most SMs idle and each
+// tile has a long K loop to split. The limits are those of CUTLASS's own stream-K heuristic on the 132 SMs of an
+// H100 SXM / H200 (data-parallel once 2 x tiles >= SMs, or with at most 8 K tiles of 128), so the selected kernel
+// really splits K instead of running data-parallel without the 1x2 cluster of the plain config.
+constexpr int64_t kStreamKMaxTiles = 65;
 constexpr int64_t kStreamKMinK = 1024;
 int select_config(int64_t m, int64_t n, int64_t k);
 }  // namespace sm90

@@ -190,11 +190,19 @@ def _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fas
 _config_override: dict = {}
 
 
+def _k_run(family: str, block: bool, K: int) -> int:
+    """K as the kernels see it: padded with zero columns to a multiple of 16 (and to 128 for Hopper's block kernel,
+    whose TMA tiles need it). Zero columns add nothing and keep ceil(K/128)."""
+    return max(-(-K // 16) * 16, 128 if block and family == "sm90" else 16)
+
+
 def _config_label(family: str, block: bool, M: int, N: int, K: int) -> str:
     """Name of the config a problem runs with (the forced one when _config_override names one)."""
     query = family + "_block" if block else family
     forced = _config_override.get(query)
-    return _backend._C.gemm_configs(query)[forced] if forced is not None else _backend.config_name(query, M, N, K)
+    if forced is not None:
+        return _backend._C.gemm_configs(query)[forced]
+    return _backend.config_name(query, M, N, _k_run(family, block, K))
 
 
 # Workspace bytes per problem shape for sm90 (stream-K needs some; the size depends on the shape, dtype, accumulation
@@ -231,9 +239,7 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     M, K = a.shape
     N = b.shape[0]
     block = layout.name == "block"
-    # Zero columns add nothing and keep ceil(K/128). The sm90 block kernel's TMA tiles need K >= 128; the sm89 one
-    # zero-fills a partial last block itself.
-    k_run = max(-(-K // 16) * 16, 128 if block and family == "sm90" else 16)
+    k_run = _k_run(family, block, K)
     # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K.
     if k_run != K or a.data_ptr() % 16:
         a = _pad_cols(a, k_run)
