@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../common/check.h"
+#include "../common/convert.cuh"
 #include "../common/device_info.h"
 
 namespace fp8kern::quant {
@@ -16,10 +17,6 @@ namespace fp8kern::quant {
 // Elements per 16-byte vector.
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // |v| as fp32 bits. For non-negative floats unsigned order equals numeric order and NaN (0x7fc00000 after
 // fabsf) sorts above inf, so an unsigned max over these bits is an amax that propagates NaN like torch.amax.

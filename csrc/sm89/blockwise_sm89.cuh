@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "../common/check.h"
+#include "../common/convert.cuh"
 #include "../common/device_info.h"
 #include "fp8kern/fp8kern.h"
 
@@ -55,25 +56,22 @@ struct Params {
   int tiles_m, tiles_n;
 };
 
-// Output element traits: fp32 -> ElementD, one value or an adjacent pair.
+// Output element traits: fp32 -> ElementD, one value or an adjacent pair (reads go through to_float).
 template <class T> struct Out;
 template <> struct Out<__nv_bfloat16> {
   using Pair = __nv_bfloat162;
   static __device__ __forceinline__ __nv_bfloat16 cvt(float v) { return __float2bfloat16_rn(v); }
   static __device__ __forceinline__ Pair cvt2(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 };
 template <> struct Out<__half> {
   using Pair = __half2;
   static __device__ __forceinline__ __half cvt(float v) { return __float2half_rn(v); }
   static __device__ __forceinline__ Pair cvt2(float a, float b) { return __floats2half2_rn(a, b); }
-  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
 };
 template <> struct Out<float> {
   using Pair = float2;
   static __device__ __forceinline__ float cvt(float v) { return v; }
   static __device__ __forceinline__ Pair cvt2(float a, float b) { return make_float2(a, b); }
-  static __device__ __forceinline__ float load(const float* p) { return *p; }
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -260,8 +258,8 @@ __global__ void __launch_bounds__(T::kThreads, 1) blockwise_kernel(const Params<
         float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
         const bool pair = col + 1 < p.n;
         if (p.bias != nullptr) {
-          v0 += O::load(p.bias + col);
-          if (pair) v1 += O::load(p.bias + col + 1);
+          v0 += to_float(p.bias[col]);
+          if (pair) v1 += to_float(p.bias[col + 1]);
         }
         if (pair)
           *reinterpret_cast<typename O::Pair*>(d_row + col) = O::cvt2(v0, v1);
