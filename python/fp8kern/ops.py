@@ -45,6 +45,12 @@ def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
+_BLOCK_LAYOUT = Layout("group", "block")
+# (scale_a per-tensor?, scale_b per-tensor?) -> layout; per-tensor wins where a shape fits two (same numbers).
+_PLAIN_LAYOUTS = {(ta, tb): Layout("tensor" if ta else "token", "tensor" if tb else "channel")
+                  for ta in (False, True) for tb in (False, True)}
+
+
 def infer_layout(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> Layout:
     """The layout given by the scale shapes (a [M, K], b [N, K]); raises ValueError when they fit none.
 
@@ -52,28 +58,26 @@ def infer_layout(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_
     """
     M, K = a.shape
     N = b.shape[0]
-    G, GN = math.ceil(K / BLOCK), math.ceil(N / BLOCK)
+    G, GN = -(-K // BLOCK), -(-N // BLOCK)
     sa, sb = _shape(scale_a), _shape(scale_b)
-    cand_a = {k for k, ok in (("tensor", scale_a.numel() == 1 and scale_a.dim() <= 2),
-                              ("token", sa in ((M,), (M, 1))), ("group", sa == (M, G))) if ok}
-    cand_b = {k for k, ok in (("tensor", scale_b.numel() == 1 and scale_b.dim() <= 2),
-                              ("channel", sb in ((N,), (N, 1))), ("block", sb == (GN, G))) if ok}
-    if not cand_a:
+    # Plain booleans, not sets: this runs on every call (host overhead).
+    a_tensor, a_token, a_group = len(sa) <= 2 and scale_a.numel() == 1, sa == (M,) or sa == (M, 1), sa == (M, G)
+    b_tensor, b_channel, b_block = len(sb) <= 2 and scale_b.numel() == 1, sb == (N,) or sb == (N, 1), sb == (GN, G)
+    if a_group and b_block:
+        return _BLOCK_LAYOUT
+    if (a_tensor or a_token) and (b_tensor or b_channel):
+        return _PLAIN_LAYOUTS[a_tensor, b_tensor]
+    if not (a_tensor or a_token or a_group):
         raise ValueError(
             f"scale_a has shape {sa}, which fits no layout for a of shape (M, K)=({M}, {K}); expected () or (1,) "
             f"per-tensor, ({M},) or ({M}, 1) per-token, or ({M}, {G}) per-1x128-group (block-scaled)")
-    if not cand_b:
+    if not (b_tensor or b_channel or b_block):
         hint = (" (torch._scaled_mm's rowwise (1, N) scale_b: pass scale_b.reshape(-1))"
                 if sb == (1, N) and N > 1 else "")
         raise ValueError(
             f"scale_b has shape {sb}, which fits no layout for b of shape (N, K)=({N}, {K}); expected () or (1,) "
             f"per-tensor, ({N},) or ({N}, 1) per-channel, or ({GN}, {G}) per-128x128-block{hint}")
-    if "group" in cand_a and "block" in cand_b:
-        return Layout("group", "block")
-    plain_a, plain_b = cand_a - {"group"}, cand_b - {"block"}
-    if plain_a and plain_b:
-        return Layout("tensor" if "tensor" in plain_a else "token", "tensor" if "tensor" in plain_b else "channel")
-    if plain_b:
+    if b_tensor or b_channel:
         raise ValueError(
             f"scale_a of shape {sa} is per-1x128-group (block-scaled) but scale_b of shape {sb} is not per-128x128-"
             f"block; the block-scaled layout needs scale_b of shape ({GN}, {G})")
