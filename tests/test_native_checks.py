@@ -47,7 +47,7 @@ def test_gemm_launch_rejects(family, kw, message):
 @pytest.mark.parametrize("family,kw,message", [
     ("sm90", dict(k=64, lda=64, ldb=64), r"blockwise_sm90: .*K >= 128"),
     ("sm89", dict(k=8, lda=16, ldb=16), r"blockwise_sm89: .*K >= 16"),
-    ("sm90", dict(config=1), r"blockwise_sm90: config=1, expected -1 \(select by shape\) or 0\.\.0"),
+    ("sm90", dict(config=2), r"blockwise_sm90: config=2, expected -1 \(select by shape\) or 0\.\.1"),
     ("sm89", dict(config=3), r"blockwise_sm89: config=3, expected -1 \(select by shape\) or 0\.\.2"),
     ("sm89", dict(ldd=33), r"blockwise_sm89: output row stride 33 x 2 bytes must be a multiple of 16"),
     ("sm89", dict(bias=D + 1), r"blockwise_sm89: bias pointer is not aligned"),
@@ -62,6 +62,13 @@ def test_workspace_query_validates_first():
                 scale_a=SA, scale_a_vector=True, scale_b=SB, scale_b_vector=True, bias=0, fast_accum=False, config=-1)
     with pytest.raises(ValueError, match="scaled_mm_sm90: K=40 and the A/B row strides must be multiples of 16"):
         _backend._C.gemm_workspace_size(**args)
+
+
+def test_block_workspace_query_validates_first():
+    args = dict(family="sm90", device=0, a=A, b=B, d=D, m=4, n=32, k=64, lda=64, ldb=64, ldd=32, d_dtype=BF16,
+                scale_a=SA, scale_b=SB, bias=0, config=-1)
+    with pytest.raises(ValueError, match=r"blockwise_sm90: .*K >= 128"):
+        _backend._C.block_workspace_size(**args)
 
 
 def test_unknown_family():

@@ -33,7 +33,11 @@ constexpr ConfigInfo kSm89[sm89::kNumConfigs] = {
     {"sm89_64x128x64_4stage", 128},
     {"sm89_128x64x64_4stage", INT64_MAX},
 };
-constexpr ConfigInfo kSm90Block[] = {{"sm90_block_128x128x128_coop_c1x2", INT64_MAX}};
+// As for kSm90, the stream-K row is chosen by tile count and K, never by its max_m.
+constexpr ConfigInfo kSm90Block[sm90::kNumBlockConfigs] = {
+    {"sm90_block_streamk_128x128x128_coop", 0},
+    {"sm90_block_128x128x128_coop_c1x2", INT64_MAX},
+};
 // Ada has 128 (RTX 4090) to 142 (L40S) SMs: 32x32 tiles keep N / 32 CTAs streaming weights at decode sizes, 64x128
 // tiles halve the wasted rows of a 128-row tile up to M = 256, 128x128 tiles reuse both operands most for large M.
 constexpr ConfigInfo kSm89Block[sm89::kNumBlockConfigs] = {
@@ -45,7 +49,7 @@ constexpr ConfigInfo kSm89Block[sm89::kNumBlockConfigs] = {
 constexpr Family kFamilies[] = {
     {"sm90", "scaled_mm_sm90", kSm90, sm90::kNumConfigs, false, 16},
     {"sm89", "scaled_mm_sm89", kSm89, sm89::kNumConfigs, false, 16},
-    {"sm90_block", "blockwise_sm90", kSm90Block, 1, true, 128},
+    {"sm90_block", "blockwise_sm90", kSm90Block, sm90::kNumBlockConfigs, true, 128},
     {"sm89_block", "blockwise_sm89", kSm89Block, sm89::kNumBlockConfigs, true, 16},
 };
 
@@ -63,11 +67,20 @@ int select(const Family& f, int64_t m) {
 
 }  // namespace
 
+// Whether 128x128 tiles leave enough SMs idle, and K is long enough, for stream-K to split K (see gemm_configs.h).
+static bool stream_k_128x128(int64_t m, int64_t n, int64_t k) {
+  const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
+  return tiles <= sm90::kStreamKMaxTiles && k > sm90::kStreamKMinK;
+}
+
 int sm90::select_config(int64_t m, int64_t n, int64_t k) {
   const int by_m = select(*find("sm90"), m);
   if (by_m != kTile128x128) return by_m;
-  const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
-  return tiles <= kStreamKMaxTiles && k > kStreamKMinK ? kStreamK128x128 : kTile128x128;
+  return stream_k_128x128(m, n, k) ? kStreamK128x128 : kTile128x128;
+}
+
+int sm90::select_block_config(int64_t m, int64_t n, int64_t k) {
+  return stream_k_128x128(m, n, k) ? kBlockStreamK128x128 : kBlockTile128x128;
 }
 int sm89::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89"), m); }
 int sm89::select_block_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89_block"), m); }
@@ -87,6 +100,7 @@ static const Family& family_or_throw(const char* family) {
 int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k) {
   const Family& f = family_or_throw(family);
   if (std::strcmp(f.name, "sm90") == 0) return sm90::select_config(m, n, k);
+  if (std::strcmp(f.name, "sm90_block") == 0) return sm90::select_block_config(m, n, k);
   return select(f, m);
 }
 

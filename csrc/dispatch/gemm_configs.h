@@ -27,6 +27,13 @@ enum Config : int {
 constexpr int64_t kStreamKMaxTiles = 65;
 constexpr int64_t kStreamKMinK = 1024;
 int select_config(int64_t m, int64_t n, int64_t k);
+// Config ids of the sm90 block-scaled family; stream-K under the same conditions as above.
+enum BlockConfig : int {
+  kBlockStreamK128x128 = 0,
+  kBlockTile128x128 = 1,
+  kNumBlockConfigs = 2,
+};
+int select_block_config(int64_t m, int64_t n, int64_t k);
 }  // namespace sm90
 
 namespace sm89 {

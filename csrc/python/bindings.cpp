@@ -136,16 +136,36 @@ void scaled_mm(const std::string& family, int device, std::uintptr_t a, std::uin
   else fp8kern::scaled_mm_sm89(p);
 }
 
-void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
-                     int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
-                     std::uintptr_t scale_a, std::uintptr_t scale_b, std::uintptr_t bias, int config,
-                     std::uintptr_t workspace, std::size_t workspace_bytes, std::uintptr_t stream) {
+fp8kern::BlockGemmProblem block_problem(const std::string& family, std::uintptr_t a, std::uintptr_t b,
+                                        std::uintptr_t d, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                                        int64_t ldd, int d_dtype, std::uintptr_t scale_a, std::uintptr_t scale_b,
+                                        std::uintptr_t bias, int config, std::uintptr_t workspace,
+                                        std::size_t workspace_bytes, std::uintptr_t stream) {
   FP8KERN_CHECK(family == "sm90" || family == "sm89", "scaled_mm_block: family='", family,
                 "', expected 'sm90' or 'sm89'");
   auto p = gemm_problem<fp8kern::BlockGemmProblem>(a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias,
                                                    workspace, workspace_bytes, stream);
   p.config = config;
-  fp8kern::validate_gemm(p, (family + "_block").c_str());
+  fp8kern::validate_gemm(p, (family + "_block").c_str());  // before touching the device
+  return p;
+}
+
+std::size_t block_workspace_size(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b,
+                                 std::uintptr_t d, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                                 int64_t ldd, int d_dtype, std::uintptr_t scale_a, std::uintptr_t scale_b,
+                                 std::uintptr_t bias, int config) {
+  const auto p = block_problem(family, a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias, config, 0, 0,
+                               0);
+  DeviceGuard guard(device);  // stream-K sizes its workspace by the device's SM count
+  return fp8kern::gemm_workspace_size(p, (family + "_block").c_str());
+}
+
+void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
+                     int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldd, int d_dtype,
+                     std::uintptr_t scale_a, std::uintptr_t scale_b, std::uintptr_t bias, int config,
+                     std::uintptr_t workspace, std::size_t workspace_bytes, std::uintptr_t stream) {
+  const auto p = block_problem(family, a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias, config,
+                               workspace, workspace_bytes, stream);
   py::gil_scoped_release release;
   DeviceGuard guard(device);
   if (family == "sm90") fp8kern::blockwise_sm90(p);
@@ -198,6 +218,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_a_vector"), py::arg("scale_b"),
         py::arg("scale_b_vector"), py::arg("bias"), py::arg("fast_accum"), py::arg("config"),
         "Workspace bytes scaled_mm needs for the same arguments (0 unless the config is stream-K).");
+  m.def("block_workspace_size", &block_workspace_size, py::arg("family"), py::arg("device"), py::arg("a"),
+        py::arg("b"), py::arg("d"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"),
+        py::arg("ldd"), py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_b"), py::arg("bias"),
+        py::arg("config"), "Workspace bytes scaled_mm_block needs for the same arguments (0 unless stream-K).");
   m.def("quantize", &quantize, py::arg("kind"), py::arg("device"), py::arg("x"), py::arg("x_dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"), py::arg("q"), py::arg("q_row_stride"),
         py::arg("scale"), py::arg("scale_dtype"), py::arg("scale_row_stride"), py::arg("scale_col_stride"),

@@ -9,10 +9,11 @@
 
 namespace fp8kern::sm90 {
 
-template <class TileShape_, class ClusterShape_>
+template <class TileShape_, class ClusterShape_, class TileScheduler_ = void>
 struct BlockConfig {
   using TileShape = TileShape_;        // CTA tile (M, N, K); K must be 128, the scale block
   using ClusterShape = ClusterShape_;
+  using TileScheduler = TileScheduler_;  // void: persistent data-parallel; StreamKScheduler: K split over SMs
 };
 
 template <class Cfg, class ElementD_>
@@ -57,10 +58,15 @@ struct BlockScaledMm {
       cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
+                                                      CollectiveEpilogue, typename Cfg::TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static void run(const BlockGemmProblem& p) {
+  static void run(const BlockGemmProblem& p) { launch<Gemm>(arguments(p), p, "blockwise_sm90"); }
+  static size_t workspace_size(const BlockGemmProblem& p) { return Gemm::get_workspace_size(arguments(p)); }
+
+  // The mainloop has applied both scales to every k-block's partial sums before they are accumulated, so stream-K's
+  // partial tiles add up like those of an unscaled GEMM.
+  static typename Gemm::Arguments arguments(const BlockGemmProblem& p) {
     const int m = int(p.m), n = int(p.n), k = int(p.k);
     using StrideA = typename Gemm::GemmKernel::StrideA;
     using StrideB = typename Gemm::GemmKernel::StrideB;
@@ -83,16 +89,21 @@ struct BlockScaledMm {
          p.scale_a, layout_sfa, p.scale_b, layout_sfb},
         {{{}, bias_args, {}}, nullptr, stride_d, static_cast<ElementD*>(p.d), stride_d},
         hw};
-
-    launch<Gemm>(args, p, "blockwise_sm90");
+    return args;
   }
 };
 
 using BlockCfg128x128 = BlockConfig<Shape<_128, _128, _128>, Shape<_1, _2, _1>>;
+// Few output tiles (decode-sized M, narrow N): stream-K, as for the per-token family (CUTLASS example 67 pairs this
+// collective with the stream-K scheduler too).
+using BlockCfgStreamK128x128 = BlockConfig<Shape<_128, _128, _128>, Shape<_1, _1, _1>, cutlass::gemm::StreamKScheduler>;
 
 }  // namespace fp8kern::sm90
 
-#define FP8KERN_SM90_BLOCK_INSTANTIATE(ElementD, CFG, NAME)                                \
-  namespace fp8kern::sm90 {                                                                \
-  void NAME(const BlockGemmProblem& p) { BlockScaledMm<CFG, ElementD>::run(p); }           \
+#define FP8KERN_SM90_BLOCK_INSTANTIATE(ElementD, CFG, NAME)                                      \
+  namespace fp8kern::sm90 {                                                                      \
+  void NAME(const BlockGemmProblem& p) { BlockScaledMm<CFG, ElementD>::run(p); }                 \
+  size_t NAME##_workspace(const BlockGemmProblem& p) {                                           \
+    return BlockScaledMm<CFG, ElementD>::workspace_size(p);                                      \
+  }                                                                                              \
   }

@@ -10,20 +10,6 @@
 
 namespace fp8kern {
 
-void blockwise_sm90(const BlockGemmProblem& p) {
-  validate_gemm(p, "sm90_block");
-#if defined(FP8KERN_HAS_SM90)
-  switch (p.d_dtype) {
-    case DType::kBFloat16: sm90::run_block_bf16_tile128x128(p); break;
-    case DType::kFloat16: sm90::run_block_fp16_tile128x128(p); break;
-    default: sm90::run_block_fp32_tile128x128(p); break;
-  }
-#else
-  FP8KERN_CHECK(false, "blockwise_sm90: this fp8kern._C was built without the sm_90a target (FP8KERN_CUDA_ARCHS=",
-                compiled_archs(), "); rebuild with FP8KERN_CUDA_ARCHS including 90a");
-#endif
-}
-
 bool gemm_family_compiled(const char* family) {
 #if defined(FP8KERN_HAS_SM90)
   if (std::string(family) == "sm90") return true;
@@ -51,8 +37,24 @@ constexpr Workspace kWorkspace[3][sm90::kNumConfigs] = {
      sm90::run_fp32_tile128x128_workspace},
 };
 
+using BlockLaunch = void (*)(const BlockGemmProblem&);
+using BlockWorkspace = size_t (*)(const BlockGemmProblem&);
+constexpr BlockLaunch kBlockLaunch[3][sm90::kNumBlockConfigs] = {
+    {sm90::run_block_bf16_streamk128x128, sm90::run_block_bf16_tile128x128},
+    {sm90::run_block_fp16_streamk128x128, sm90::run_block_fp16_tile128x128},
+    {sm90::run_block_fp32_streamk128x128, sm90::run_block_fp32_tile128x128},
+};
+constexpr BlockWorkspace kBlockWorkspace[3][sm90::kNumBlockConfigs] = {
+    {sm90::run_block_bf16_streamk128x128_workspace, sm90::run_block_bf16_tile128x128_workspace},
+    {sm90::run_block_fp16_streamk128x128_workspace, sm90::run_block_fp16_tile128x128_workspace},
+    {sm90::run_block_fp32_streamk128x128_workspace, sm90::run_block_fp32_tile128x128_workspace},
+};
+
 int dtype_row(DType d) { return d == DType::kBFloat16 ? 0 : (d == DType::kFloat16 ? 1 : 2); }
 int config_id(const GemmProblem& p) { return p.config >= 0 ? p.config : sm90::select_config(p.m, p.n, p.k); }
+int config_id(const BlockGemmProblem& p) {
+  return p.config >= 0 ? p.config : sm90::select_block_config(p.m, p.n, p.k);
+}
 
 }  // namespace
 #endif
@@ -65,6 +67,24 @@ void scaled_mm_sm90(const GemmProblem& p) {
   FP8KERN_CHECK(false, "scaled_mm_sm90: this fp8kern._C was built without the sm_90a target "
                 "(FP8KERN_CUDA_ARCHS=", compiled_archs(), "); rebuild with FP8KERN_CUDA_ARCHS including 90a");
 #endif
+}
+
+void blockwise_sm90(const BlockGemmProblem& p) {
+  validate_gemm(p, "sm90_block");
+#if defined(FP8KERN_HAS_SM90)
+  kBlockLaunch[dtype_row(p.d_dtype)][config_id(p)](p);
+#else
+  FP8KERN_CHECK(false, "blockwise_sm90: this fp8kern._C was built without the sm_90a target (FP8KERN_CUDA_ARCHS=",
+                compiled_archs(), "); rebuild with FP8KERN_CUDA_ARCHS including 90a");
+#endif
+}
+
+size_t gemm_workspace_size(const BlockGemmProblem& p, const char* family) {
+  validate_gemm(p, family);
+#if defined(FP8KERN_HAS_SM90)
+  if (std::string(family) == "sm90_block") return kBlockWorkspace[dtype_row(p.d_dtype)][config_id(p)](p);
+#endif
+  return 0;  // the sm89 block kernel uses no workspace
 }
 
 size_t gemm_workspace_size(const GemmProblem& p, const char* family) {

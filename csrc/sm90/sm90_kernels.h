@@ -31,8 +31,17 @@ void run_fp32_streamk128x128(const GemmProblem& p);
 size_t run_fp32_streamk128x128_workspace(const GemmProblem& p);
 void run_fp32_tile128x128(const GemmProblem& p);
 size_t run_fp32_tile128x128_workspace(const GemmProblem& p);
+void run_block_bf16_streamk128x128(const BlockGemmProblem& p);
+size_t run_block_bf16_streamk128x128_workspace(const BlockGemmProblem& p);
 void run_block_bf16_tile128x128(const BlockGemmProblem& p);
+size_t run_block_bf16_tile128x128_workspace(const BlockGemmProblem& p);
+void run_block_fp16_streamk128x128(const BlockGemmProblem& p);
+size_t run_block_fp16_streamk128x128_workspace(const BlockGemmProblem& p);
 void run_block_fp16_tile128x128(const BlockGemmProblem& p);
+size_t run_block_fp16_tile128x128_workspace(const BlockGemmProblem& p);
+void run_block_fp32_streamk128x128(const BlockGemmProblem& p);
+size_t run_block_fp32_streamk128x128_workspace(const BlockGemmProblem& p);
 void run_block_fp32_tile128x128(const BlockGemmProblem& p);
+size_t run_block_fp32_tile128x128_workspace(const BlockGemmProblem& p);
 
 }  // namespace fp8kern::sm90

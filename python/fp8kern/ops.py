@@ -220,11 +220,28 @@ _WORKSPACE_BYTES = 1 << 20
 _workspaces: dict = {}
 
 
-def _workspace(device: torch.device) -> torch.Tensor:
-    ws = _workspaces.get(device.index)
+def _workspace(index: int) -> torch.Tensor:
+    ws = _workspaces.get(index)
     if ws is None:
-        ws = _workspaces[device.index] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        ws = _workspaces[index] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=torch.device("cuda", index))
     return ws
+
+
+def _launch_workspace(args: tuple, block: bool, fast_accum: bool) -> torch.Tensor:
+    """Workspace for a launch with these binding arguments (family, device, a, b, d, M, N, K, ..., config). sm90's
+    stream-K configs reduce partial tiles in a per-problem workspace: it comes from the caching allocator on the
+    current stream, so it is never shared with a kernel on another stream and is part of a captured graph's pool."""
+    family, index = args[0], args[1]
+    if family != "sm90":
+        return _workspace(index)
+    key = (block, index, *args[5:8], args[11], bool(fast_accum), args[-1])  # M, N, K, dtype code, config
+    need = _ws_bytes.get(key)
+    if need is None:
+        if len(_ws_bytes) > 4096:
+            _ws_bytes.clear()
+        query = _backend._C.block_workspace_size if block else _backend._C.gemm_workspace_size
+        need = _ws_bytes[key] = query(*args)
+    return torch.empty(need, dtype=torch.uint8, device=torch.device("cuda", index)) if need else _workspace(index)
 
 
 def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
@@ -260,31 +277,23 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     # kernels read only its row 0: pass a stride they accept.
     lda = a.stride(0) if M > 1 else k_run
     ldb = b.stride(0) if N > 1 else k_run
-    ws = _workspace(a.device)
     stream = torch.cuda.current_stream(a.device).cuda_stream
     bias_ptr = bias.data_ptr() if bias is not None else 0
     if block:
         sa = scale_a.float().contiguous()
         sb = scale_b.float().contiguous()
-        _backend._C.scaled_mm_block(family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run,
-                                    lda, ldb, ldd, _DTYPE_CODE[out_dtype], sa.data_ptr(),
-                                    sb.data_ptr(), bias_ptr, _config_override.get(family + "_block", -1),
-                                    ws.data_ptr(), ws.numel(), stream)
+        args = (family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+                _DTYPE_CODE[out_dtype], sa.data_ptr(), sb.data_ptr(), bias_ptr,
+                _config_override.get(family + "_block", -1))
+        ws = _launch_workspace(args, block, fast_accum)
+        _backend._C.scaled_mm_block(*args, ws.data_ptr(), ws.numel(), stream)
     else:
         sa = scale_a.reshape(-1).contiguous()
         sb = scale_b.reshape(-1).contiguous()
         args = (family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
                 _DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel",
                 bias_ptr, bool(fast_accum), _config_override.get(family, -1))
-        if family == "sm90":  # stream-K configs reduce partial tiles in a per-problem workspace
-            key = (a.device.index, M, N, k_run, out_dtype, bool(fast_accum), args[-1])
-            need = _ws_bytes.get(key)
-            if need is None:
-                if len(_ws_bytes) > 4096:
-                    _ws_bytes.clear()
-                need = _ws_bytes[key] = _backend._C.gemm_workspace_size(*args)
-            if need:  # from the caching allocator on this stream: never shared with a kernel on another stream
-                ws = torch.empty(need, dtype=torch.uint8, device=a.device)
+        ws = _launch_workspace(args, block, fast_accum)
         _backend._C.scaled_mm(*args, ws.data_ptr(), ws.numel(), stream)
     if out is not None:
         return out if d is out else out.copy_(d)

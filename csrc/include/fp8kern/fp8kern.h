@@ -132,6 +132,8 @@ void validate_quantize(const QuantProblem& p, const char* kind);
 // the selected config is stream-K). The caller provides at least that much in GemmProblem::workspace, owned by the
 // launch's stream.
 size_t gemm_workspace_size(const GemmProblem& p, const char* family);
+// The same for a block-scaled problem ("sm90_block" or "sm89_block").
+size_t gemm_workspace_size(const BlockGemmProblem& p, const char* family);
 
 // Name of config i of a family ("" past the end) and the config select_config picks for a problem. Families:
 // "sm90", "sm89" (per-tensor / per-token x per-channel), "sm90_block", "sm89_block" (block-scaled).
