@@ -107,6 +107,17 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Accumulator fragments of a warp: MI x NI m16n8 atoms of 4 fp32 values per thread.
+template <int MI, int NI>
+__device__ __forceinline__ void zero(float (&frag)[MI][NI][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) frag[mi][ni][e] = 0.f;
+}
+
 // Tile order: groups of 8 M-tiles walk N together, so the B tiles they share are read from L2.
 __device__ __forceinline__ void raster(int pid, int tiles_m, int tiles_n, int& tm, int& tn) {
   constexpr int kGroup = 8;
@@ -155,12 +166,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) blockwise_kernel(const Params<
   // 2 * (lane % 4) + {0, 1} of atom ni.
   const int g = lane >> 2, t = lane & 3;
   float acc[MI][NI][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+  zero(acc);
 
   const int k_tiles = p.kb;
 #pragma unroll
@@ -192,12 +198,7 @@ __global__ void __launch_bounds__(T::kThreads, 1) blockwise_kernel(const Params<
     const float sb = __ldg(scale_b + kt);
 
     float part[MI][NI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[mi][ni][e] = 0.f;
+    zero(part);
 
     const uint32_t sa_tile = smem_base + (kt % kStages) * T::kStageBytes, sb_tile = sa_tile + BM * kBlockK;
 #pragma unroll

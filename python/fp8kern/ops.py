@@ -231,10 +231,10 @@ def _launch_workspace(args: tuple, block: bool, fast_accum: bool) -> torch.Tenso
     """Workspace for a launch with these binding arguments (family, device, a, b, d, M, N, K, ..., config). sm90's
     stream-K configs reduce partial tiles in a per-problem workspace: it comes from the caching allocator on the
     current stream, so it is never shared with a kernel on another stream and is part of a captured graph's pool."""
-    family, index = args[0], args[1]
+    family, index, _a, _b, _d, M, N, K, _lda, _ldb, _ldd, d_dtype = args[:12]
     if family != "sm90":
         return _workspace(index)
-    key = (block, index, *args[5:8], args[11], bool(fast_accum), args[-1])  # M, N, K, dtype code, config
+    key = (block, index, M, N, K, d_dtype, bool(fast_accum), args[-1])  # args[-1]: the config index
     need = _ws_bytes.get(key)
     if need is None:
         if len(_ws_bytes) > 4096:
