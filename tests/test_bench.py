@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from fp8kern.bench.__main__ import main, parse_args
 
