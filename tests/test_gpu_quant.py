@@ -6,7 +6,6 @@ correctly rounded IEEE operations, so q and scales must be identical bytes, not 
 the CPU copy of the input, so the two share no code path.
 """
 
-
 import pytest
 import torch
 

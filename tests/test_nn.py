@@ -7,7 +7,6 @@ scale), so |error| <= sum_k |W_deq[n, k]| * (2^-4 |x_k| + 2^-10 s_x); the fp32 G
 relative to the sum of absolute products) and the output rounding u_out * |y| (2^-8 for bf16).
 """
 
-
 import pytest
 import torch
 from torch import nn
