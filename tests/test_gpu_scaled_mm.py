@@ -168,9 +168,34 @@ def test_cuda_graph_capture(family, M, N, K):
 
 # Block-scaled (1x128 x 128x128): both kernels promote every 128 of K, so the promoted-mode bound applies.
 
+@pytest.mark.parametrize("K", [1024, 2048])  # sm90 splits K = 2048 with stream-K (<= 65 tiles, K > 1024)
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 16, 31, 64, 100, 128, 129, 1000])
-def test_block_m_sweep(block_family, M):
-    run_and_check(M, 512, 1024, "block")
+def test_block_m_sweep(block_family, M, K):
+    run_and_check(M, 512, K, "block")
+
+
+@pytest.mark.parametrize("M,N,K", [(8, 8192, 8192), (5, 130, 1152), (1, 7168, 18432)])
+def test_block_stream_k_shapes(block_family, M, N, K):
+    """Decode shapes that sm90 runs with stream-K: partial M/N blocks and units starting mid-K."""
+    run_and_check(M, N, K, "block", bias=True)
+
+
+def test_block_cuda_graph_capture(block_family):
+    """A captured block-scaled call (stream-K on sm90: its workspace comes from the graph's pool) replays on new
+    data."""
+    M, N, K = 16, 4096, 4096
+    a, b, sa, sb = (t.cuda() for t in make_operands(M, N, K, "block", torch.Generator().manual_seed(9)))
+    fp8kern.scaled_mm(a, b, sa, sb)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fp8kern.scaled_mm(a, b, sa, sb)
+    a2, b2, sa2, sb2 = make_operands(M, N, K, "block", torch.Generator().manual_seed(10))
+    for dst, src in zip((a, b, sa, sb), (a2, b2, sa2, sb2)):
+        dst.copy_(src)
+    g.replay()
+    torch.cuda.synchronize()
+    D, S = exact_scaled_mm(a2, b2, sa2, sb2)
+    assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, K, torch.bfloat16, False)).all()
 
 
 @pytest.mark.parametrize("M,N,K", [(5, 130, 200), (17, 7168, 2112), (64, 300, 1000), (8, 2112, 7168),
