@@ -148,22 +148,26 @@ def test_bound_catches_wrong_scale(family):
     assert not (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, 512, torch.float32, False)).all()
 
 
-@pytest.mark.parametrize("M,N,K", [(32, 512, 1024), (128, 4096, 4096)])  # sm90 runs the second with stream-K
-def test_cuda_graph_capture(family, M, N, K):
-    """A captured call replays on new data (stream-K's workspace comes from the graph's pool, zeroed in the graph)."""
-    gen = torch.Generator().manual_seed(4)
-    a, b, sa, sb = (t.cuda() for t in make_operands(M, N, K, "token_channel", gen))
-    fp8kern.scaled_mm(a, b, sa, sb)  # warm-up (allocates the workspace) outside the capture
+def capture_and_replay(M, N, K, layout):
+    """Capture one scaled_mm in a CUDA graph, refill its inputs with new data, replay, and check the result."""
+    a, b, sa, sb = (t.cuda() for t in make_operands(M, N, K, layout, torch.Generator().manual_seed(4)))
+    fp8kern.scaled_mm(a, b, sa, sb)  # warm-up (allocates the shared workspace) outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         y = fp8kern.scaled_mm(a, b, sa, sb)
-    a2, b2, sa2, sb2 = make_operands(M, N, K, "token_channel", torch.Generator().manual_seed(5))
+    a2, b2, sa2, sb2 = make_operands(M, N, K, layout, torch.Generator().manual_seed(5))
     for dst, src in zip((a, b, sa, sb), (a2, b2, sa2, sb2)):
         dst.copy_(src)
     g.replay()
     torch.cuda.synchronize()
     D, S = exact_scaled_mm(a2, b2, sa2, sb2)
     assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, K, torch.bfloat16, False)).all()
+
+
+@pytest.mark.parametrize("M,N,K", [(32, 512, 1024), (128, 4096, 4096)])  # sm90 runs the second with stream-K
+def test_cuda_graph_capture(family, M, N, K):
+    """A captured call replays on new data (stream-K's workspace comes from the graph's pool, zeroed in the graph)."""
+    capture_and_replay(M, N, K, "token_channel")
 
 
 # Block-scaled (1x128 x 128x128): both kernels promote every 128 of K, so the promoted-mode bound applies.
@@ -183,19 +187,7 @@ def test_block_stream_k_shapes(block_family, M, N, K):
 def test_block_cuda_graph_capture(block_family):
     """A captured block-scaled call (stream-K on sm90: its workspace comes from the graph's pool) replays on new
     data."""
-    M, N, K = 16, 4096, 4096
-    a, b, sa, sb = (t.cuda() for t in make_operands(M, N, K, "block", torch.Generator().manual_seed(9)))
-    fp8kern.scaled_mm(a, b, sa, sb)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = fp8kern.scaled_mm(a, b, sa, sb)
-    a2, b2, sa2, sb2 = make_operands(M, N, K, "block", torch.Generator().manual_seed(10))
-    for dst, src in zip((a, b, sa, sb), (a2, b2, sa2, sb2)):
-        dst.copy_(src)
-    g.replay()
-    torch.cuda.synchronize()
-    D, S = exact_scaled_mm(a2, b2, sa2, sb2)
-    assert (np.abs(y.double().cpu().numpy() - D) <= bound(D, S, K, torch.bfloat16, False)).all()
+    capture_and_replay(16, 4096, 4096, "block")
 
 
 @pytest.mark.parametrize("M,N,K", [(5, 130, 200), (17, 7168, 2112), (64, 300, 1000), (8, 2112, 7168),

@@ -107,6 +107,20 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// One operand's part of a pipeline stage: ROWS tile rows of 128 bytes from global rows [r0, r0 + ROWS), K columns
+// [k0, k0 + 128), each thread copying every THREADS-th 16-byte chunk; chunks past `rows` or `k` are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_rows(uint32_t smem, const uint8_t* g, int64_t ld, int r0, int rows, int k0,
+                                          int k, int tid) {
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int c = tid + i * THREADS, row = c / kChunks, chunk = c % kChunks;
+    const int gr = r0 + row, gk = k0 + chunk * 16;
+    const bool ok = gr < rows && gk < k;
+    cp_async_16(smem + swizzle(row, chunk), ok ? g + int64_t(gr) * ld + gk : g, ok);
+  }
+}
+
 // Accumulator fragments of a warp: MI x NI m16n8 atoms of 4 fp32 values per thread.
 template <int MI, int NI>
 __device__ __forceinline__ void zero(float (&frag)[MI][NI][4]) {
@@ -145,21 +159,9 @@ __global__ void __launch_bounds__(T::kThreads, 1) blockwise_kernel(const Params<
   // (checked on the host), so a chunk lies wholly inside or wholly outside the problem.
   auto load_tile = [&](int kt, int s) {
     const int k0 = kt * kBlockK;
-    const uint32_t sa = smem_base + s * T::kStageBytes, sb = sa + BM * kBlockK;
-#pragma unroll
-    for (int i = 0; i < BM * kChunks / kThreads; ++i) {
-      const int c = tid + i * kThreads, row = c / kChunks, chunk = c % kChunks;
-      const int gm = m0 + row, gk = k0 + chunk * 16;
-      const bool ok = gm < p.m && gk < p.k;
-      cp_async_16(sa + swizzle(row, chunk), ok ? p.a + int64_t(gm) * p.lda + gk : p.a, ok);
-    }
-#pragma unroll
-    for (int i = 0; i < BN * kChunks / kThreads; ++i) {
-      const int c = tid + i * kThreads, row = c / kChunks, chunk = c % kChunks;
-      const int gn = n0 + row, gk = k0 + chunk * 16;
-      const bool ok = gn < p.n && gk < p.k;
-      cp_async_16(sb + swizzle(row, chunk), ok ? p.b + int64_t(gn) * p.ldb + gk : p.b, ok);
-    }
+    const uint32_t sa = smem_base + s * T::kStageBytes;
+    load_rows<BM, kThreads>(sa, p.a, p.lda, m0, p.m, k0, p.k, tid);
+    load_rows<BN, kThreads>(sa + BM * kBlockK, p.b, p.ldb, n0, p.n, k0, p.k, tid);
   };
 
   // Rows of this thread's accumulator fragments: m16n8 atom mi holds rows g and g + 8 (g = lane / 4), columns
