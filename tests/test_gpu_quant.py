@@ -113,6 +113,16 @@ def test_scale_ub_zero_rows_and_nan():
     check(x, "token", scale_ub=0.5)
 
 
+@pytest.mark.parametrize("granularity", ["token", "group", "tensor"])
+def test_broadcast_rows_and_wide_groups(granularity):
+    """An expanded row (row stride 0) is read-only input the kernels may read many times; a group wider than K is
+    the whole row (one group)."""
+    x = randx(1, 640, torch.bfloat16, 14).expand(6, 640)
+    assert x.stride(0) == 0
+    check(x, granularity)
+    check(randx(3, 200, torch.float16, 15), "group", group_size=1 << 31)
+
+
 def test_cuda_graph_capture():
     x = randx(64, 4096, torch.bfloat16, 11)
     outs = {}

@@ -172,7 +172,7 @@ def test_cuda_graph_capture(family, M, N, K):
 
 # Block-scaled (1x128 x 128x128): both kernels promote every 128 of K, so the promoted-mode bound applies.
 
-@pytest.mark.parametrize("K", [1024, 2048])  # sm90 splits K = 2048 with stream-K (<= 65 tiles, K > 1024)
+@pytest.mark.parametrize("K", [1024, 2048])  # sm90 splits K = 2048 with stream-K (2 x tiles < SMs, K > 1024)
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 16, 31, 64, 100, 128, 129, 1000])
 def test_block_m_sweep(block_family, M, K):
     run_and_check(M, 512, K, "block")

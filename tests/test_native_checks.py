@@ -35,7 +35,7 @@ def block(family="sm90", **kw):
     (dict(b=B + 8), r"ENTRY: .*16-byte aligned pointers"),
     (dict(d_dtype=E4M3), r"ENTRY: output dtype float8_e4m3fn, expected bfloat16, float16 or float32"),
     (dict(d_dtype=9), r"d: unknown dtype code 9"),
-    (dict(m=2**31), r"ENTRY: M, N, K must be < 2\^31"),
+    (dict(m=2**31 - 100), r"ENTRY: M=2147483548 N=32 K=256, expected each below 2\^31 - 256"),
     (dict(config=7), r"ENTRY: config=7, expected -1 \(select by shape\) or 0\.\."),
     (dict(scale_a=SA + 2), r"ENTRY: scale pointers must be 4-byte aligned"),
 ])
@@ -94,6 +94,10 @@ def quantize(kind="token", **kw):
     ("token", dict(q_row_stride=100), r"q row stride 100 is smaller than cols=256"),
     ("static", dict(scale_dtype=4), r"quantize_static: static scales must be float32"),
     ("token", dict(scale_ub=-1.0), r"scale_ub=-1, expected > 0"),
+    ("token", dict(x_row_stride=-1), r"quantize_per_token: x row stride -1, expected >= 0"),
+    ("group", dict(group_size=0), r"quantize_per_group: group_size=0, expected >= 1"),
+    ("static", dict(group_size=0), r"quantize_static: group_size=0, expected >= 1"),
+    ("tensor", dict(workspace=0), r"quantize_per_tensor: workspace is null"),
 ])
 def test_quantize_launch_rejects(kind, kw, message):
     with pytest.raises(ValueError, match=message):

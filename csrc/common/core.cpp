@@ -63,15 +63,15 @@ int sm_count(int device) {
 
 namespace quant {
 
-void validate(const QuantProblem& p, const char* what, bool dynamic) {
+static void validate(const QuantProblem& p, const char* what, bool dynamic) {
   FP8KERN_CHECK(p.x != nullptr && p.q != nullptr && p.scale != nullptr, what,
                 ": x, q and scale must be non-null device pointers");
   FP8KERN_CHECK(p.x_dtype == DType::kFloat32 || p.x_dtype == DType::kFloat16 || p.x_dtype == DType::kBFloat16,
                 what, ": x has dtype ", dtype_name(p.x_dtype), ", expected float32, float16 or bfloat16");
   FP8KERN_CHECK(p.rows >= 0, what, ": rows=", p.rows, ", expected >= 0");
   FP8KERN_CHECK(p.cols >= 1, what, ": cols=", p.cols, ", expected >= 1");
-  FP8KERN_CHECK(p.rows <= 1 || p.x_row_stride >= p.cols, what, ": x row stride ", p.x_row_stride,
-                " is smaller than cols=", p.cols, " (rows would overlap)");
+  // x is only read, so its rows may share memory (an expanded row has stride 0); q's rows may not.
+  FP8KERN_CHECK(p.x_row_stride >= 0, what, ": x row stride ", p.x_row_stride, ", expected >= 0");
   FP8KERN_CHECK(p.rows <= 1 || p.q_row_stride >= p.cols, what, ": q row stride ", p.q_row_stride,
                 " is smaller than cols=", p.cols, " (rows would overlap)");
   FP8KERN_CHECK(p.scale_row_stride >= 0 && p.scale_col_stride >= 0, what, ": scale strides (", p.scale_row_stride,
@@ -92,7 +92,12 @@ void validate_quantize(const QuantProblem& p, const char* kind) {
   const std::string k(kind);
   FP8KERN_CHECK(k == "token" || k == "group" || k == "tensor" || k == "static", "quantize: kind='", kind,
                 "', expected 'token', 'group', 'tensor' or 'static'");
-  quant::validate(p, k == "static" ? "quantize_static" : ("quantize_per_" + k).c_str(), k != "static");
+  const std::string what = k == "static" ? "quantize_static" : "quantize_per_" + k;
+  quant::validate(p, what.c_str(), k != "static");
+  if (k == "group" || k == "static")
+    FP8KERN_CHECK(p.group_size >= 1, what, ": group_size=", p.group_size, ", expected >= 1");
+  if (k == "tensor")
+    FP8KERN_CHECK(p.workspace != nullptr, what, ": workspace is null, expected 4 bytes of device memory");
 }
 
 }  // namespace fp8kern

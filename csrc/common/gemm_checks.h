@@ -13,7 +13,10 @@ template <class Problem>
 inline void validate_operands(const Problem& p, const char* what, int64_t min_k) {
   FP8KERN_CHECK(p.m >= 1 && p.n >= 1 && p.k >= min_k, what, ": M=", p.m, " N=", p.n, " K=", p.k,
                 ", expected M, N >= 1 and K >= ", min_k, " (empty problems never reach the kernel; pad smaller K)");
-  FP8KERN_CHECK(p.m <= INT32_MAX && p.n <= INT32_MAX && p.k <= INT32_MAX, what, ": M, N, K must be < 2^31");
+  // The kernels use 32-bit coordinates, and a ragged last tile reaches up to a tile (<= 256) past the extent.
+  constexpr int64_t kMaxDim = (int64_t(1) << 31) - 256;
+  FP8KERN_CHECK(p.m < kMaxDim && p.n < kMaxDim && p.k < kMaxDim, what, ": M=", p.m, " N=", p.n, " K=", p.k,
+                ", expected each below 2^31 - 256 (32-bit tile coordinates)");
   FP8KERN_CHECK(p.a && p.b && p.d && p.scale_a && p.scale_b, what,
                 ": a, b, d, scale_a and scale_b must be non-null device pointers");
   FP8KERN_CHECK(p.lda >= p.k && p.ldb >= p.k && p.ldd >= p.n, what, ": leading dimensions (", p.lda, ", ", p.ldb,

@@ -22,28 +22,29 @@ struct Family {
 
 // The stream-K row's max_m is never used: select_config picks it by tile count and K (below).
 constexpr ConfigInfo kSm90[sm90::kNumConfigs] = {
-    {"sm90_swap_64x32x128_pingpong", 32},
-    {"sm90_swap_64x64x128_pingpong", 64},
-    {"sm90_streamk_128x128x128_coop", 64},
-    {"sm90_128x128x128_coop_c1x2", INT64_MAX},
+    {"sm90_swap_64x32x128_pingpong", 32, 32, 64},
+    {"sm90_swap_64x64x128_pingpong", 64, 64, 64},
+    {"sm90_streamk_128x128x128_coop", 64, 128, 128},
+    {"sm90_128x128x128_coop_c1x2", INT64_MAX, 128, 128},
 };
-// Ada per-token: a 32-row tile for decode, 64x128 while M fills few 128-row tiles, 128x64 beyond.
+// Ada per-token: a 32-row tile for decode, 64x128 while M fills few 128-row tiles, 128x64 beyond; smaller tiles
+// where these would leave more than half of the SMs idle (select_filling).
 constexpr ConfigInfo kSm89[sm89::kNumConfigs] = {
-    {"sm89_32x64x128_4stage", 32},
-    {"sm89_64x128x64_4stage", 128},
-    {"sm89_128x64x64_4stage", INT64_MAX},
+    {"sm89_32x64x128_4stage", 32, 32, 64},
+    {"sm89_64x128x64_4stage", 128, 64, 128},
+    {"sm89_128x64x64_4stage", INT64_MAX, 128, 64},
 };
 // As for kSm90, the stream-K row is chosen by tile count and K, never by its max_m.
 constexpr ConfigInfo kSm90Block[sm90::kNumBlockConfigs] = {
-    {"sm90_block_streamk_128x128x128_coop", 0},
-    {"sm90_block_128x128x128_coop_c1x2", INT64_MAX},
+    {"sm90_block_streamk_128x128x128_coop", 0, 128, 128},
+    {"sm90_block_128x128x128_coop_c1x2", INT64_MAX, 128, 128},
 };
 // Ada has 128 (RTX 4090) to 142 (L40S) SMs: 32x32 tiles keep N / 32 CTAs streaming weights at decode sizes, 64x128
 // tiles halve the wasted rows of a 128-row tile up to M = 256, 128x128 tiles reuse both operands most for large M.
 constexpr ConfigInfo kSm89Block[sm89::kNumBlockConfigs] = {
-    {"sm89_block_32x32x128_4stage", 32},
-    {"sm89_block_64x128x128_4stage", 256},
-    {"sm89_block_128x128x128_3stage", INT64_MAX},
+    {"sm89_block_32x32x128_4stage", 32, 32, 32},
+    {"sm89_block_64x128x128_4stage", 256, 64, 128},
+    {"sm89_block_128x128x128_3stage", INT64_MAX, 128, 128},
 };
 
 constexpr Family kFamilies[] = {
@@ -68,22 +69,37 @@ int select(const Family& f, int64_t m) {
 }  // namespace
 
 // Whether 128x128 tiles leave enough SMs idle, and K is long enough, for stream-K to split K (see gemm_configs.h).
-static bool stream_k_128x128(int64_t m, int64_t n, int64_t k) {
+bool sm90::stream_k_128x128(int64_t m, int64_t n, int64_t k, int sm_count) {
   const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
-  return tiles <= sm90::kStreamKMaxTiles && k > sm90::kStreamKMinK;
+  return 2 * tiles < sm_count && k > kStreamKMinK;
 }
 
-int sm90::select_config(int64_t m, int64_t n, int64_t k) {
+int sm90::select_config(int64_t m, int64_t n, int64_t k, int sm_count) {
   const int by_m = select(*find("sm90"), m);
   if (by_m != kTile128x128) return by_m;
-  return stream_k_128x128(m, n, k) ? kStreamK128x128 : kTile128x128;
+  return stream_k_128x128(m, n, k, sm_count) ? kStreamK128x128 : kTile128x128;
 }
 
-int sm90::select_block_config(int64_t m, int64_t n, int64_t k) {
-  return stream_k_128x128(m, n, k) ? kBlockStreamK128x128 : kBlockTile128x128;
+int sm90::select_block_config(int64_t m, int64_t n, int64_t k, int sm_count) {
+  return stream_k_128x128(m, n, k, sm_count) ? kBlockStreamK128x128 : kBlockTile128x128;
 }
-int sm89::select_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89"), m); }
-int sm89::select_block_config(int64_t m, int64_t /*n*/, int64_t /*k*/) { return select(*find("sm89_block"), m); }
+// Ada tables are ordered by tile size: step down from the M row while fewer than half of the SMs get a tile.
+static int select_filling(const Family& f, int64_t m, int64_t n, int sm_count) {
+  int i = select(f, m);
+  for (; i > 0; --i) {
+    const ConfigInfo& c = f.table[i];
+    const int64_t tiles = ((m + c.tile_m - 1) / c.tile_m) * ((n + c.tile_n - 1) / c.tile_n);
+    if (2 * tiles >= sm_count) break;
+  }
+  return i;
+}
+
+int sm89::select_config(int64_t m, int64_t n, int64_t /*k*/, int sm_count) {
+  return select_filling(*find("sm89"), m, n, sm_count);
+}
+int sm89::select_block_config(int64_t m, int64_t n, int64_t /*k*/, int sm_count) {
+  return select_filling(*find("sm89_block"), m, n, sm_count);
+}
 
 const char* gemm_config_name(const char* family, int index) {
   const Family* f = find(family);
@@ -97,11 +113,13 @@ static const Family& family_or_throw(const char* family) {
   return *f;
 }
 
-int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k) {
+int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k, int sm_count) {
   const Family& f = family_or_throw(family);
-  if (std::strcmp(f.name, "sm90") == 0) return sm90::select_config(m, n, k);
-  if (std::strcmp(f.name, "sm90_block") == 0) return sm90::select_block_config(m, n, k);
-  return select(f, m);
+  FP8KERN_CHECK(sm_count >= 1, "gemm_select_config: sm_count=", sm_count, ", expected the GPU's multiprocessor count");
+  if (std::strcmp(f.name, "sm90") == 0) return sm90::select_config(m, n, k, sm_count);
+  if (std::strcmp(f.name, "sm90_block") == 0) return sm90::select_block_config(m, n, k, sm_count);
+  if (std::strcmp(f.name, "sm89") == 0) return sm89::select_config(m, n, k, sm_count);
+  return sm89::select_block_config(m, n, k, sm_count);
 }
 
 template <class Problem>

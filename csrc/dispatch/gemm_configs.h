@@ -8,7 +8,8 @@ namespace fp8kern {
 
 struct ConfigInfo {
   const char* name;
-  int64_t max_m;  // serves M <= max_m (the first matching row wins)
+  int64_t max_m;        // serves M <= max_m (the first matching row wins)
+  int tile_m, tile_n;   // output tile in problem terms (rows of D, columns of D), swapped configs included
 };
 
 namespace sm90 {
@@ -21,19 +22,20 @@ enum Config : int {
   kNumConfigs = 4,
 };
 // Stream-K pays a partial-tile reduction; it wins when a data-parallel launch would leave most SMs idle and each
-// tile has a long K loop to split. The limits are those of CUTLASS's own stream-K heuristic on the 132 SMs of an
-// H100 SXM / H200 (data-parallel once 2 x tiles >= SMs, or with at most 8 K tiles of 128), so the selected kernel
-// really splits K instead of running data-parallel without the 1x2 cluster of the plain config.
-constexpr int64_t kStreamKMaxTiles = 65;
+// tile has a long K loop to split. The limits are those of CUTLASS's own stream-K heuristic (data-parallel once
+// 2 x tiles >= SMs, or with at most 8 K tiles of 128), so the selected kernel really splits K instead of running
+// data-parallel without the 1x2 cluster of the plain config: at most 65 tiles on the 132 SMs of an H100 SXM / H200,
+// 56 on the 114 of an H100 PCIe.
 constexpr int64_t kStreamKMinK = 1024;
-int select_config(int64_t m, int64_t n, int64_t k);
+bool stream_k_128x128(int64_t m, int64_t n, int64_t k, int sm_count);
+int select_config(int64_t m, int64_t n, int64_t k, int sm_count);
 // Config ids of the sm90 block-scaled family; stream-K under the same conditions as above.
 enum BlockConfig : int {
   kBlockStreamK128x128 = 0,
   kBlockTile128x128 = 1,
   kNumBlockConfigs = 2,
 };
-int select_block_config(int64_t m, int64_t n, int64_t k);
+int select_block_config(int64_t m, int64_t n, int64_t k, int sm_count);
 }  // namespace sm90
 
 namespace sm89 {
@@ -44,7 +46,10 @@ enum Config : int {
   kTile128x64 = 2,
   kNumConfigs = 3,
 };
-int select_config(int64_t m, int64_t n, int64_t k);
+// The table's tile by M, stepped down to a smaller tile while it would leave more than half of the SMs without a CTA
+// (mid-size M with small N: e.g. M = 64, N = 4096 makes 32 tiles of 64x128 for 128 to 142 SMs); the smallest tile
+// when none fills half.
+int select_config(int64_t m, int64_t n, int64_t k, int sm_count);
 // Config ids of the sm89 block-scaled family (tiles in csrc/sm89/blockwise_sm89.cuh).
 enum BlockConfig : int {
   kBlock32x32 = 0,
@@ -52,7 +57,7 @@ enum BlockConfig : int {
   kBlock128x128 = 2,
   kNumBlockConfigs = 3,
 };
-int select_block_config(int64_t m, int64_t n, int64_t k);
+int select_block_config(int64_t m, int64_t n, int64_t k, int sm_count);  // as select_config
 }  // namespace sm89
 
 }  // namespace fp8kern

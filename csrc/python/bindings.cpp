@@ -52,8 +52,9 @@ void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype
   p.scale_dtype = to_dtype(scale_dtype, "scale");
   p.scale_row_stride = scale_row_stride;
   p.scale_col_stride = scale_col_stride;
-  FP8KERN_CHECK(group_size >= 1 && group_size <= (int64_t(1) << 30), "group_size=", group_size,
-                ", expected 1 <= group_size <= 2^30");
+  // The range check is validate_quantize's (group and static kinds); here only that it fits the int field.
+  FP8KERN_CHECK(group_size >= INT32_MIN && group_size <= (int64_t(1) << 30), "group_size=", group_size,
+                ", expected group_size <= 2^30");
   p.group_size = static_cast<int>(group_size);
   p.scale_ub = static_cast<float>(scale_ub);
   p.workspace = reinterpret_cast<void*>(workspace);
@@ -203,10 +204,10 @@ PYBIND11_MODULE(_C, m) {
         "Launch a block-scaled (1x128 x 128x128) kernel of a family; scales fp32, K-major, contiguous.");
   m.def("gemm_configs", &gemm_configs, py::arg("family"),
         "Config names of a family ('sm90', 'sm89', 'sm90_block', 'sm89_block'), in table order.");
-  m.def("gemm_select_config", [](const std::string& family, int64_t m, int64_t n, int64_t k) {
-          return fp8kern::gemm_select_config(family.c_str(), m, n, k);
-        }, py::arg("family"), py::arg("m"), py::arg("n"), py::arg("k"),
-        "Index of the config the family's select_config picks for a problem shape.");
+  m.def("gemm_select_config", [](const std::string& family, int64_t m, int64_t n, int64_t k, int sm_count) {
+          return fp8kern::gemm_select_config(family.c_str(), m, n, k, sm_count);
+        }, py::arg("family"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("sm_count"),
+        "Index of the config the family's select_config picks for a problem shape on a GPU with sm_count SMs.");
   m.def("scaled_mm", &scaled_mm, py::arg("family"), py::arg("device"), py::arg("a"), py::arg("b"), py::arg("d"),
         py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"), py::arg("ldd"), py::arg("d_dtype"),
         py::arg("scale_a"), py::arg("scale_a_vector"), py::arg("scale_b"), py::arg("scale_b_vector"),

@@ -151,8 +151,4 @@ inline unsigned grid_stride_blocks(int64_t n, int threads) {
   return static_cast<unsigned>(needed < 1 ? 1 : (needed < cap ? needed : cap));
 }
 
-// Checks shared by all quantization entry points (the Python layer checked already; never trust it).
-void validate(const QuantProblem& p, const char* what, bool dynamic);
-
-
 }  // namespace fp8kern::quant

@@ -61,8 +61,7 @@ namespace fp8kern {
 using namespace quant;
 
 void quantize_per_group(const QuantProblem& p) {
-  validate(p, "quantize_per_group", /*dynamic=*/true);
-  FP8KERN_CHECK(p.group_size >= 1, "quantize_per_group: group_size=", p.group_size, ", expected >= 1");
+  validate_quantize(p, "group");
   if (p.rows == 0) return;
   const bool ue8m0 = p.scale_dtype == DType::kFloat8E8M0;
   const int64_t groups_per_row = (p.cols + p.group_size - 1) / p.group_size;

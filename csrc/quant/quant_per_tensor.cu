@@ -65,8 +65,7 @@ namespace fp8kern {
 using namespace quant;
 
 void quantize_per_tensor(const QuantProblem& p) {
-  validate(p, "quantize_per_tensor", /*dynamic=*/true);
-  FP8KERN_CHECK(p.workspace != nullptr, "quantize_per_tensor: workspace is null, expected 4 bytes of device memory");
+  validate_quantize(p, "tensor");
   if (p.rows == 0) return;  // the caller reports the floor scale for an empty tensor
   const bool ue8m0 = p.scale_dtype == DType::kFloat8E8M0;
   dispatch_input(p.x_dtype, [&](auto tag) {

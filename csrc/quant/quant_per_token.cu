@@ -66,7 +66,7 @@ namespace fp8kern {
 using namespace quant;
 
 void quantize_per_token(const QuantProblem& p) {
-  validate(p, "quantize_per_token", /*dynamic=*/true);
+  validate_quantize(p, "token");
   if (p.rows == 0) return;
   FP8KERN_CHECK(p.rows <= 0x7fffffff, "quantize_per_token: rows=", p.rows, " exceeds the grid limit 2^31-1");
   const bool ue8m0 = p.scale_dtype == DType::kFloat8E8M0;

@@ -40,8 +40,7 @@ namespace fp8kern {
 using namespace quant;
 
 void quantize_static(const QuantProblem& p) {
-  validate(p, "quantize_static", /*dynamic=*/false);
-  FP8KERN_CHECK(p.group_size >= 1, "quantize_static: group_size=", p.group_size, ", expected >= 1");
+  validate_quantize(p, "static");
   if (p.rows == 0) return;
   dispatch_input(p.x_dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -71,10 +71,14 @@ struct ScaledMm {
     typename Gemm::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm,
                                   {int(p.m), int(p.n), int(p.k)}, 1, epilogue,
                                   p.a, p.b, nullptr, nullptr, 0, 0, 0, 0, p.lda, p.ldb, 0, 0);
+    // The grid's y dimension counts N tiles and is limited to 65535 (N <= 4194240 with 64-column tiles).
+    constexpr int64_t kTileN = TileShape::kN;
+    FP8KERN_CHECK((p.n + kTileN - 1) / kTileN <= 65535, "scaled_mm_sm89: N=", p.n, " needs more than 65535 tiles of ",
+                  kTileN, " columns; split the GEMM along N");
     Gemm gemm;
     const cutlass::Status ok = gemm.can_implement(args);
     FP8KERN_CHECK(ok == cutlass::Status::kSuccess, "scaled_mm_sm89: CUTLASS cannot run M=", p.m, " N=", p.n, " K=",
-                  p.k, " (", cutlassGetStatusString(ok), "); K and the A/B row strides must be multiples of 16");
+                  p.k, " with lda=", p.lda, " ldb=", p.ldb, " (", cutlassGetStatusString(ok), ")");
     FP8KERN_CHECK(Gemm::get_workspace_size(args) <= p.workspace_bytes, "scaled_mm_sm89: workspace too small");
     const cutlass::Status st = gemm.initialize(args, p.workspace, p.stream);
     FP8KERN_CHECK(st == cutlass::Status::kSuccess, "scaled_mm_sm89: initialize failed (", cutlassGetStatusString(st),

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "../common/check.h"
+#include "../common/device_info.h"
 #include "../dispatch/gemm_configs.h"
 #include "fp8kern/fp8kern.h"
 #include "sm90_kernels.h"
@@ -51,9 +52,12 @@ constexpr BlockWorkspace kBlockWorkspace[3][sm90::kNumBlockConfigs] = {
 };
 
 int dtype_row(DType d) { return d == DType::kBFloat16 ? 0 : (d == DType::kFloat16 ? 1 : 2); }
-int config_id(const GemmProblem& p) { return p.config >= 0 ? p.config : sm90::select_config(p.m, p.n, p.k); }
+// Selection by shape uses the current device's SM count, the same count the CUTLASS kernels are launched with.
+int config_id(const GemmProblem& p) {
+  return p.config >= 0 ? p.config : sm90::select_config(p.m, p.n, p.k, sm_count(current_device()));
+}
 int config_id(const BlockGemmProblem& p) {
-  return p.config >= 0 ? p.config : sm90::select_block_config(p.m, p.n, p.k);
+  return p.config >= 0 ? p.config : sm90::select_block_config(p.m, p.n, p.k, sm_count(current_device()));
 }
 
 }  // namespace

@@ -119,9 +119,22 @@ def gemm_family(device: torch.device) -> str | None:
         "to run the pure-PyTorch reference on the GPU, which is correct but slow.")
 
 
-def config_name(family: str, M: int, N: int, K: int) -> str:
-    """Name of the kernel config select_config picks for a problem (needs the compiled module)."""
-    return _C.gemm_configs(family)[_C.gemm_select_config(family, M, N, K)]
+def config_name(family: str, M: int, N: int, K: int, sm_count: int) -> str:
+    """Name of the kernel config select_config picks for a problem on a GPU with sm_count multiprocessors (needs the
+    compiled module, not a GPU)."""
+    return _C.gemm_configs(family)[_C.gemm_select_config(family, M, N, K, sm_count)]
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device (cached)."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    n = _sm_counts.get(index)
+    if n is None:
+        n = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
+
+
+_sm_counts: dict = {}
 
 
 def note_path(op: str, key: tuple, path: str) -> None:

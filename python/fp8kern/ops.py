@@ -17,6 +17,8 @@ INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, E8M0)
 # dtype codes of the compiled module (csrc/include/fp8kern/fp8kern.h, enum DType)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, E4M3: 3, E8M0: 4}
+_FP32_MAX = torch.finfo(torch.float32).max
+_FP32_TRUE_MIN = 2.0 ** -149  # smallest positive (subnormal) fp32
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fas
     M, K = a.shape
     N = b.shape[0]
     if _backend._state["print_config"]:
-        what = (f"{family} {_config_label(family, layout.name == 'block', M, N, K)}" if family
+        what = (f"{family} {_config_label(family, layout.name == 'block', M, N, K, a.device)}" if family
                 else f"reference ({a.device.type})")
         _backend.note_path("scaled_mm", (M, N, K, layout.name, str(out_dtype)), what)
     if family is None:
@@ -200,13 +202,13 @@ def _k_run(family: str, block: bool, K: int) -> int:
     return max(-(-K // 16) * 16, 128 if block and family == "sm90" else 16)
 
 
-def _config_label(family: str, block: bool, M: int, N: int, K: int) -> str:
-    """Name of the config a problem runs with (the forced one when _config_override names one)."""
+def _config_label(family: str, block: bool, M: int, N: int, K: int, device: torch.device) -> str:
+    """Name of the config a problem runs with on a device (the forced one when _config_override names one)."""
     query = family + "_block" if block else family
     forced = _config_override.get(query)
     if forced is not None:
         return _backend._C.gemm_configs(query)[forced]
-    return _backend.config_name(query, M, N, _k_run(family, block, K))
+    return _backend.config_name(query, M, N, _k_run(family, block, K), _backend.sm_count(device))
 
 
 # Workspace bytes per problem shape for sm90 (stream-K needs some; the size depends on the shape, dtype, accumulation
@@ -312,8 +314,9 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a, scale_b, *, out_dtype: 
     Scales are float32; block scales may also be bfloat16, float16 or float8_e8m0fnu (UE8M0). A Python float is
     accepted as a per-tensor scale (it is copied to the device on each call).
     out: optional [M, N] tensor of dtype out_dtype (row stride allowed) that receives the result.
-    fast_accum: on Hopper, let the tensor cores accumulate the whole K in their reduced-precision accumulator
-    (faster, less accurate at large K); the default promotes partial sums to fp32 every 128 of K.
+    fast_accum: on Hopper's per-tensor / per-token kernels, let the tensor cores accumulate the whole K in their
+    reduced-precision accumulator (faster, less accurate at large K); the default promotes partial sums to fp32
+    every 128 of K. Block-scaled kernels and the Ada kernels always promote (Ada every 64 or 128 of K) and ignore it.
     """
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
@@ -397,6 +400,7 @@ def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOC
     returns float8_e8m0fnu scales. Static: pass fp32 `scale` in the shape above (or (M,) for token).
     x_fp8 = saturate(round(x / scale)) to +-448, round to nearest even; never NaN from overflow.
     On CUDA (sm_89 and newer) this is one fused kernel; elsewhere the reference (fp8kern.reference.quantize).
+    Under CUDA graph capture pass a static `scale` as a CUDA tensor (a Python float would need a host copy).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -432,8 +436,10 @@ def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOC
     elif scale_ub is not None:
         if isinstance(scale_ub, torch.Tensor):
             raise TypeError("scale_ub must be a Python float (a tensor would need a device synchronization)")
-        if not (isinstance(scale_ub, (int, float)) and math.isfinite(scale_ub) and scale_ub > 0):
-            raise ValueError(f"scale_ub={scale_ub!r}, expected a finite float > 0")
+        # The kernels take it as fp32: it must round to a finite, non-zero fp32 value (0 would mean "no bound").
+        if not (isinstance(scale_ub, (int, float)) and _FP32_TRUE_MIN <= scale_ub <= _FP32_MAX):
+            raise ValueError(f"scale_ub={scale_ub!r}, expected a float > 0 that fits float32 "
+                             f"({_FP32_TRUE_MIN:.3g} to {_FP32_MAX:.4g})")
         scale_ub = float(scale_ub)
 
     if torch.compiler.is_compiling():
@@ -477,7 +483,8 @@ def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: t
         kind = granularity
         s_out = torch.empty(grid, dtype=E8M0 if ue8m0 else torch.float32, device=x2.device)
         s_rs, s_cs = (grid[1] if grid[0] > 1 else 0), 1
-    gs = group_size if granularity == "group" else K
+    # Without groups the scale's column stride is 0 and the group size unused; a group wider than K is the row.
+    gs = min(group_size, K) if granularity == "group" else 1
     ws = torch.empty(1, dtype=torch.int32, device=x2.device) if kind == "tensor" else None
     with torch.cuda.device(x2.device):
         _backend._C.quantize(kind, x2.device.index, x2.data_ptr(), _DTYPE_CODE[x2.dtype], M, K, x2.stride(0),

@@ -36,7 +36,9 @@ def scale_from_amax(amax: torch.Tensor, scale_ub: float | None = None, ue8m0: bo
     amax = amax.float()
     if scale_ub is not None:
         amax = torch.clamp(amax, max=float(scale_ub))
-    s = torch.clamp(amax / E4M3_MAX, min=MIN_SCALE)
+    # A tensor divisor: CUDA's division by a Python scalar multiplies by its reciprocal, which can differ from the
+    # correctly rounded quotient (what the kernels and the CPU compute) by one ulp.
+    s = torch.clamp(amax / torch.full_like(amax, E4M3_MAX), min=MIN_SCALE)
     return _round_up_pow2(s) if ue8m0 else s
 
 

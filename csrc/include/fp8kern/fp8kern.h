@@ -63,7 +63,8 @@ struct QuantProblem {
 void quantize_per_token(const QuantProblem& p);
 // Dynamic per-(row, group of group_size columns) scales; the last group of a row may be partial.
 void quantize_per_group(const QuantProblem& p);
-// Dynamic single scale for the whole tensor (two kernels: amax, then quantize; no host synchronization).
+// Dynamic single scale for the whole tensor (two kernels: amax, then quantize; no host synchronization). With
+// rows == 0 nothing is written, the scale included: the caller picks the scale of an empty tensor.
 void quantize_per_tensor(const QuantProblem& p);
 // Static: scales are inputs (fp32), read as scale[row * scale_row_stride + (col / group_size) * scale_col_stride].
 // Per-tensor: both strides 0; per-token: col stride 0 and group_size = cols.
@@ -71,24 +72,29 @@ void quantize_static(const QuantProblem& p);
 
 // One FP8 GEMM with the dequantization fused into the epilogue:
 //   D[m, n] = scale_a[m or 0] * scale_b[n or 0] * sum_k A[m, k] * B[n, k]  (+ bias[n])
-// A [m, k] and B [n, k] are e4m3, row-major (K contiguous); D [m, n] is row-major with row stride ldd.
-struct GemmProblem {
+// What every GEMM problem has. A [m, k] and B [n, k] are e4m3, row-major (K contiguous); D [m, n] is row-major with
+// row stride ldd. The scales differ per problem kind (below).
+struct GemmOperands {
   const void* a = nullptr;
   const void* b = nullptr;
   void* d = nullptr;
   int64_t m = 0, n = 0, k = 0;
   int64_t lda = 0, ldb = 0, ldd = 0;  // elements
   DType d_dtype = DType::kBFloat16;
-  const float* scale_a = nullptr;     // [m] when scale_a_vector, else one scalar
-  bool scale_a_vector = false;
-  const float* scale_b = nullptr;     // [n] when scale_b_vector, else one scalar
-  bool scale_b_vector = false;
   const void* bias = nullptr;         // [n] of d_dtype, or null
-  bool fast_accum = false;            // false: partial sums promoted to fp32 every 128 of K
   int config = -1;                    // index into the family's config table; -1 selects by shape
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
+};
+
+// Per-tensor / per-token x per-channel: D = scale_a[m] * scale_b[n] * A B^T (+ bias).
+struct GemmProblem : GemmOperands {
+  const float* scale_a = nullptr;     // [m] when scale_a_vector, else one scalar
+  bool scale_a_vector = false;
+  const float* scale_b = nullptr;     // [n] when scale_b_vector, else one scalar
+  bool scale_b_vector = false;
+  bool fast_accum = false;            // sm90 only; false: partial sums promoted to fp32 every 128 of K
 };
 
 // Hopper (sm_90a) per-tensor / per-token x per-channel family. Throws InvalidArgument for shapes it cannot run
@@ -99,20 +105,9 @@ void scaled_mm_sm89(const GemmProblem& p);
 
 // Block-scaled FP8 GEMM: D[m, n] = sum_kb scale_a[m, kb] * scale_b[n / 128, kb] * sum_{k in block kb} A[m, k] B[n, k]
 // (+ bias[n]). Scales are fp32 and K-major: scale_a [m, ceil(k/128)], scale_b [ceil(n/128), ceil(k/128)], contiguous.
-struct BlockGemmProblem {
-  const void* a = nullptr;
-  const void* b = nullptr;
-  void* d = nullptr;
-  int64_t m = 0, n = 0, k = 0;
-  int64_t lda = 0, ldb = 0, ldd = 0;
-  DType d_dtype = DType::kBFloat16;
+struct BlockGemmProblem : GemmOperands {
   const float* scale_a = nullptr;
   const float* scale_b = nullptr;
-  const void* bias = nullptr;
-  int config = -1;                    // index into the family's config table; -1 selects by shape
-  void* workspace = nullptr;
-  size_t workspace_bytes = 0;
-  cudaStream_t stream = nullptr;
 };
 
 // Hopper (sm_90a) block-scaled family (1x128 x 128x128).
@@ -135,10 +130,11 @@ size_t gemm_workspace_size(const GemmProblem& p, const char* family);
 // The same for a block-scaled problem ("sm90_block" or "sm89_block").
 size_t gemm_workspace_size(const BlockGemmProblem& p, const char* family);
 
-// Name of config i of a family ("" past the end) and the config select_config picks for a problem. Families:
-// "sm90", "sm89" (per-tensor / per-token x per-channel), "sm90_block", "sm89_block" (block-scaled).
+// Name of config i of a family ("" past the end) and the config select_config picks for a problem on a GPU with
+// sm_count multiprocessors. Families: "sm90", "sm89" (per-tensor / per-token x per-channel), "sm90_block",
+// "sm89_block" (block-scaled).
 const char* gemm_config_name(const char* family, int index);
-int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k);
+int gemm_select_config(const char* family, int64_t m, int64_t n, int64_t k, int sm_count);
 // Whether the module was compiled with the family's kernels (sm90 needs the 90a target).
 bool gemm_family_compiled(const char* family);
 

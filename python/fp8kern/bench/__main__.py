@@ -178,7 +178,7 @@ def run_gpu(args) -> list[dict]:
                 fns[args.label] = lambda: fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
                 diff = calc_diff(ours, fp8kern.reference.scaled_mm(a, b, sa, sb, out_dtype))
                 family = _backend.gemm_family(a.device)
-                config = family and fp8kern.ops._config_label(family, layout == "block", M, N, K)
+                config = family and fp8kern.ops._config_label(family, layout == "block", M, N, K, a.device)
             except NotImplementedError:
                 diff = config = None
             gran = {"tensor": "tensor", "token_channel": "token", "block": "group"}[layout]
