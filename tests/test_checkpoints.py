@@ -464,6 +464,14 @@ def test_quark_int4_rejected(ckpt, tmp_path):
     with pytest.raises(ValueError, match="'uint4'.*INT4 W4A8"):
         from_pretrained(d)
 
+    # W4A8 as Quark exports it: two quantizers chained on the weight (fp8 per-tensor, then int4 per-channel).
+    w4a8 = quark_qconfig("per_tensor", None)
+    w4a8["global_quant_config"]["weight"] = [{"dtype": "fp8_e4m3", "qscheme": "per_tensor"},
+                                             {"dtype": "int4", "qscheme": "per_channel", "ch_axis": 0}]
+    d1 = copy_ckpt(src, tmp_path / "w4a8", edit_config=lambda c: c.__setitem__("quantization_config", w4a8))
+    with pytest.raises(ValueError, match=r"\['fp8_e4m3', 'int4'\].*multi-stage quantization"):
+        from_pretrained(d1)
+
     def pack(t):  # INT4 weights as Quark exports them: int32 words holding 8 nibbles
         t[f"{QUANT[0]}.weight"] = torch.zeros(160, 20, dtype=torch.int32)
 
@@ -488,6 +496,42 @@ def test_unexpected_tensor(ckpt, tmp_path):
                   edit_tensors=lambda t: t.__setitem__(extra, torch.ones(3)))
     with pytest.raises(ValueError, match=f"1 tensor\\(s\\) that fit nothing.*{extra}"):
         from_pretrained(d)
+
+
+def test_modules_to_not_convert_matches_at_module_boundaries(ckpt, tmp_path):
+    """transformers' rule: 'mlp.gate' (a MoE router) does not exclude mlp.gate_proj, 'layers.1' not layers.11."""
+    from fp8kern.checkpoints.fp8_block import _not_converted
+    assert not _not_converted("model.layers.0.mlp.gate_proj", "mlp.gate")
+    assert _not_converted("model.layers.0.mlp.gate", "mlp.gate")
+    assert not _not_converted("model.layers.11.mlp.up_proj", "model.layers.1")
+    assert _not_converted("model.layers.1.mlp.up_proj", "model.layers.1")
+    assert _not_converted("model.layers.11.mlp.up_proj", r"model\.layers\.\d+\.mlp\.up_proj")
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "router",
+                  edit_config=lambda c: c["quantization_config"].update(modules_to_not_convert=["lm_head", "mlp.gate"]))
+    model = from_pretrained(d)
+    assert isinstance(model.get_submodule(QUANT[0].replace("self_attn.q_proj", "mlp.gate_proj")), Fp8Linear)
+
+
+def test_missing_bias_of_a_quantized_layer(ckpt, tmp_path):
+    """A bias the model expects but the checkpoint lacks is named in the error (no bare StopIteration)."""
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "bias",
+                  edit_config=lambda c: c.update(attention_bias=True))
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj\.bias"):
+        from_pretrained(d)
+
+
+def test_model_class_loading_rules(ckpt, tmp_path, monkeypatch):
+    """The model class's _keys_to_ignore_on_load_unexpected (e.g. DeepSeek-V3's MTP layer) are skipped with a
+    warning, and its _keep_in_fp32_modules stay float32, as transformers loads them."""
+    extra = "model.layers.2.eh_proj.weight"
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "mtp", edit_tensors=lambda t: t.__setitem__(extra, torch.ones(3)))
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"model\.layers\.2\."],
+                        raising=False)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules", ["input_layernorm"], raising=False)
+    with pytest.warns(UserWarning, match=f"does not use 1 checkpoint tensor\\(s\\) such as '{extra}'"):
+        model = from_pretrained(d)
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert model.model.layers[0].post_attention_layernorm.weight.dtype == torch.bfloat16
 
 
 def test_config_and_tensors_disagree(ckpt, tmp_path):

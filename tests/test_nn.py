@@ -73,6 +73,42 @@ def test_state_dict_round_trip():
     assert set(m.state_dict()) == {"weight", "weight_scale", "bias"}
 
 
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "float", "to_fp16_cpu"])
+def test_dtype_casts_keep_the_fp8_format(cast):
+    """model.to(dtype) and friends cast the bias but leave the e4m3 weight and the fp32 / e8m0 scales as stored
+    (nn.Module would otherwise convert them, as e4m3 counts as floating point, and forward would reject them)."""
+    torch.manual_seed(7)
+    for scheme, kw in [("dynamic_per_token", {}), ("static_per_tensor", dict(input_scale=0.01)),
+                       ("block128", dict(scale_format="ue8m0"))]:
+        m = Fp8Linear.from_linear(nn.Linear(256, 130), scheme, **kw)
+        before = {k: v.clone() for k, v in m.state_dict().items() if k != "bias"}
+        {"to_bf16": lambda: m.to(torch.bfloat16), "half": m.half, "float": m.float,
+         "to_fp16_cpu": lambda: m.to("cpu", torch.float16)}[cast]()
+        for k, v in before.items():
+            assert getattr(m, k).dtype == v.dtype and torch.equal(getattr(m, k).view(torch.uint8), v.view(torch.uint8))
+        dtype = {"to_bf16": torch.bfloat16, "half": torch.float16, "float": torch.float32,
+                 "to_fp16_cpu": torch.float16}[cast]
+        assert m.bias.dtype == dtype
+        check_linear(m, torch.randn(3, 256).to(dtype))
+
+
+def test_quantize_model_shared_module_and_unreached_layers():
+    """A Linear under two names is converted once and set under both; a static layer the calibration never runs
+    is skipped with the reason, not given a made-up scale."""
+    torch.manual_seed(8)
+    model = nn.Module()
+    model.a = nn.Linear(32, 32)
+    model.b = model.a
+    model.unused = nn.Linear(32, 8)
+    model.forward = lambda x: model.a(x)
+    report = quantize_model(model, "static_per_tensor", skip=(), calibration_data=[torch.randn(4, 32)])
+    assert isinstance(model.a, Fp8Linear) and model.b is model.a
+    assert sorted(report.replaced) == ["a", "b"]
+    assert "never reached" in report.skipped["unused"] and isinstance(model.unused, nn.Linear)
+    report = quantize_model(model, "dynamic_per_token", skip=())
+    assert report.replaced == ["unused"]
+
+
 def test_quantize_model_dynamic_and_report():
     torch.manual_seed(3)
     model = nn.Sequential()

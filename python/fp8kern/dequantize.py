@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -92,6 +93,23 @@ def dequantize_checkpoint(src: str, dst: str, format: str = "auto") -> list[str]
     return shards
 
 
+def _compare(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 24) -> tuple[float, float]:
+    """(cosine similarity, relative L2 error) of flat tensors a (dequantized) and b (original), accumulated in
+    float64 over chunks so memory stays at a few chunks, not 8 bytes per element of a whole embedding."""
+    ab = aa = bb = dd = 0.0
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
+        ab, aa, bb = ab + float(x @ y), aa + float(x @ x), bb + float(y @ y)
+        dd += float((x - y).square().sum())
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    if na > 0 and nb > 0:
+        cos = ab / (na * nb)
+    else:
+        cos = float(torch.equal(a, b))
+    rel = math.sqrt(dd) / nb if nb > 0 else math.sqrt(dd)
+    return cos, rel
+
+
 def verify(dequantized: str, original: str, out=None) -> list[tuple]:
     """Per tensor of dequantized also in original: (name, cosine, relative error ||a - b|| / ||b||), in float64.
     Prints a table and a summary line to out (default sys.stdout)."""
@@ -110,13 +128,10 @@ def verify(dequantized: str, original: str, out=None) -> list[tuple]:
                     o = orig[key].shard
                     if o not in handles:
                         handles[o] = safe_open(os.path.join(original, o), framework="pt").__enter__()
-                    a, b = f.get_tensor(key).double().flatten(), handles[o].get_tensor(key).double().flatten()
+                    a, b = f.get_tensor(key), handles[o].get_tensor(key)
                     if a.shape != b.shape:
                         raise ValueError(f"{key}: dequantized shape {tuple(a.shape)} != original {tuple(b.shape)}")
-                    nb = b.norm()
-                    cos = float(a @ b / (a.norm() * nb)) if a.norm() > 0 and nb > 0 else float(torch.equal(a, b))
-                    rel = float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
-                    rows.append((key, cos, rel))
+                    rows.append((key, *_compare(a.flatten(), b.flatten())))
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)

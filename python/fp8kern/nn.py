@@ -95,6 +95,19 @@ class Fp8Linear(nn.Module):
             m.input_scale.fill_(input_scale)
         return m
 
+    # Buffers whose dtype is part of the format: model.to(dtype) / .half() / .bfloat16() move them but keep the
+    # dtype (e4m3 and e8m0 count as floating point, so nn.Module would convert them and break forward).
+    _FIXED_DTYPE = ("weight", "weight_scale", "input_scale")
+
+    def _apply(self, fn, recurse=True):
+        fixed = {id(b) for name, b in self._buffers.items() if name in self._FIXED_DTYPE and b is not None}
+
+        def keep_dtype(t):
+            out = fn(t)
+            return t.to(device=out.device) if id(t) in fixed and out.dtype != t.dtype else out
+
+        return super()._apply(keep_dtype, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Fp8Linear: input has {x.shape[-1]} features in the last dim, expected {self.in_features}")
@@ -147,12 +160,16 @@ def _skip_reason(name: str, module: nn.Linear, skip) -> str | None:
 
 @torch.no_grad()
 def _calibrate(model: nn.Module, names: list[str], data) -> dict[str, float]:
-    """Static per-tensor input scales: amax over the calibration batches of each layer's input, / 448."""
-    amax = {n: torch.zeros((), dtype=torch.float32) for n in names}
+    """Static per-tensor input scales: amax over the calibration batches of each layer's input, / 448. Layers the
+    batches never reach get no entry (a guessed scale would ruin them)."""
+    amax = {}
     modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_pre_hook(
-        lambda mod, args, n=n: amax.__setitem__(n, torch.maximum(amax[n], args[0].detach().abs().amax().float().cpu())))
-        for n in names]
+
+    def record(n, x):
+        v = x.detach().abs().amax().float().cpu()
+        amax[n] = torch.maximum(amax[n], v) if n in amax else v
+
+    hooks = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n in names]
     try:
         for batch in data:
             model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
@@ -176,23 +193,33 @@ def quantize_model(model: nn.Module, scheme: str = "dynamic_per_token", skip=("l
     if isinstance(skip, str):
         skip = (skip,)
     report = ConversionReport()
-    targets = []
-    for name, module in model.named_modules():
+    # Every name of every Linear: a module shared under two names (tied or aliased) is converted once and the one
+    # Fp8Linear set under both names.
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.Linear) and not isinstance(module, Fp8Linear):
-            why = _skip_reason(name, module, skip)
-            if why:
-                report.skipped[name] = why
-            else:
-                targets.append(name)
+            names.setdefault(id(module), []).append(name)
+    targets = []
+    for aliases in names.values():
+        why = next((w for w in (_skip_reason(n, model.get_submodule(n), skip) for n in aliases) if w), None)
+        if why:
+            report.skipped.update({n: why for n in aliases})
+        else:
+            targets.append(aliases)
     scales = {}
     if not SCHEMES[scheme][1]:
         if calibration_data is None:
             raise ValueError(f"scheme={scheme!r} needs calibration_data to measure the static input scales")
-        scales = _calibrate(model, targets, calibration_data)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        setattr(parent, child, Fp8Linear.from_linear(linear, scheme, input_scale=scales.get(name), **kwargs))
-        report.replaced.append(name)
+        scales = _calibrate(model, [aliases[0] for aliases in targets], calibration_data)
+    for aliases in targets:
+        if not SCHEMES[scheme][1] and aliases[0] not in scales:
+            report.skipped.update({n: "calibration_data never reached it (no input amax to set its static scale)"
+                                   for n in aliases})
+            continue
+        converted = Fp8Linear.from_linear(model.get_submodule(aliases[0]), scheme,
+                                          input_scale=scales.get(aliases[0]), **kwargs)
+        for name in aliases:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, converted)
+            report.replaced.append(name)
     return report

@@ -176,7 +176,7 @@ class CheckpointFormat:
 
     def checkpoint_key(self, module: str, buffer: str) -> str:
         """The checkpoint tensor name that fills module's Fp8Linear buffer."""
-        suffix = next(s for s, b in self.suffixes.items() if b == buffer)
+        suffix = next((s for s, b in self.suffixes.items() if b == buffer), buffer)  # e.g. bias: stored as named
         return f"{module}.{suffix}"
 
     def weight_scale(self, raw: torch.Tensor, spec: LayerSpec, n: int, k: int, key: str) -> torch.Tensor:

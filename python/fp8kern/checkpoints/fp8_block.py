@@ -10,7 +10,24 @@ computes them) when scale_fmt is 'ue8m0' or the stored scales are float8_e8m0fnu
 
 from __future__ import annotations
 
+import re
+
 from .common import CheckpointFormat, LayerSpec, unsupported
+
+
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def _not_converted(module: str, entry: str) -> bool:
+    """Whether a modules_to_not_convert entry names module, by transformers' rule: a regex matched from the start
+    of the name up to a module boundary ('model.layers.1' is not 'model.layers.11'; 'mlp.gate' names the MoE
+    router, not 'mlp.gate_proj'), or a plain suffix of the name ('lm_head')."""
+    try:
+        if re.match(rf"(?:{entry}){_BOUNDARY}", module):
+            return True
+    except re.error:
+        pass
+    return module.endswith(entry)
 
 
 class Fp8Block(CheckpointFormat):
@@ -29,12 +46,11 @@ class Fp8Block(CheckpointFormat):
             raise unsupported("quant_method 'fp8' activation_scheme", q.get("activation_scheme"), "expected 'dynamic'")
         if q.get("scale_fmt") not in (None, "ue8m0"):
             raise unsupported("quant_method 'fp8' scale_fmt", q.get("scale_fmt"), "expected 'ue8m0' or absent")
-        self.skip = list(q.get("modules_to_not_convert") or [])
+        self.skip = list(q.get("modules_to_not_convert") or q.get("ignored_layers") or [])
         self.ue8m0 = q.get("scale_fmt") == "ue8m0"
 
     def layer_spec(self, module, class_names=("Linear",)):
-        # transformers' rule: a module is left unconverted when any modules_to_not_convert entry is in its name.
-        if any(s in module for s in self.skip):
+        if any(_not_converted(module, s) for s in self.skip):
             return None
         info = self.header.get(f"{module}.weight_scale_inv")
         ue8m0 = self.ue8m0 or (info is not None and info.dtype == "F8_E8M0")

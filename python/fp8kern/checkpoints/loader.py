@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import warnings
 
 import torch
@@ -99,7 +100,8 @@ def _swap_linears(model: nn.Module, fmt: CheckpointFormat, header, dtype) -> dic
     unplaced = sorted(set(stored) - set(swapped))
     if unplaced:
         raise ValueError(f"checkpoint stores FP8 weights for modules that are not nn.Linear in the model built from "
-                         f"config.json: {unplaced}")
+                         f"config.json: {unplaced}. fp8kern runs FP8 nn.Linear layers; MoE experts that this "
+                         "transformers version fuses into 3-D parameters are not supported yet")
     return swapped
 
 
@@ -146,7 +148,13 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     swapped = _swap_linears(model, fmt, header, dtype)
 
     expected = set(model.state_dict().keys())
-    loaded, unexpected, kv_scales = set(), [], []
+    # The model class's own loading rules, as transformers applies them: tensors it ignores (e.g. DeepSeek-V3's
+    # multi-token-prediction layer) and modules kept in fp32 (e.g. MoE routers' correction biases).
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    fp32_names = set(getattr(model, "_keep_in_fp32_modules", None) or []) | \
+        set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    keep_fp32 = re.compile("|".join(re.escape(m) for m in sorted(fp32_names))) if fp32_names else None
+    loaded, unexpected, kv_scales, ignored = set(), [], [], []
     for shard in progress(sorted({i.shard for i in header.values()}), desc=f"Loading {fmt.name} checkpoint"):
         with safe_open(os.path.join(path, shard), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -158,9 +166,12 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                 elif key in expected:
                     target, value = key, f.get_tensor(key)
                     if value.is_floating_point():
-                        value = value.to(dtype)
+                        value = value.to(torch.float32 if keep_fp32 and keep_fp32.search(key) else dtype)
                 elif fmt.kv_cache_scale(key):
                     kv_scales.append(key)
+                    continue
+                elif any(p.search(key) for p in ignore):
+                    ignored.append(key)
                     continue
                 else:
                     unexpected.append(key)
@@ -170,6 +181,9 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     if unexpected:
         raise ValueError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) that fit nothing in the "
                          f"{type(model).__name__} built from config.json ({fmt.name} format): {sorted(unexpected)}")
+    if ignored:
+        warnings.warn(f"{type(model).__name__} does not use {len(ignored)} checkpoint tensor(s) such as "
+                      f"{ignored[0]!r}; skipped them as transformers does", stacklevel=2)
     if kv_scales:
         warnings.warn(f"fp8kern keeps the KV cache in {dtype}: ignored {len(kv_scales)} KV-cache scale tensor(s) "
                       f"such as {kv_scales[0]!r}", stacklevel=2)

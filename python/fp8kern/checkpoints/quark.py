@@ -45,7 +45,14 @@ class Quark(CheckpointFormat):
 
     @staticmethod
     def _check_int4(where: str, cfg) -> None:
-        dtype = ((cfg or {}).get("weight") or {}).get("dtype")
+        cfg = cfg or {}
+        for field in ("weight", "input_tensors"):
+            spec = cfg.get(field)
+            if isinstance(spec, list):  # several quantizers chained on one tensor, e.g. W4A8's [fp8 per_tensor, int4]
+                raise unsupported(f"Quark {where}.{field}", [d.get("dtype") if isinstance(d, dict) else d for d in spec],
+                                  "multi-stage quantization (e.g. INT4 W4A8) is not supported; fp8kern loads a "
+                                  "single fp8_e4m3 quantizer per tensor")
+        dtype = (cfg.get("weight") or {}).get("dtype")
         if dtype is not None and "int4" in str(dtype):
             raise unsupported(f"Quark {where}.weight.dtype", dtype,
                               "INT4 W4A8 / W4A16 is not supported; fp8kern loads FP8 (fp8_e4m3) weights only")
