@@ -63,7 +63,8 @@ def test_sm90_sass_has_fp8_wgmma():
         assert "QGMMA" in blk and "E4M3.E4M3" in blk, f"kernel without FP8 WGMMA: {blk.splitlines()[0][:120]}"
 
 
-@pytest.mark.parametrize("fragment,count", [("DefaultGemmWithVisitor", 9), ("blockwise_kernel", 9)])
+# 3 tile configs x 3 output dtypes, per-token ones in both accumulation modes
+@pytest.mark.parametrize("fragment,count", [("DefaultGemmWithVisitor", 18), ("blockwise_kernel", 9)])
 def test_sm89_sass_has_fp8_mma(fragment, count):
     """The Ada kernels run FP8 mma.sync (QMMA.16832.F32.E4M3.E4M3 in sm_89 SASS): both families, three tile configs
     per output dtype each."""

@@ -29,7 +29,10 @@ struct Config {
   static constexpr int kStages = kStages_;  // cp.async pipeline depth (shared memory: stages x (M + N) x K bytes)
 };
 
-template <class Cfg, class ElementD>
+// kFast: mma.sync accumulates all of K in its accumulator (OpMultiplyAddFastAccum). Otherwise CUTLASS's sm89
+// mainloop stages the accumulation (OpMultiplyAdd): each CTA K tile is summed in a fresh partial accumulator that is
+// then added to the fp32 total, since Ada's FP8 MMA adds into its accumulator with reduced precision.
+template <class Cfg, class ElementD, bool kFast>
 struct ScaledMm {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
@@ -58,7 +61,8 @@ struct ScaledMm {
       float, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm89,
       TileShape, typename Cfg::WarpShape, cutlass::gemm::GemmShape<16, 8, 32>,
       Epilogue, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, Cfg::kStages,
-      cutlass::arch::OpMultiplyAdd, 1>::GemmKernel;
+      cute::conditional_t<kFast, cutlass::arch::OpMultiplyAddFastAccum, cutlass::arch::OpMultiplyAdd>,
+      1>::GemmKernel;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static void run(const GemmProblem& p) {
@@ -99,13 +103,20 @@ using Cfg128x64 = Config<cutlass::gemm::GemmShape<128, 64, 64>, cutlass::gemm::G
 
 }  // namespace fp8kern::sm89
 
+// Defines fp8kern::sm89::NAME(problem, config) running tile config `config` for output ElementD in the accumulation
+// mode p.fast_accum asks for.
 #define FP8KERN_SM89_INSTANTIATE(ElementD, NAME)                                \
   namespace fp8kern::sm89 {                                                     \
-  void NAME(const GemmProblem& p, int config) {                                 \
+  template <bool kFast>                                                         \
+  static void NAME##_mode(const GemmProblem& p, int config) {                   \
     switch (config) {                                                           \
-      case 0: ScaledMm<Cfg32x64, ElementD>::run(p); break;                      \
-      case 1: ScaledMm<Cfg64x128, ElementD>::run(p); break;                     \
-      default: ScaledMm<Cfg128x64, ElementD>::run(p); break;                    \
+      case 0: ScaledMm<Cfg32x64, ElementD, kFast>::run(p); break;               \
+      case 1: ScaledMm<Cfg64x128, ElementD, kFast>::run(p); break;              \
+      default: ScaledMm<Cfg128x64, ElementD, kFast>::run(p); break;             \
     }                                                                           \
+  }                                                                             \
+  void NAME(const GemmProblem& p, int config) {                                 \
+    if (p.fast_accum) NAME##_mode<true>(p, config);                             \
+    else NAME##_mode<false>(p, config);                                         \
   }                                                                             \
   }

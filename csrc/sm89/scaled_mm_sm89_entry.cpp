@@ -1,8 +1,6 @@
 // Entries of the sm89 families (per-tensor/per-token/per-channel and block-scaled): validate the problem again and
-// dispatch by output dtype and config. fast_accum is ignored: both families always promote. Ada's FP8 mma.sync adds
-// into its accumulator with reduced precision, so CUTLASS's sm89 mainloop sums each CTA K tile (128 or 64 of K) in
-// a fresh partial accumulator and adds that to the fp32 total (staged accumulation, chosen by OpMultiplyAdd), and
-// the block kernel promotes every 128 of K with the scales.
+// dispatch by output dtype and config. The per-token kernels honour fast_accum (see ScaledMm in scaled_mm_sm89.cuh);
+// the block kernel always promotes every 128 of K, applying the scales.
 #include "../common/device_info.h"
 #include "../dispatch/gemm_configs.h"
 #include "fp8kern/fp8kern.h"

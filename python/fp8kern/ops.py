@@ -314,9 +314,9 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a, scale_b, *, out_dtype: 
     Scales are float32; block scales may also be bfloat16, float16 or float8_e8m0fnu (UE8M0). A Python float is
     accepted as a per-tensor scale (it is copied to the device on each call).
     out: optional [M, N] tensor of dtype out_dtype (row stride allowed) that receives the result.
-    fast_accum: on Hopper's per-tensor / per-token kernels, let the tensor cores accumulate the whole K in their
-    reduced-precision accumulator (faster, less accurate at large K); the default promotes partial sums to fp32
-    every 128 of K. Block-scaled kernels and the Ada kernels always promote (Ada every 64 or 128 of K) and ignore it.
+    fast_accum: let the tensor cores accumulate the whole K in their reduced-precision accumulator (faster, less
+    accurate at large K); the default promotes partial sums to fp32 every 128 of K (every 64 or 128 on Ada).
+    Block-scaled kernels always promote, applying the scales, and ignore it.
     """
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")

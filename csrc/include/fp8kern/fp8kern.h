@@ -94,7 +94,7 @@ struct GemmProblem : GemmOperands {
   bool scale_a_vector = false;
   const float* scale_b = nullptr;     // [n] when scale_b_vector, else one scalar
   bool scale_b_vector = false;
-  bool fast_accum = false;            // sm90 only; false: partial sums promoted to fp32 every 128 of K
+  bool fast_accum = false;            // false: partial sums promoted to fp32 every 128 of K (Ada: 64 or 128)
 };
 
 // Hopper (sm_90a) per-tensor / per-token x per-channel family. Throws InvalidArgument for shapes it cannot run
