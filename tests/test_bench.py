@@ -1,10 +1,13 @@
 """The benchmark command on the CPU: it runs the reference path, checks it, and writes comparable JSON rows."""
 
 import json
+import math
 
 import pytest
+import torch
 
-from fp8kern.bench.__main__ import main, parse_args
+from fp8kern.bench.__main__ import blockwise_peer, main, parse_args, summarize
+from fp8kern.bench.shapes import SUITES
 
 REQUIRED = {"gpu", "layout", "backend", "M", "N", "K", "out_dtype", "median_us", "tflops"}
 
@@ -45,3 +48,46 @@ def test_llama_stack_smoke(capsys):
     spec.loader.exec_module(mod)
     assert mod.main(["--small"]) == 0
     assert "timings need a GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("N,K", SUITES["deepseek"] + SUITES["llama8b"])
+def test_blockwise_peer_call_fits_torch(N, K):
+    """The torch._scaled_mm blockwise call the GPU run makes, checked by torch's own shape rules on meta tensors
+    (B's scales are given for mat2 = b.t(), i.e. [ceil(K/128), ceil(N/128)])."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    M = 16
+    a = torch.empty(M, K, dtype=torch.float8_e4m3fn, device="meta")
+    b = torch.empty(N, K, dtype=torch.float8_e4m3fn, device="meta")
+    sa = torch.empty(M, math.ceil(K / 128), device="meta")
+    sb = torch.empty(math.ceil(N / 128), math.ceil(K / 128), device="meta")
+    assert blockwise_peer(a, b, sa, sb, torch.bfloat16)().shape == (M, N)
+
+
+def test_summary_pairs_rows_with_their_peers():
+    """Goal figures from synthetic rows: ratios are peer time / fp8kern time over matching problems; unmatched
+    rows are counted as missing, wrong results are counted."""
+    peaks = {"fp8_tflops": 1000.0, "hbm_read_gbps": 3000.0}
+
+    def row(backend, suite, layout, M, N, K, us, **kw):
+        flops = 2 * M * N * K
+        return dict(backend=backend, suite=suite, layout=layout, M=M, N=N, K=K, median_us=us,
+                    tflops=flops / us / 1e6, pct_fp8_peak=100 * flops / us / 1e6 / 1000.0,
+                    weight_gbps=N * K / us / 1e3, **kw)
+
+    rows = [row("fp8kern", "llama8b", "token_channel", 1, 4096, 4096, 10.0),
+            row("torch._scaled_mm", "llama8b", "token_channel", 1, 4096, 4096, 12.0),
+            row("fp8kern", "llama70b", "token_channel", 4096, 8192, 8192, 500.0),
+            row("torch._scaled_mm", "llama70b", "token_channel", 4096, 8192, 8192, 450.0),
+            row("fp8kern", "deepseek", "block", 128, 7168, 2048, 20.0),
+            row("torch.matmul-bf16", "deepseek", "block", 128, 7168, 2048, 30.0),
+            dict(backend="fp8kern", layout="block", M=1, N=7168, K=2048, median_us=None, ok=False, error="x")]
+    s = summarize(rows, "fp8kern", peaks)
+    r = s["rowwise_vs_scaled_mm"]
+    assert r["n"] == 2 and r["missing"] == 0
+    assert r["geomean"] == pytest.approx(math.sqrt(1.2 * 0.9)) and r["min"] == pytest.approx(0.9)
+    assert s["decode_weight_bw_pct_of_hbm_read"]["min"] == pytest.approx(100 * 4096 * 4096 / 10.0 / 1e3 / 3000.0)
+    assert s["large_m_llama70b_tflops"]["n"] == 1
+    assert s["block_vs_scaled_mm_blockwise"]["missing"] == 1
+    assert s["block_vs_bf16_m128plus"]["min"] == pytest.approx(1.5)
+    assert s["wrong_results"] == 1

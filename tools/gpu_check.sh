@@ -4,11 +4,15 @@
 # Llama-8B-shaped stack (fp8 vs bf16, CUDA graphs).
 # Logs, JSON and a summary go to DIR.
 #   bash tools/gpu_check.sh DIR [STAGE...]      stages: build test sanitize bench (default: all, in order)
-# A device command may run 10 minutes: on a cold machine run `build test` in one call and `sanitize bench` in the
-# next (the build stays in the working tree between calls on a warm machine; later stages rebuild nothing).
+# A device command may run 10 minutes: on a cold machine run `build test`, then `sanitize`, then `bench`, one call
+# each (the build stays in the working tree between calls on a warm machine; later stages rebuild nothing).
 # Needs torch (CUDA), pybind11, cmake, ninja, pytest, nvcc there, and in .whl/ (ignored by git; name it in the
-# device tool's carry) the wheels it lacks, prepared here with:
+# device tool's carry) the wheels it lacks, prepared here with (the second line: matplotlib for the bench plot,
+# for the device's Python 3.12; about 30 MB in all):
 #   pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0 nvidia-cuda-cuobjdump==13.2.86
+#   pip download --no-deps -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any matplotlib contourpy \
+#     cycler fonttools kiwisolver pillow pyparsing python-dateutil six packaging
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash tools/gpu_check.sh DIR [build|test|sanitize|bench ...]}
@@ -30,7 +34,10 @@ if [ -n "$cuobj" ]; then export PATH="$PATH:$cuobj"; fi
 rc=0
 
 stage_build() {
-  pip install -q --no-deps --no-index .whl/*.whl
+  pip install -q --no-deps --no-index .whl/nvidia_*.whl
+  # The plot's dependencies only where the device lacks them; without them the bench just skips its PNG.
+  pip install -q --no-index --find-links .whl matplotlib > "$out/plot_deps.log" 2>&1 \
+    || echo "matplotlib not installed (bench PNG skipped): see plot_deps.log"
   pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
   python -c "import fp8kern, json; print(json.dumps(fp8kern.info()))" | tee "$out/info.json"
 }
@@ -52,19 +59,23 @@ stage_sanitize() {
 
 stage_bench() {
   # Hopper: time the sm90 kernels even before they are marked verified (the tests are what verifies them).
-  local backend
+  # Main run: the suites the speed goals are stated on (Llama rowwise, DeepSeek block-scaled), M from decode to
+  # large prefill; it prints the goal figures last. Then the sm89 kernels (fp8kern only), the accumulation modes
+  # and the Llama-8B-shaped stack.
+  local backend r
   backend=$(python -c "import torch; print('sm90' if torch.cuda.get_device_capability() == (9, 0) else 'auto')")
-  python -m fp8kern.bench --quick --backend "$backend" --json "$out/bench.json" > "$out/bench.txt" 2>&1
-  echo "bench: rc=$?"
-  python -m fp8kern.bench --quick --backend sm89 --json "$out/bench_sm89.json" > "$out/bench_sm89.txt" 2>&1
-  echo "bench sm89 (fp8kern-sm89 rows): rc=$?"
+  python -m fp8kern.bench --suite llama8b,llama70b,deepseek --m 1,16,128,4096,16384 --reps 20 \
+    --backend "$backend" --json "$out/bench.json" > "$out/bench.txt" 2>&1
+  r=$?; echo "bench: rc=$r"; [ $r -eq 0 ] || rc=1
+  python -m fp8kern.bench --quick --no-peers --backend sm89 --json "$out/bench_sm89.json" > "$out/bench_sm89.txt" 2>&1
+  r=$?; echo "bench sm89 (fp8kern-sm89 rows): rc=$r"; [ $r -eq 0 ] || rc=1
   python benchmarks/accumulation.py --json "$out/accumulation.json" > "$out/accumulation.txt" 2>&1
-  echo "accumulation (promoted vs fast, K=4096/16384): rc=$?"
+  r=$?; echo "accumulation (promoted vs fast, K=4096/16384): rc=$r"; [ $r -eq 0 ] || rc=1
   FP8KERN_BACKEND="$backend" python benchmarks/llama_stack.py --json "$out/llama_stack.json" \
     > "$out/llama_stack.txt" 2>&1
-  echo "llama_stack: rc=$?"
+  r=$?; echo "llama_stack: rc=$r"; [ $r -eq 0 ] || rc=1
   cat "$out/llama_stack.txt" "$out/accumulation.txt"
-  tail -40 "$out/bench.txt"
+  tail -60 "$out/bench.txt"
 }
 
 case " $stages " in
