@@ -1,7 +1,13 @@
 """Small problems through every kernel path, for compute-sanitizer (memcheck / racecheck): quantization kernels and
 the sm89 scaled_mm families (per-token and block-scaled) on any sm_89+ GPU, the sm90 families on Hopper (forced with
-set_backend, since unverified families do not run by default). The M values reach every sm89 block-scaled tile
-config (M <= 32, <= 256, > 256)."""
+set_backend, since unverified families do not run by default). Each shape runs with the config select_config picks
+(every output dtype) and then with every config of the family's tables forced (bf16), so every kernel is reached.
+PyTorch's caching allocator is switched off: memcheck sees only whole cudaMalloc allocations, so an overrun inside a
+cached segment would otherwise go unreported."""
+
+import os
+
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 
 import torch
 
@@ -34,7 +40,15 @@ for family in families:
             for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
                 bias = torch.randn(N, device="cuda", dtype=out_dtype)
                 fp8kern.scaled_mm(xq, wq, xs, ws, out_dtype=out_dtype, bias=bias)
-            if act == "token":
-                fp8kern.scaled_mm(xq, wq, xs, ws, fast_accum=True)
+            query = family + "_block" if act == "group" else family
+            bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+            for config in range(len(_backend._C.gemm_configs(query))):
+                fp8kern.ops._config_override[query] = config
+                try:
+                    fp8kern.scaled_mm(xq, wq, xs, ws, bias=bias)
+                    if act == "token":
+                        fp8kern.scaled_mm(xq, wq, xs, ws, fast_accum=True)
+                finally:
+                    fp8kern.ops._config_override.pop(query, None)
 torch.cuda.synchronize()
 print("sanitize_smoke: done")
