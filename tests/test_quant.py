@@ -165,3 +165,12 @@ def test_quantize_weight_ue8m0_block():
     assert s.dtype == torch.float8_e8m0fnu and s.shape == (2, 3)
     m, _ = torch.frexp(s.float())
     assert (m == 0.5).all()
+
+
+def test_group_wider_than_the_row_is_the_row():
+    """group_size >= K means one group per row, the per-token result, without padding x to group_size columns
+    (2^40 would need terabytes)."""
+    x = torch.randn(3, 200)
+    q, s = fp8kern.quantize(x, "group", group_size=1 << 40)
+    qt, st = fp8kern.quantize(x, "token")
+    assert s.shape == (3, 1) and torch.equal(s, st) and torch.equal(q.view(torch.uint8), qt.view(torch.uint8))

@@ -68,6 +68,7 @@ def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOC
     if x.dim() != 2:
         raise ValueError(f"reference.quantize expects a 2-D x, got shape {tuple(x.shape)}")
     M, K = x.shape
+    group_size = min(group_size, max(K, 1))  # a group wider than the row is the row (and needs no padding)
     ue8m0 = scale_format == "ue8m0"
     if scale is not None:
         return _apply(x, expand_scale(scale.float().reshape(_scale_grid(scale, M, K, granularity, group_size)),
