@@ -91,3 +91,38 @@ def test_summary_pairs_rows_with_their_peers():
     assert s["block_vs_scaled_mm_blockwise"]["missing"] == 1
     assert s["block_vs_bf16_m128plus"]["min"] == pytest.approx(1.5)
     assert s["wrong_results"] == 1
+
+
+_FAKE_GPU_RUN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import fake_cuda  # a fake CUDA device; the reference path stands in for the kernels
+import fp8kern.bench.__main__ as bench
+bench.PEAK_SHAPES = [(128, 128, 256)]
+bench.HBM_BYTES = 1 << 20
+bench.SUITES["llama8b"] = [(256, 384), (130, 200)]
+bench.SUITES["deepseek"] = [(260, 300)]
+sys.exit(bench.main(["--suite", "llama8b,deepseek", "--m", "1,16", "--reps", "2", "--backend", "sm90",
+                     "--json", sys.argv[2]]))
+"""
+
+
+def test_gpu_path_on_a_fake_device(tmp_path):
+    """The GPU code path (peaks, peers, checks, rows, goal summary, incremental JSON) end to end on the CPU with
+    tools/fake_cuda.py, in a subprocess since the fake device patches torch globally. Timings are meaningless."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "-c", _FAKE_GPU_RUN, str(root / "tools"), str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    mine = [row for row in data["rows"] if row["backend"] == "fp8kern" and row.get("median_us")]
+    assert {row["layout"] for row in mine} == {"tensor", "token_channel", "block"}
+    assert all(REQUIRED <= set(row) and row["ok"] and row["diff_vs_reference"] < 1e-9 for row in mine)
+    assert data["summary"]["rowwise_vs_scaled_mm"]["n"] == 4 and data["summary"]["wrong_results"] == 0
+    assert any(row.get("host_overhead_us") for row in data["rows"])
+    assert "goals (this run)" in r.stdout

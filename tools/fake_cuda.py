@@ -362,6 +362,16 @@ def _factory(fn):
     return w
 
 
+class _CpuGenerator(torch.Generator):
+    """torch.Generator(device="cuda") -> a CPU generator (the "cuda" tensors live on the CPU)."""
+
+    def __new__(cls, device=None):
+        return torch._C.Generator.__new__(cls, "cpu")
+
+    def __init__(self, device=None):
+        pass
+
+
 def install():
     tc = torch.cuda
     tc.is_available = lambda: True
@@ -376,6 +386,7 @@ def install():
         multi_processor_count=FAKE_SMS, total_memory=80 << 30, name="NVIDIA H100 [fakecuda]", major=FAKE_CAP[0],
         minor=FAKE_CAP[1], L2_cache_size=50 << 20)
     tc.synchronize = lambda device=None: None
+    tc._sleep = lambda cycles: None
     tc.Stream = FakeStream
     tc.Event = FakeEvent
     tc.stream = _stream_ctx
@@ -396,6 +407,7 @@ def install():
                  "empty_strided", "linspace", "eye", "zeros_like", "ones_like", "empty_like", "full_like",
                  "randn_like", "rand_like", "randperm", "normal"):
         setattr(torch, name, _factory(getattr(torch, name)))
+    torch.Generator = _CpuGenerator
     torch.Tensor.to = _patched_to
     torch.Tensor.cuda = _patched_cuda
     torch.Tensor.cpu = _patched_cpu

@@ -123,18 +123,22 @@ class Timer:
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3  # us
 
 
+PEAK_SHAPES = [(8192, 8192, 8192), (16384, 8192, 16384)]  # (M, N, K) of the FP8 peak measurement
+HBM_BYTES = 1 << 30  # read / copied for the bandwidth measurement
+
+
 def measure_peaks(timer: Timer) -> dict:
     """Measured FP8 dense throughput (torch._scaled_mm: the best of fast and promoted accumulation on two large
     shapes) and HBM bandwidth: read (a reduction over 1 GiB, what GEMM weight streaming does) and copy."""
     best = 0.0
-    for m, n, k in [(8192, 8192, 8192), (16384, 8192, 16384)]:
+    for m, n, k in PEAK_SHAPES:
         a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
         b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda")
         for fast in (False, True):
             us = timer(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=fast))
             best = max(best, 2 * m * n * k / us / 1e6)
-    src = torch.zeros(1 << 28, dtype=torch.float32, device="cuda")
+    src = torch.zeros(HBM_BYTES // 4, dtype=torch.float32, device="cuda")
     read_us = timer(lambda: src.sum())
     dst = torch.empty_like(src)
     copy_us = timer(lambda: dst.copy_(src))
