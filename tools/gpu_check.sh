@@ -71,7 +71,7 @@ stage_bench() {
   r=$?; echo "bench sm89 (fp8kern-sm89 rows): rc=$r"; [ $r -eq 0 ] || rc=1
   python benchmarks/accumulation.py --json "$out/accumulation.json" > "$out/accumulation.txt" 2>&1
   r=$?; echo "accumulation (promoted vs fast, K=4096/16384): rc=$r"; [ $r -eq 0 ] || rc=1
-  FP8KERN_BACKEND="$backend" python benchmarks/llama_stack.py --json "$out/llama_stack.json" \
+  python benchmarks/llama_stack.py --backend "$backend" --json "$out/llama_stack.json" \
     > "$out/llama_stack.txt" 2>&1
   r=$?; echo "llama_stack: rc=$r"; [ $r -eq 0 ] || rc=1
   cat "$out/llama_stack.txt" "$out/accumulation.txt"
