@@ -115,3 +115,25 @@ def test_unverified_family_not_used_by_auto(monkeypatch):
         assert _backend.gemm_family(dev) is None
     finally:
         fp8kern.set_backend(prev)
+
+
+def test_quant_kernels_follow_the_backend(monkeypatch):
+    """The quantization kernels, like the GEMM families, run by default only once verified ('quant' in
+    VERIFIED_FAMILIES); naming a kernel family runs them; never below sm_89 or with the reference backend."""
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(_backend, "VERIFIED_FAMILIES", frozenset())
+    prev = fp8kern.get_backend()
+    try:
+        for arch, backend, verified, expected in [(90, "auto", (), False), (90, "auto", ("quant",), True),
+                                                  (90, "sm90", (), True), (89, "sm89", (), True),
+                                                  (89, "reference", ("quant",), False), (80, "sm89", ("quant",), False)]:
+            monkeypatch.setattr(_backend, "device_arch", lambda device, arch=arch: arch)
+            monkeypatch.setattr(_backend, "VERIFIED_FAMILIES", frozenset(verified))
+            fp8kern.set_backend(backend)
+            assert _backend.quant_kernels_available(dev) == expected, (arch, backend, verified)
+        fp8kern.set_backend("auto")
+        monkeypatch.setattr(_backend, "VERIFIED_FAMILIES", frozenset())
+        monkeypatch.setattr(_backend, "device_arch", lambda device: 90)
+        assert "not been verified" in _backend.quant_fallback_reason(dev)
+    finally:
+        fp8kern.set_backend(prev)

@@ -6,6 +6,8 @@ correctly rounded IEEE operations, so q and scales must be identical bytes, not 
 the CPU copy of the input, so the two share no code path.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,18 @@ from conftest import requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def fused_kernels():
+    """Run the fused kernels: until they are verified, the default backend uses the reference instead, and naming a
+    kernel family (any: the quantization kernels are the same) selects them."""
+    prev = fp8kern.get_backend()
+    fp8kern.set_backend("sm89")
+    if not os.environ.get("FP8KERN_FAKE_CUDA"):  # tools/fake_cuda.py stands the reference in for every kernel
+        assert fp8kern._backend.quant_kernels_available(torch.device("cuda")), "the tests would check the reference"
+    yield
+    fp8kern.set_backend(prev)
 
 
 def ref(x, **kw):

@@ -421,6 +421,7 @@ def install():
     FakeCudaMode().__enter__()  # global, never exited
 
     os.environ.setdefault("FP8KERN_BACKEND", "auto")
+    os.environ["FP8KERN_FAKE_CUDA"] = "1"  # tests that assert a kernel path is taken know it is not
     from fp8kern import _backend
     orig_family = _backend.gemm_family
 

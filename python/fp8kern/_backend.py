@@ -74,14 +74,28 @@ def device_arch(device: torch.device) -> int:
 
 
 def quant_kernels_available(device: torch.device) -> bool:
-    """The activation quantization kernels run on any GPU of sm_89 or newer (their PTX is JIT-compiled above
-    the compiled archs)."""
-    return (_C is not None and device.type == "cuda" and _state["backend"] != "reference"
-            and device_arch(device) >= 89)
+    """Whether fp8kern.quantize runs its fused kernels here: on a GPU of sm_89 or newer (their PTX is JIT-compiled
+    above the compiled archs), once they are verified on a GPU ('quant' in VERIFIED_FAMILIES) or when
+    FP8KERN_BACKEND names a kernel family (sm90 / sm89: an explicit choice of unverified kernels, as for GEMMs)."""
+    if _C is None or device.type != "cuda" or device_arch(device) < 89:
+        return False
+    backend = _state["backend"]
+    return backend in FAMILY_ARCH or (backend == "auto" and "quant" in VERIFIED_FAMILIES)
 
 
-# GEMM families whose GPU tests and benchmark have passed on a lent GPU (results in benchmarks/results/). With
-# backend 'auto' only these run; a compiled but unverified family runs only when FP8KERN_BACKEND names it.
+def quant_fallback_reason(device: torch.device) -> str | None:
+    """Why fp8kern.quantize uses the reference on this CUDA device (None when that is what was asked for)."""
+    if _state["backend"] == "reference":
+        return None
+    if _C is not None and device_arch(device) >= 89:
+        return ("the fused quantization kernels have not been verified on a GPU yet; using the pure-PyTorch "
+                "reference (correct, slower). FP8KERN_BACKEND=sm90 or sm89 runs them")
+    return "no compiled quantization kernel for this GPU; using the pure-PyTorch reference (correct, slower)"
+
+
+# Kernel families whose GPU tests and benchmark have passed on a lent GPU (results in benchmarks/results/): GEMM
+# families ('sm90', 'sm89') and 'quant' (the activation quantization kernels). With backend 'auto' only these run; a
+# compiled but unverified family runs only when FP8KERN_BACKEND names it.
 VERIFIED_FAMILIES: frozenset = frozenset()
 # The arch each family's kernels need.
 FAMILY_ARCH = {"sm90": 90, "sm89": 89}

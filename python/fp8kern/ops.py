@@ -469,9 +469,9 @@ def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: t
     _backend.note_path("quantize", (M, K, granularity, str(x2.dtype), "static" if scale is not None else "dynamic"),
                        "cuda kernel" if use_kernel else f"reference ({x2.device.type})")
     if not use_kernel:
-        if x2.device.type == "cuda" and _backend.get_backend() != "reference":
-            _backend.warn_once("quant-ref", "fp8kern: no compiled quantization kernel for this GPU; using the "
-                                            "pure-PyTorch reference (correct, slower)")
+        why = _backend.quant_fallback_reason(x2.device) if x2.device.type == "cuda" else None
+        if why:
+            _backend.warn_once("quant-ref", f"fp8kern: {why}")
         q2, s = reference.quantize(x2, granularity, group_size, scale, scale_ub, scale_format)
         q.copy_(q2)
         return q, s.reshape(grid)
