@@ -102,14 +102,14 @@ bench.PEAK_SHAPES = [(128, 128, 256)]
 bench.HBM_BYTES = 1 << 20
 bench.SUITES["llama8b"] = [(256, 384), (130, 200)]
 bench.SUITES["deepseek"] = [(260, 300)]
-sys.exit(bench.main(["--suite", "llama8b,deepseek", "--m", "1,16", "--reps", "2", "--backend", "sm90",
-                     "--json", sys.argv[2]]))
+sys.exit(bench.main(["--suite", "llama8b,deepseek", "--m", "1,16", "--reps", "2", "--json", sys.argv[2]]))
 """
 
 
 def test_gpu_path_on_a_fake_device(tmp_path):
-    """The GPU code path (peaks, peers, checks, rows, goal summary, incremental JSON) end to end on the CPU with
-    tools/fake_cuda.py, in a subprocess since the fake device patches torch globally. Timings are meaningless."""
+    """The GPU code path (backend choice, peaks, peers, checks, rows, goal summary, incremental JSON) end to end on
+    the CPU with tools/fake_cuda.py, in a subprocess since the fake device patches torch globally. Timings are
+    meaningless."""
     import pathlib
     import subprocess
     import sys
@@ -126,3 +126,6 @@ def test_gpu_path_on_a_fake_device(tmp_path):
     assert data["summary"]["rowwise_vs_scaled_mm"]["n"] == 4 and data["summary"]["wrong_results"] == 0
     assert any(row.get("host_overhead_us") for row in data["rows"])
     assert "goals (this run)" in r.stdout
+    # With the default backend it times the compiled (unverified) family, saying so, and repro lines name it.
+    assert "sm90 kernels are not yet verified on a GPU; timing them anyway" in r.stderr
+    assert all("--backend sm90" in row["repro"] for row in mine)
