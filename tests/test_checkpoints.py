@@ -521,17 +521,27 @@ def test_missing_bias_of_a_quantized_layer(ckpt, tmp_path):
 
 
 def test_model_class_loading_rules(ckpt, tmp_path, monkeypatch):
-    """The model class's _keys_to_ignore_on_load_unexpected (e.g. DeepSeek-V3's MTP layer) are skipped with a
-    warning, and its _keep_in_fp32_modules stay float32, as transformers loads them."""
-    extra = "model.layers.2.eh_proj.weight"
-    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "mtp", edit_tensors=lambda t: t.__setitem__(extra, torch.ones(3)))
+    """The model class's _keys_to_ignore_on_load_unexpected (e.g. DeepSeek-V3's FP8 MTP layer) are skipped with a
+    warning; _keep_in_fp32_modules_strict stay float32 in a bf16 load, _keep_in_fp32_modules only in an fp16 one,
+    as transformers loads them."""
+    extra = {"model.layers.2.eh_proj.weight": torch.ones(160, 320).to(torch.float8_e4m3fn),
+             "model.layers.2.eh_proj.weight_scale_inv": torch.ones(2, 3),
+             "model.layers.2.enorm.weight": torch.ones(3)}
+    d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "mtp", edit_tensors=lambda t: t.update(extra))
     monkeypatch.setattr(transformers.LlamaForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"model\.layers\.2\."],
                         raising=False)
-    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules", ["input_layernorm"], raising=False)
-    with pytest.warns(UserWarning, match=f"does not use 1 checkpoint tensor\\(s\\) such as '{extra}'"):
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["input_layernorm"],
+                        raising=False)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_keep_in_fp32_modules", ["post_attention_layernorm"],
+                        raising=False)
+    with pytest.warns(UserWarning, match="does not use 3 checkpoint tensor\\(s\\)"):
         model = from_pretrained(d)
-    assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
-    assert model.model.layers[0].post_attention_layernorm.weight.dtype == torch.bfloat16
+    layer = model.model.layers[0]
+    assert layer.input_layernorm.weight.dtype == torch.float32
+    assert layer.post_attention_layernorm.weight.dtype == torch.bfloat16
+    with pytest.warns(UserWarning):
+        layer = from_pretrained(d, dtype=torch.float16).model.layers[0]
+    assert layer.post_attention_layernorm.weight.dtype == torch.float32
 
 
 def test_config_and_tensors_disagree(ckpt, tmp_path):

@@ -103,8 +103,10 @@ class Fp8Linear(nn.Module):
         fixed = {id(b) for name, b in self._buffers.items() if name in self._FIXED_DTYPE and b is not None}
 
         def keep_dtype(t):
-            out = fn(t)
-            return t.to(device=out.device) if id(t) in fixed and out.dtype != t.dtype else out
+            if id(t) not in fixed:
+                return fn(t)
+            probe = fn(t.new_empty(0))  # what fn does, without converting the data when only the device may change
+            return t.to(device=probe.device) if probe.dtype != t.dtype else fn(t)
 
         return super()._apply(keep_dtype, recurse)
 

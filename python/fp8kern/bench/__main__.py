@@ -206,7 +206,7 @@ def host_overhead_us(fn, n=2000) -> float:
 MAX_DIFF = 1e-4
 
 
-def run_gpu(args, write) -> list[dict]:
+def run_gpu(args, write) -> tuple[list[dict], dict]:
     """Time every problem; `write(rows)` is called after each, so a crash later keeps what was measured."""
     gpu = torch.cuda.get_device_name(0)
     timer = Timer(reps=args.reps)
@@ -249,9 +249,17 @@ def time_problem(args, timer, peaks, gpu, suite, layout, M, N, K, w, b, sb, out_
     base = dict(gpu=gpu, suite=suite, layout=layout, M=M, N=N, K=K, out_dtype=args.out_dtype,
                 repro=f"fp8kern-bench --suite {suite} --m {M} --layouts {layout} --out-dtype {args.out_dtype}"
                       + (f" --backend {args.backend}" if args.backend else ""))
-    x, a, sa = make_acts(M, K, layout, "cuda")
-    fns = {} if args.no_peers else peers(layout, x, w, a, b, sa, sb, out_dtype)
     ours = {}
+    try:
+        x, a, sa = make_acts(M, K, layout, "cuda")
+        quant_diff = _quantize_diff(x, a, sa, layout)
+        if quant_diff >= MAX_DIFF:
+            raise RuntimeError(f"fp8kern.quantize differs from the reference: diff {quant_diff:.3g}")
+    except Exception as e:  # the activations could not be made: nothing of this problem can be timed
+        _note_once(f"quant {layout} {M} {K}", f"fp8kern.quantize FAILED at M={M} K={K} {layout}: {e}")
+        return [dict(base, backend="fp8kern.quantize", median_us=None, tflops=None, ok=False,
+                     error=f"{type(e).__name__}: {str(e)[:300]}")]
+    fns = {} if args.no_peers else peers(layout, x, w, a, b, sa, sb, out_dtype)
     try:
         y = fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
         diff = calc_diff(y, fp8kern.reference.scaled_mm(a, b, sa, sb, out_dtype))
@@ -300,6 +308,21 @@ def time_problem(args, timer, peaks, gpu, suite, layout, M, N, K, w, b, sb, out_
             row.update(ours)
         rows.append(row)
     return rows
+
+
+def _quantize_diff(x, a, sa, layout) -> float:
+    """calc_diff between the activations as fp8kern.quantize made them (kernels, when the backend runs them) and as
+    the reference makes them, both dequantized: the GEMM check uses those operands, so it cannot see a quantization
+    error itself."""
+    gran = {"tensor": "tensor", "token_channel": "token", "block": "group"}[layout]
+    ra, rsa = fp8kern.reference.quantize(x, gran)
+    M = x.shape[0]
+    block = (1, 128) if layout == "block" else None
+
+    def deq(q, s):
+        return fp8kern.reference.dequantize(q, s.reshape(M, -1) if layout != "tensor" else s, block)
+
+    return calc_diff(deq(a, sa.float()), deq(ra, rsa.float()))
 
 
 def host_overhead_rows(args, gpu) -> list[dict]:
@@ -474,8 +497,7 @@ def _unverified_family() -> str | None:
         _backend.gemm_family(device)
         return None
     except NotImplementedError:
-        arch = _backend.device_arch(device)
-        want = "sm90" if arch == 90 else "sm89" if arch >= 89 else None
+        want = {90: "sm90", 89: "sm89"}.get(_backend.device_arch(device))  # the arches 'auto' serves
         return want if want in _backend.compiled_families() else None
 
 

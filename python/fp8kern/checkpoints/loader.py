@@ -78,9 +78,12 @@ def _class_names(module: nn.Module) -> tuple:
     return tuple(c.__name__ for c in type(module).__mro__)
 
 
-def _swap_linears(model: nn.Module, fmt: CheckpointFormat, header, dtype) -> dict[str, tuple[Fp8Linear, LayerSpec]]:
-    """Replace each nn.Linear whose weight the checkpoint stores in FP8 by a meta Fp8Linear of its spec."""
-    stored = fp8_modules(header)
+def _swap_linears(model: nn.Module, fmt: CheckpointFormat, header, dtype,
+                  ignore=()) -> dict[str, tuple[Fp8Linear, LayerSpec]]:
+    """Replace each nn.Linear whose weight the checkpoint stores in FP8 by a meta Fp8Linear of its spec (FP8
+    weights the model class ignores, `ignore` patterns, are left to the loading loop, which skips them)."""
+    stored = {m: shape for m, shape in fp8_modules(header).items()
+              if not any(p.search(f"{m}.weight") for p in ignore)}
     swapped = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name not in stored:
@@ -145,15 +148,18 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     hf_config = transformers.AutoConfig.for_model(**cfg_dict)
     with _parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    swapped = _swap_linears(model, fmt, header, dtype)
+    # The model class's own loading rules, as transformers applies them: tensors it ignores (e.g. DeepSeek-V3's
+    # multi-token-prediction layer) and modules kept in fp32 (_keep_in_fp32_modules when loading in fp16,
+    # _keep_in_fp32_modules_strict in fp16 or bf16, e.g. MoE routers' correction biases).
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    fp32_names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) \
+        if dtype in (torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        fp32_names |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep_fp32 = re.compile("|".join(re.escape(m) for m in sorted(fp32_names))) if fp32_names else None
+    swapped = _swap_linears(model, fmt, header, dtype, ignore)
 
     expected = set(model.state_dict().keys())
-    # The model class's own loading rules, as transformers applies them: tensors it ignores (e.g. DeepSeek-V3's
-    # multi-token-prediction layer) and modules kept in fp32 (e.g. MoE routers' correction biases).
-    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    fp32_names = set(getattr(model, "_keep_in_fp32_modules", None) or []) | \
-        set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    keep_fp32 = re.compile("|".join(re.escape(m) for m in sorted(fp32_names))) if fp32_names else None
     loaded, unexpected, kv_scales, ignored = set(), [], [], []
     for shard in progress(sorted({i.shard for i in header.values()}), desc=f"Loading {fmt.name} checkpoint"):
         with safe_open(os.path.join(path, shard), framework="pt", device="cpu") as f:
