@@ -101,8 +101,20 @@ VERIFIED_FAMILIES: frozenset = frozenset()
 FAMILY_ARCH = {"sm90": 90, "sm89": 89}
 
 
+_families_of: list = [None, []]  # [the module asked, its families]: asked once per module, read on every call
+
+
+def _families() -> list[str]:
+    if _C is None:
+        return []
+    if _families_of[0] is not _C:
+        _families_of[:] = [_C, list(_C.gemm_families())]
+    return _families_of[1]
+
+
 def compiled_families() -> list[str]:
-    return list(_C.gemm_families()) if _C is not None else []
+    """GEMM families compiled into _C."""
+    return list(_families())
 
 
 def gemm_family(device: torch.device) -> str | None:
@@ -111,7 +123,7 @@ def gemm_family(device: torch.device) -> str | None:
     if device.type != "cuda" or backend == "reference":
         return None
     arch = device_arch(device)
-    families = compiled_families()
+    families = _families()
     want = ("sm90" if arch == 90 else "sm89" if arch == 89 else None) if backend == "auto" else backend
     usable = want in families and (arch == FAMILY_ARCH[want] if want == "sm90" else arch >= FAMILY_ARCH.get(want, 99))
     if usable and (backend != "auto" or want in VERIFIED_FAMILIES):
@@ -149,6 +161,17 @@ def sm_count(device: torch.device) -> int:
 
 
 _sm_counts: dict = {}
+
+# The current stream's raw handle: torch's internal getter where the build has it (a fraction of the cost of
+# torch.cuda.current_stream, which builds a Stream object per call), else the public API.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream(index: int) -> int:
+    """cudaStream_t of the current stream on CUDA device `index`, as an int."""
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def note_path(op: str, key: tuple, path: str) -> None:

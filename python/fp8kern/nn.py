@@ -115,21 +115,19 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"Fp8Linear: input has {x.shape[-1]} features in the last dim, expected {self.in_features}")
         if x.dtype not in ops.OUT_DTYPES:
             raise TypeError(f"Fp8Linear: input dtype {x.dtype}, expected bfloat16, float16 or float32")
+        weight, weight_scale, bias = self.weight, self.weight_scale, self.bias  # each a Module.__getattr__ lookup
         if self.scheme == "block128":
-            return ops.block_fp8_linear(x, self.weight, self.weight_scale, self.bias,
-                                        act_scale_format=self.scale_format)
-        lead = x.shape[:-1]
-        x2 = ops.as_rows(x)
+            return ops.block_fp8_linear(x, weight, weight_scale, bias, act_scale_format=self.scale_format)
+        flat = x.dim() == 2 and x.stride(1) == 1  # the common [tokens, features] input needs no reshapes
+        x2 = x if flat else ops.as_rows(x)
         if self.dynamic:
             q, s = ops.quantize(x2, self.act_granularity, scale_format=self.scale_format)
         else:
             q, s = ops.quantize(x2, "tensor", scale=self.input_scale)
-        bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        y = ops.scaled_mm(q, self.weight, s, self.weight_scale, out_dtype=x.dtype, bias=bias,
-                          fast_accum=self.fast_accum)
-        return y.reshape(*lead, self.out_features)
+        y = ops.scaled_mm(q, weight, s, weight_scale, out_dtype=x.dtype, bias=bias, fast_accum=self.fast_accum)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

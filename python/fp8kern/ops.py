@@ -60,15 +60,21 @@ def infer_layout(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_
     """
     M, K = a.shape
     N = b.shape[0]
+    sa, sb = scale_a.shape, scale_b.shape
+    # The common calls decide in a few comparisons (this runs on every call: host overhead).
+    na, nb = len(sa), len(sb)
+    a_tensor = na <= 2 and scale_a.numel() == 1
+    b_tensor = nb <= 2 and scale_b.numel() == 1
+    a_token = (na == 1 and sa[0] == M) or (na == 2 and sa[1] == 1 and sa[0] == M)
+    b_channel = (nb == 1 and sb[0] == N) or (nb == 2 and sb[1] == 1 and sb[0] == N)
     G, GN = -(-K // BLOCK), -(-N // BLOCK)
-    sa, sb = _shape(scale_a), _shape(scale_b)
-    # Plain booleans, not sets: this runs on every call (host overhead).
-    a_tensor, a_token, a_group = len(sa) <= 2 and scale_a.numel() == 1, sa == (M,) or sa == (M, 1), sa == (M, G)
-    b_tensor, b_channel, b_block = len(sb) <= 2 and scale_b.numel() == 1, sb == (N,) or sb == (N, 1), sb == (GN, G)
-    if a_group and b_block:
+    a_group = na == 2 and sa[0] == M and sa[1] == G
+    b_block = nb == 2 and sb[0] == GN and sb[1] == G
+    if a_group and b_block:  # first: where shapes also fit a plain layout, block allows more scale dtypes
         return _BLOCK_LAYOUT
     if (a_tensor or a_token) and (b_tensor or b_channel):
         return _PLAIN_LAYOUTS[a_tensor, b_tensor]
+    sa, sb = tuple(sa), tuple(sb)
     if not (a_tensor or a_token or a_group):
         raise ValueError(
             f"scale_a has shape {sa}, which fits no layout for a of shape (M, K)=({M}, {K}); expected () or (1,) "
@@ -118,6 +124,8 @@ def _check_fp8_operand(t, name: str, shape_doc: str) -> None:
 
 
 def _validate_mm(a, b, scale_a, scale_b, out_dtype, bias, out) -> Layout:
+    """All checks that read no tensor data; returns the layout. Written for host overhead: each check is a cheap
+    test on the common path, and the message is built only when it fails."""
     _check_fp8_operand(a, "a", "[M, K]")
     _check_fp8_operand(b, "b", "[N, K] (the nn.Linear weight layout)")
     M, K = a.shape
@@ -127,34 +135,31 @@ def _validate_mm(a, b, scale_a, scale_b, out_dtype, bias, out) -> Layout:
                          f"(row-major [N, K]; for a [K, N] weight pass w.t().contiguous())")
     if K == 0:
         raise ValueError("a and b have K=0 columns; expected K >= 1")
-    for t, name in ((a, "a"), (b, "b")):
-        if not t.is_contiguous():
-            hint = (" (a transposed view, like torch._scaled_mm's column-major operand: fp8kern takes b as "
-                    "row-major [N, K], so pass the weight itself or .contiguous())") if t.t().is_contiguous() else ""
-            raise ValueError(f"{name} of shape {_shape(t)} has strides {t.stride()}, expected a contiguous row-major "
-                             f"tensor{hint}; call {name}.contiguous()")
+    if not a.is_contiguous():
+        _not_row_major(a, "a")
+    if not b.is_contiguous():
+        _not_row_major(b, "b")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype={out_dtype}, expected one of torch.bfloat16, torch.float16, torch.float32")
     layout = infer_layout(a, b, scale_a, scale_b)
-    for s, name in ((scale_a, "scale_a"), (scale_b, "scale_b")):
-        allowed = BLOCK_SCALE_DTYPES if layout.name == "block" else (torch.float32,)
-        if s.dtype not in allowed:
-            if layout.name == "block":
+    if layout is _BLOCK_LAYOUT:
+        for s, name in ((scale_a, "scale_a"), (scale_b, "scale_b")):
+            if s.dtype not in BLOCK_SCALE_DTYPES:
                 raise TypeError(f"{name} has dtype {s.dtype}, expected float32, bfloat16, float16 or float8_e8m0fnu")
-            raise TypeError(f"{name} has dtype {s.dtype}, expected torch.float32 for the {layout.name} layout "
-                            f"(UE8M0 and 16-bit scales are for the block-scaled layout); call {name}.float()")
-    named = [("b", b), ("scale_a", scale_a), ("scale_b", scale_b)]
+    elif scale_a.dtype is not torch.float32 or scale_b.dtype is not torch.float32:
+        s, name = (scale_a, "scale_a") if scale_a.dtype is not torch.float32 else (scale_b, "scale_b")
+        raise TypeError(f"{name} has dtype {s.dtype}, expected torch.float32 for the {layout.name} layout "
+                        f"(UE8M0 and 16-bit scales are for the block-scaled layout); call {name}.float()")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if _shape(bias) != (N,):
+        if bias.dim() != 1 or bias.shape[0] != N:
             raise ValueError(f"bias has shape {_shape(bias)}, expected (N,)=({N},)")
         if bias.dtype != out_dtype:
             # The epilogue adds the bias in out_dtype's precision as loaded; a silent conversion would hide a copy.
             raise TypeError(f"bias has dtype {bias.dtype} but out_dtype={out_dtype}; pass bias.to({out_dtype})")
         if not bias.is_contiguous():
             raise ValueError(f"bias has strides {bias.stride()}, expected contiguous; call bias.contiguous()")
-        named.append(("bias", bias))
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
@@ -164,26 +169,36 @@ def _validate_mm(a, b, scale_a, scale_b, out_dtype, bias, out) -> Layout:
             raise TypeError(f"out has dtype {out.dtype} but out_dtype={out_dtype}; they must match")
         if N > 1 and out.stride(1) != 1 or M > 1 and out.stride(0) < N:
             raise ValueError(f"out has strides {out.stride()}, expected row-major rows (stride (ld, 1) with ld >= {N})")
-        named.append(("out", out))
-    for name, t in named:
-        if t.device != a.device:
-            raise ValueError(f"{name} is on {t.device} but a is on {a.device}; all tensors must be on one device")
+    device = a.device
+    if (b.device != device or scale_a.device != device or scale_b.device != device
+            or bias is not None and bias.device != device or out is not None and out.device != device):
+        for name, t in (("b", b), ("scale_a", scale_a), ("scale_b", scale_b), ("bias", bias), ("out", out)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device} but a is on {device}; all tensors must be on one device")
     return layout
+
+
+def _not_row_major(t: torch.Tensor, name: str) -> None:
+    hint = (" (a transposed view, like torch._scaled_mm's column-major operand: fp8kern takes b as "
+            "row-major [N, K], so pass the weight itself or .contiguous())") if t.t().is_contiguous() else ""
+    raise ValueError(f"{name} of shape {_shape(t)} has strides {t.stride()}, expected a contiguous row-major "
+                     f"tensor{hint}; call {name}.contiguous()")
 
 
 def _scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fast_accum: bool = False,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Validated, non-empty problem -> result (written into `out` when given)."""
     # Value checks live here, not in validation, because they read data (a host sync, and untraceable).
-    if _backend.value_checks_on(a.device):
+    device = a.device
+    if _backend.value_checks_on(device):
         _check_values(scale_a, "scale_a")
         _check_values(scale_b, "scale_b")
-    family = _backend.gemm_family(a.device)
-    M, K = a.shape
-    N = b.shape[0]
+    family = _backend.gemm_family(device)
     if _backend._state["print_config"]:
-        what = (f"{family} {_config_label(family, layout.name == 'block', M, N, K, a.device)}" if family
-                else f"reference ({a.device.type})")
+        M, K = a.shape
+        N = b.shape[0]
+        what = (f"{family} {_config_label(family, layout is _BLOCK_LAYOUT, M, N, K, device)}" if family
+                else f"reference ({device.type})")
         _backend.note_path("scaled_mm", (M, N, K, layout.name, str(out_dtype)), what)
     if family is None:
         result = reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, layout)
@@ -258,41 +273,47 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     K % 16 != 0 (or K < 128 for block-scaled) copies a and b with zero columns appended; an output whose row stride
     is not a multiple of 16 bytes (N not a multiple of 8 for 16-bit outputs, 4 for fp32, or such an `out` view) is
     computed into a buffer with a padded row stride (the kernel writes only the N real columns) and copied.
-    Block-scaled scales that are not fp32 row-major are converted (a small copy)."""
+    Block-scaled scales that are not fp32 row-major are converted (a small copy).
+    Runs on every eager call: the common case (aligned shapes, contiguous scales, no `out`) allocates only the
+    result and makes few tensor queries."""
     M, K = a.shape
     N = b.shape[0]
-    block = layout.name == "block"
+    block = layout is _BLOCK_LAYOUT
     k_run = _k_run(family, block, K)
     # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K.
     if k_run != K or a.data_ptr() % 16:
         a = _pad_cols(a, k_run)
     if k_run != K or b.data_ptr() % 16:
         b = _pad_cols(b, k_run)
-    elem = out_dtype.itemsize
-    align = 16 // elem
+    align = 16 // out_dtype.itemsize
+    index = a.device.index
     d = out
     if d is None or (M > 1 and d.stride(0) % align) or d.data_ptr() % 16:
         ld = -(-N // align) * align
-        d = torch.empty((M, ld), dtype=out_dtype, device=a.device)[:, :N]
+        d = torch.empty((M, ld), dtype=out_dtype, device=a.device)
+        if ld != N:
+            d = d[:, :N]
     ldd = d.stride(0) if M > 1 else -(-N // align) * align
     # A one-row operand is contiguous whatever its row stride says (torch ignores strides of size-1 dims), and the
     # kernels read only its row 0: pass a stride they accept.
     lda = a.stride(0) if M > 1 else k_run
     ldb = b.stride(0) if N > 1 else k_run
-    stream = torch.cuda.current_stream(a.device).cuda_stream
+    stream = _backend.current_stream(index)
     bias_ptr = bias.data_ptr() if bias is not None else 0
     if block:
-        sa = scale_a.float().contiguous()
-        sb = scale_b.float().contiguous()
-        args = (family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+        sa = scale_a if scale_a.dtype is torch.float32 and scale_a.is_contiguous() else scale_a.float().contiguous()
+        sb = scale_b if scale_b.dtype is torch.float32 and scale_b.is_contiguous() else scale_b.float().contiguous()
+        args = (family, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
                 _DTYPE_CODE[out_dtype], sa.data_ptr(), sb.data_ptr(), bias_ptr,
                 _config_override.get(family + "_block", -1))
         ws = _launch_workspace(args, block, fast_accum)
         _backend._C.scaled_mm_block(*args, ws.data_ptr(), ws.numel(), stream)
     else:
-        sa = scale_a.reshape(-1).contiguous()
-        sb = scale_b.reshape(-1).contiguous()
-        args = (family, a.device.index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+        # Per-tensor, per-token and per-channel scales are read as flat vectors: a contiguous tensor of any of their
+        # shapes ((), (1,), (M,), (M, 1), ...) already is one.
+        sa = scale_a if scale_a.is_contiguous() else scale_a.reshape(-1).contiguous()
+        sb = scale_b if scale_b.is_contiguous() else scale_b.reshape(-1).contiguous()
+        args = (family, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
                 _DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel",
                 bias_ptr, bool(fast_accum), _config_override.get(family, -1))
         ws = _launch_workspace(args, block, fast_accum)
@@ -414,10 +435,11 @@ def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOC
         raise ValueError(f"group_size={group_size!r}, expected a positive int (128 for block-scaled GEMMs)")
     x2 = _flatten_rows(x, "x")
     M, K = x2.shape
-    G = math.ceil(K / group_size) if granularity == "group" else 1
-    lead = tuple(x.shape[:-1])
-    scale_shape = {"token": lead + (1,), "tensor": (1,), "group": lead + (G,)}[granularity]
-    grid = {"token": (M, 1), "tensor": (1, 1), "group": (M, G)}[granularity]
+    if scale is not None or x.dim() != 2 or granularity == "tensor":
+        G = -(-K // group_size) if granularity == "group" else 1
+        lead = tuple(x.shape[:-1])
+        scale_shape = {"token": lead + (1,), "tensor": (1,), "group": lead + (G,)}[granularity]
+        grid = {"token": (M, 1), "tensor": (1, 1), "group": (M, G)}[granularity]
 
     if scale is not None:
         if scale_ub is not None or scale_format != "fp32":
@@ -446,15 +468,18 @@ def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOC
         q2, s = torch.ops.fp8kern.quantize(x2, granularity, group_size, scale, scale_ub, scale_format)
     else:
         q2, s = _quantize_impl(x2, granularity, group_size, scale, scale_ub, scale_format)
-    return q2.view(x.shape), (scale if scale is not None else s.reshape(scale_shape))
+    if scale is not None:
+        return (q2 if x.dim() == 2 else q2.view(x.shape)), scale
+    if x.dim() == 2 and granularity != "tensor":  # the kernel's scale grid is the documented (M, 1) or (M, G)
+        return q2, s
+    return q2.view(x.shape), s.reshape(scale_shape)
 
 
 def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: torch.Tensor | None,
                    scale_ub: float | None, scale_format: str):
     """Validated 2-D x [M, K] -> (q [M, K] contiguous, scale [M or 1, ceil(K / group) or 1])."""
     M, K = x2.shape
-    G = math.ceil(K / group_size) if granularity == "group" else 1
-    grid = {"token": (M, 1), "tensor": (1, 1), "group": (M, G)}[granularity]
+    grid = (M, -(-K // group_size)) if granularity == "group" else (M, 1) if granularity == "token" else (1, 1)
     ue8m0 = scale_format == "ue8m0"
     q = torch.empty((M, K), dtype=E4M3, device=x2.device)
     if scale is not None:
@@ -466,8 +491,9 @@ def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: t
         return q, (scale if scale is not None else (s.to(E8M0) if ue8m0 else s))
 
     use_kernel = _backend.quant_kernels_available(x2.device)
-    _backend.note_path("quantize", (M, K, granularity, str(x2.dtype), "static" if scale is not None else "dynamic"),
-                       "cuda kernel" if use_kernel else f"reference ({x2.device.type})")
+    if _backend._state["print_config"]:
+        _backend.note_path("quantize", (M, K, granularity, str(x2.dtype), "dynamic" if scale is None else "static"),
+                           "cuda kernel" if use_kernel else f"reference ({x2.device.type})")
     if not use_kernel:
         why = _backend.quant_fallback_reason(x2.device) if x2.device.type == "cuda" else None
         if why:
@@ -486,11 +512,11 @@ def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: t
     # Without groups the scale's column stride is 0 and the group size unused; a group wider than K is the row.
     gs = min(group_size, K) if granularity == "group" else 1
     ws = torch.empty(1, dtype=torch.int32, device=x2.device) if kind == "tensor" else None
-    with torch.cuda.device(x2.device):
-        _backend._C.quantize(kind, x2.device.index, x2.data_ptr(), _DTYPE_CODE[x2.dtype], M, K, x2.stride(0),
-                             q.data_ptr(), q.stride(0), s_out.data_ptr(), _DTYPE_CODE[s_out.dtype], s_rs, s_cs, gs,
-                             scale_ub if scale_ub is not None else 0.0, ws.data_ptr() if ws is not None else 0,
-                             torch.cuda.current_stream(x2.device).cuda_stream)
+    index = x2.device.index  # the binding makes this device current for the launch
+    _backend._C.quantize(kind, index, x2.data_ptr(), _DTYPE_CODE[x2.dtype], M, K, x2.stride(0),
+                         q.data_ptr(), q.stride(0), s_out.data_ptr(), _DTYPE_CODE[s_out.dtype], s_rs, s_cs, gs,
+                         scale_ub if scale_ub is not None else 0.0, ws.data_ptr() if ws is not None else 0,
+                         _backend.current_stream(index))
     return q, s_out
 
 
