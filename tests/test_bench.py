@@ -96,7 +96,7 @@ def test_summary_pairs_rows_with_their_peers():
 _FAKE_GPU_RUN = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import fake_cuda  # a fake CUDA device; the reference path stands in for the kernels
+import fake_cuda  # a fake CUDA device; kernel launches emulated with the reference
 import fp8kern.bench.__main__ as bench
 bench.PEAK_SHAPES = [(128, 128, 256)]
 bench.HBM_BYTES = 1 << 20

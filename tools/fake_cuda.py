@@ -1,5 +1,5 @@
-"""A pytest plugin that runs the GPU tests' own code on the CPU, to find bugs in the tests before device time is
-spent on them. It checks the test code, not the kernels: fp8kern's reference path stands in for every kernel.
+"""A pytest plugin that runs the GPU tests' own code on the CPU, to find bugs in the tests and in fp8kern's launch
+glue before device time is spent on them. It checks everything up to the kernels, not the kernels themselves.
 
     PYTHONPATH=tools python -m pytest -p fake_cuda tests/test_gpu_quant.py tests/test_gpu_scaled_mm.py
 
@@ -11,9 +11,12 @@ What it emulates (a CUDA H100, sm_90, 132 SMs; FAKE_CAP / FAKE_SMS change that):
 * CUDA graphs: capture records the aten ops, then poisons every output it allocated (NaN, or 0x7f bytes), and
   replay re-runs the ops into the same buffers, so a test passes only if its results come from replay; host
   synchronization or host copies during capture raise.
-* fp8kern: gemm_family() runs its own logic (so backend errors are raised as on a GPU), then the reference runs;
-  the quantization kernels are replaced by the reference too.
-It cannot show anything about kernel accuracy, races, memory safety or speed.
+* fp8kern's compiled module: every launch (GEMM, block GEMM, quantization, workspace query) goes through the real
+  binding's validation, then is emulated from the raw addresses, strides and flags it was given (EmulatedC): the
+  reference computes what the kernel's contract says, reading and writing only inside live "cuda" tensors (an
+  address range outside them fails the test as an out-of-bounds launch). So fp8kern's Python kernel path (family
+  choice, K and row-stride padding, out views, scale layouts, workspaces, capture) runs as it will on the GPU.
+It cannot show anything about the kernels' own accuracy, races, memory safety or speed.
 """
 
 import contextlib
@@ -27,6 +30,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# Real GPUs are hidden (set before anything initializes CUDA), also on a GPU machine: the emulated launches rely on
+# the compiled module finding no device, and no real kernel may ever run on the CPU addresses of these tensors.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 FAKE_SMS = int(os.environ.get("FAKE_SMS", "132"))
 FAKE_CAP = tuple(int(v) for v in os.environ.get("FAKE_CAP", "9,0").split(","))
 LOG = []  # notes for the report
@@ -87,7 +93,7 @@ SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.d
 
 
 def _in_fp8kern_internal():
-    """True when the innermost non-torch frame is inside fp8kern (the stand-in for a kernel)."""
+    """True when the innermost non-torch frame is inside fp8kern (library code, not the test's)."""
     for fr in reversed(traceback.extract_stack()[:-3]):
         fn = fr.filename
         if "/torch/" in fn or fn.endswith("fake_cuda.py"):
@@ -372,6 +378,174 @@ class _CpuGenerator(torch.Generator):
         pass
 
 
+# ------------------------------------------------------------------------------- launches of the compiled module
+_DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float8_e4m3fn, 4: torch.float8_e8m0fnu}
+LAUNCHES = {"emulated": 0}
+STREAMK_WORKSPACE = 4 * 128 * 128 * 8  # bytes an emulated stream-K config asks for (any non-zero size would do)
+
+
+def _region(ptr, dtype, shape, strides, what):
+    """A CPU tensor aliasing "device" memory at address ptr with this shape and element strides, after checking that
+    every element it spans lies inside one live "cuda" tensor's storage (a launch argument pointing outside any is
+    an out-of-bounds access on the GPU)."""
+    item = dtype.itemsize
+    span = 0 if 0 in shape else (1 + sum((n - 1) * st for n, st in zip(shape, strides))) * item
+    if ptr % item:
+        raise RuntimeError(f"[fakecuda] launch argument {what}: address {ptr:#x} not aligned to {item} bytes")
+    for st in list(_tagged):
+        base = st.data_ptr()
+        if base <= ptr and ptr + span <= base + st.nbytes():
+            with _no_mode():
+                return torch.empty(0, dtype=dtype).set_(st, (ptr - base) // item, shape, strides)
+    raise RuntimeError(f"[fakecuda] launch argument {what}: {span} bytes at {ptr:#x} ({tuple(shape)} with strides "
+                       f"{tuple(strides)}) lie in no live CUDA tensor: out of bounds, or freed")
+
+
+def _launch(device, stream, resolve, compute):
+    """An emulated kernel launch: resolve() maps the raw arguments to bounds-checked views (inputs, outputs) and
+    compute(*inputs) returns the outputs' values. It runs now; during CUDA graph capture it is only recorded (capture
+    executes nothing, so the outputs are poisoned) and replay resolves the addresses again and runs it. Outputs
+    beyond compute's values are scratch (workspaces): checked and poisoned, not written."""
+    if device != 0:
+        raise RuntimeError(f"[fakecuda] launch on device {device}, but the tensors are on cuda:0")
+    if stream != _current[0].cuda_stream:
+        raise RuntimeError(f"[fakecuda] launch on stream {stream:#x}, not the current stream "
+                           f"{_current[0].cuda_stream:#x}")
+
+    def run():
+        with _no_mode():
+            inputs, outputs = resolve()
+            values = compute(*inputs)
+            for o, v in zip(outputs, values):
+                o.copy_(v)
+
+    inputs, outputs = resolve()  # the bounds are checked at launch (and capture) time too
+    LAUNCHES["emulated"] += 1
+    if CAP.graph is not None and not CAP.replaying:
+        # The record holds the views, so their memory stays allocated until replay, as a graph's private memory pool
+        # keeps what the capture allocated (such as a workspace freed right after the launch).
+        CAP.graph.records.append((lambda _keep=(inputs, outputs): run(), (), {}, [], []))
+        for o in outputs:
+            _poison(o)
+        return
+    run()
+
+
+def _config_name(family, m, n, k, config):
+    from fp8kern import _backend
+    real = _backend._C._real if isinstance(_backend._C, EmulatedC) else _backend._C
+    if config < 0:
+        config = real.gemm_select_config(family, m, n, k, FAKE_SMS)
+    return real.gemm_configs(family)[config]
+
+
+class EmulatedC:
+    """fp8kern._C with its launches emulated on the CPU, so the GPU tests run fp8kern's whole kernel path (family
+    choice, padding, strides, out views, scale layouts, workspaces, streams, graph capture) up to the kernel itself.
+    Each launch first calls the real binding: its argument validation must accept the call (which then fails only
+    to find a CUDA device, as expected here). Then the kernel's contract is computed from the raw addresses with
+    the reference (so results match the reference by construction: this checks the glue, not the kernels), reading
+    and writing only memory inside live "cuda" tensors. Not emulated: checks the kernels make once on the device
+    (grid limits, shared memory), and the workspace size (stream-K configs ask for STREAMK_WORKSPACE bytes)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    @staticmethod
+    def _validate(fn, args):
+        try:
+            fn(*args)
+        except RuntimeError as e:
+            if "CUDA error" in str(e) and "bindings.cpp" in str(e):
+                return  # validation passed; the launch stopped at the missing device
+            raise
+        raise RuntimeError("[fakecuda] the compiled module ran without a CUDA device")
+
+    @staticmethod
+    def _workspace_need(family, m, n, k, config):
+        return STREAMK_WORKSPACE if "streamk" in _config_name(family, m, n, k, config) else 0
+
+    def gemm_workspace_size(self, *args):
+        self._validate(self._real.gemm_workspace_size, args)
+        family, _device, _a, _b, _d, m, n, k = args[:8]
+        return self._workspace_need(family, m, n, k, args[18])
+
+    def block_workspace_size(self, *args):
+        self._validate(self._real.block_workspace_size, args)
+        family, _device, _a, _b, _d, m, n, k = args[:8]
+        return self._workspace_need(family + "_block", m, n, k, args[15])
+
+    def scaled_mm(self, *args):
+        self._validate(self._real.scaled_mm, args)
+        (family, device, a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, a_vec, scale_b, b_vec, bias,
+         _fast_accum, config, workspace, workspace_bytes, stream) = args
+        from fp8kern.ops import Layout
+        layout = Layout("token" if a_vec else "tensor", "channel" if b_vec else "tensor")
+        scales = ((scale_a, (m if a_vec else 1,), (1,)), (scale_b, (n if b_vec else 1,), (1,)))
+        self._gemm(family, device, stream, a, b, d, m, n, k, lda, ldb, ldd, _DTYPES[d_dtype], bias, config,
+                   workspace, workspace_bytes, scales, layout)
+
+    def scaled_mm_block(self, *args):
+        self._validate(self._real.scaled_mm_block, args)
+        (family, device, a, b, d, m, n, k, lda, ldb, ldd, d_dtype, scale_a, scale_b, bias, config, workspace,
+         workspace_bytes, stream) = args
+        from fp8kern.ops import Layout
+        g, gn = -(-k // 128), -(-n // 128)
+        scales = ((scale_a, (m, g), (g, 1)), (scale_b, (gn, g), (g, 1)))
+        self._gemm(family + "_block", device, stream, a, b, d, m, n, k, lda, ldb, ldd, _DTYPES[d_dtype], bias,
+                   config, workspace, workspace_bytes, scales, Layout("group", "block"))
+
+    def _gemm(self, family, device, stream, a, b, d, m, n, k, lda, ldb, ldd, out_dtype, bias, config, workspace,
+              workspace_bytes, scales, layout):
+        from fp8kern import reference
+        need = self._workspace_need(family, m, n, k, config)
+        if workspace_bytes < need:
+            raise RuntimeError(f"[fakecuda] {family}: needs {need} bytes of workspace, got {workspace_bytes}")
+        (sa, sa_shape, sa_strides), (sb, sb_shape, sb_strides) = scales
+
+        def resolve():  # outputs: d, then the workspace (scratch the kernel writes), if any
+            scratch = (_region(workspace, torch.uint8, (workspace_bytes,), (1,), "workspace"),) if workspace_bytes else ()
+            inputs = (_region(a, torch.float8_e4m3fn, (m, k), (lda, 1), "a"),
+                      _region(b, torch.float8_e4m3fn, (n, k), (ldb, 1), "b"),
+                      _region(sa, torch.float32, sa_shape, sa_strides, "scale_a"),
+                      _region(sb, torch.float32, sb_shape, sb_strides, "scale_b"),
+                      _region(bias, out_dtype, (n,), (1,), "bias") if bias else None)
+            return inputs, (_region(d, out_dtype, (m, n), (ldd, 1), "d"),) + scratch
+
+        _launch(device, stream, resolve,
+                lambda A, B, SA, SB, bias_t: (reference.scaled_mm(A, B, SA, SB, out_dtype, bias_t, layout),))
+
+    def quantize(self, *args):
+        self._validate(self._real.quantize, args)
+        (kind, device, x, x_dtype, rows, cols, x_rs, q, q_rs, scale, s_dtype, s_rs, s_cs, gs, scale_ub, workspace,
+         stream) = args
+        from fp8kern import reference
+        if kind == "static":  # the kernel reads scale[row * s_rs + (col / gs) * s_cs]: stride 0 broadcasts
+            grid = (rows, -(-cols // gs) if s_cs else 1)
+        else:
+            grid = {"token": (rows, 1), "tensor": (1, 1), "group": (rows, -(-cols // gs))}[kind]
+        s_type = _DTYPES[s_dtype]
+
+        def resolve():  # outputs: q and a dynamic scale, then the per-tensor kind's workspace (scratch)
+            scratch = (_region(workspace, torch.int32, (1,), (1,), "workspace"),) if kind == "tensor" else ()
+            X = _region(x, _DTYPES[x_dtype], (rows, cols), (x_rs, 1), "x")
+            Q = _region(q, torch.float8_e4m3fn, (rows, cols), (q_rs, 1), "q")
+            S = _region(scale, s_type, grid, (s_rs, s_cs), "scale")
+            return ((X, S), (Q,)) if kind == "static" else ((X,), (Q, S) + scratch)
+
+        def compute(X, S=None):
+            if kind == "static":
+                return (reference.quantize(X, "group" if s_cs else "token", max(gs, 1), scale=S.clone())[0],)
+            qr, sr = reference.quantize(X, kind, gs, scale_ub=scale_ub or None,
+                                        scale_format="ue8m0" if s_type == torch.float8_e8m0fnu else "fp32")
+            return qr, sr.reshape(grid)
+
+        _launch(device, stream, resolve, compute)
+
+
 def install():
     tc = torch.cuda
     tc.is_available = lambda: True
@@ -421,18 +595,11 @@ def install():
     FakeCudaMode().__enter__()  # global, never exited
 
     os.environ.setdefault("FP8KERN_BACKEND", "auto")
-    os.environ["FP8KERN_FAKE_CUDA"] = "1"  # tests that assert a kernel path is taken know it is not
     from fp8kern import _backend
-    orig_family = _backend.gemm_family
-
-    def gemm_family(device):
-        fam = orig_family(device)  # raises as on the GPU (e.g. backend 'auto' with no verified family)
-        if fam is not None:
-            LOG.append(f"gemm family {fam} -> reference stand-in")
-        return None
-
-    _backend.gemm_family = gemm_family
-    _backend.quant_kernels_available = lambda device: False
+    if _backend._C is None:
+        raise RuntimeError("[fakecuda] fp8kern._C is not built: the kernel path cannot be emulated")
+    _backend._C = EmulatedC(_backend._C)
+    _backend._raw_stream = None  # torch's raw stream getter would ask the real CUDA runtime; use the fake streams
     # the reference path warns 'no compiled quantization kernel' on "cuda"; that warning is a harness artifact
     import warnings
     warnings.filterwarnings("ignore", message="fp8kern: no compiled quantization kernel")
@@ -443,6 +610,7 @@ install()
 
 
 def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"fakecuda: {LAUNCHES['emulated']} kernel launches emulated")
     msgs = sorted({m for m in LOG if "cross-device" in m})
     if msgs:
         terminalreporter.write_line("fakecuda cross-device ops:")

@@ -1,0 +1,87 @@
+"""tools/fake_cuda.py emulates kernel launches for the CPU dry run of the GPU tests; these check that the emulation
+can fail: a launch whose addresses leave the tensors it was given is refused, and the real binding's validation
+still runs. In a subprocess, since the fake device patches torch globally."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fp8kern import _backend
+
+pytestmark = pytest.mark.skipif("sm90" not in _backend.compiled_families(), reason="sm90 kernels not compiled")
+
+_RUN = """
+import re
+import sys
+sys.path.insert(0, sys.argv[1])
+import fake_cuda
+import torch, fp8kern
+from fp8kern import _backend, ops
+fp8kern.set_backend("sm90")
+torch.manual_seed(0)
+a = torch.randn(5, 64, device="cuda").to(torch.float8_e4m3fn)
+b = torch.randn(24, 64, device="cuda").to(torch.float8_e4m3fn)
+sa, sb = torch.rand(5, 1, device="cuda") + 0.5, torch.rand(24, device="cuda") + 0.5
+before = fake_cuda.LAUNCHES["emulated"]
+d = fp8kern.scaled_mm(a, b, sa, sb, out_dtype=torch.float32)
+assert fake_cuda.LAUNCHES["emulated"] == before + 1, "the kernel path was not taken"
+ref = fp8kern.reference.scaled_mm(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), torch.float32)
+assert torch.equal(d.cpu(), ref)
+small = torch.empty(5, 8, device="cuda")  # too small for a [5, 24] result
+args = ["sm90", 0, a.data_ptr(), b.data_ptr(), small.data_ptr(), 5, 24, 64, 64, 64, 24, 0, sa.data_ptr(), True,
+        sb.data_ptr(), True, 0, False, -1, 0, 0, torch.cuda.current_stream().cuda_stream]
+for what, i, value, message in [("d", 4, small.data_ptr(), "launch argument d: .* lie in no live CUDA tensor"),
+                                 ("a", 2, a.data_ptr() + 1, "16-byte aligned"),
+                                 ("k", 7, 40, "multiples of 16")]:
+    bad = list(args)
+    bad[i] = value
+    try:
+        _backend._C.scaled_mm(*bad)
+    except (RuntimeError, ValueError) as e:
+        assert re.search(message, str(e)), (what, str(e))
+    else:
+        raise AssertionError(f"an invalid {what} was accepted")
+# Block-scaled with K padded to the kernels' multiple of 16, a stream-K problem (workspace sized per shape), and the
+# fused quantizer: each through the emulated launch, each equal to the reference.
+ga = torch.rand(3, 2, device="cuda") + 0.5
+gb = torch.rand(2, 2, device="cuda") + 0.5
+a3 = torch.randn(3, 200, device="cuda").to(torch.float8_e4m3fn)
+b3 = torch.randn(136, 200, device="cuda").to(torch.float8_e4m3fn)
+d3 = fp8kern.scaled_mm(a3, b3, ga, gb)
+assert torch.equal(d3.cpu(), fp8kern.reference.scaled_mm(a3.cpu(), b3.cpu(), ga.cpu(), gb.cpu()))
+a4 = torch.randn(256, 2048, device="cuda").to(torch.float8_e4m3fn)
+s4 = torch.ones(256, device="cuda")
+assert "streamk" in ops._config_label("sm90", False, 256, 256, 2048, a4.device)
+d4 = fp8kern.scaled_mm(a4, a4, s4, s4)
+assert torch.equal(d4.cpu(), fp8kern.reference.scaled_mm(a4.cpu(), a4.cpu(), s4.cpu(), s4.cpu()))
+assert fake_cuda.STREAMK_WORKSPACE in ops._ws_bytes.values()
+x = torch.randn(4, 300, device="cuda", dtype=torch.bfloat16)
+q, s = fp8kern.quantize(x, "group")
+rq, rs = fp8kern.reference.quantize(x.cpu(), "group")
+assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
+assert fake_cuda.LAUNCHES["emulated"] == before + 4
+ws = torch.empty(fake_cuda.STREAMK_WORKSPACE, dtype=torch.uint8, device="cuda")
+big = ["sm90", 0, a4.data_ptr(), a4.data_ptr(), d4.data_ptr(), 256, 256, 2048, 2048, 2048, 256, 2, s4.data_ptr(),
+       True, s4.data_ptr(), True, 0, False, -1, ws.data_ptr(), ws.numel(), torch.cuda.current_stream().cuda_stream]
+_backend._C.scaled_mm(*big)
+for what, i, value, message in [("workspace", 20, 16, "needs .* bytes of workspace"),
+                                ("stream", 21, 12345, "not the current stream"),
+                                ("device", 1, 1, "launch on device 1")]:
+    bad = list(big)
+    bad[i] = value
+    try:
+        _backend._C.scaled_mm(*bad)
+    except RuntimeError as e:
+        assert re.search(message, str(e)), (what, str(e))
+    else:
+        raise AssertionError(f"an invalid {what} was accepted")
+print("ok")
+"""
+
+
+def test_emulated_launches_check_their_arguments():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _RUN, str(root / "tools")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-2000:] + r.stderr[-3000:]
