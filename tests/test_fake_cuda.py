@@ -1,6 +1,7 @@
-"""tools/fake_cuda.py emulates kernel launches for the CPU dry run of the GPU tests; these check that the emulation
-can fail: a launch whose addresses leave the tensors it was given is refused, and the real binding's validation
-still runs. In a subprocess, since the fake device patches torch globally."""
+"""tools/fake_cuda.py emulates kernel launches for the CPU dry run of the GPU tests. These check that the emulation
+can fail (a launch whose addresses leave the tensors it was given is refused, and the real binding's validation
+still runs), and dry-run the GPU-check scripts on it. In subprocesses, since the fake device patches torch
+globally."""
 
 import pathlib
 import subprocess
@@ -85,3 +86,32 @@ def test_emulated_launches_check_their_arguments():
     root = pathlib.Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", _RUN, str(root / "tools")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-2000:] + r.stderr[-3000:]
+
+
+_SCRIPT = """
+import runpy
+import sys
+sys.path.insert(0, sys.argv[1])
+import fake_cuda
+script, sys.argv = sys.argv[2], sys.argv[2:]
+if script.endswith("accumulation.py"):  # its K = 16384 problems take minutes in the CPU's float64 reference
+    g = runpy.run_path(script, run_name="dry_run")
+    g["SHAPES"][:] = [(16, 256, 512), (64, 128, 1024)]
+    sys.exit(g["main"]())
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", [
+    ["tools/sanitize_smoke.py"],
+    ["benchmarks/accumulation.py"],
+    ["benchmarks/llama_stack.py", "--backend", "sm90", "--layers", "1", "--prefill", "16", "--decode", "1",
+     "--reps", "2"],
+], ids=["sanitize_smoke", "accumulation", "llama_stack"])
+def test_gpu_check_scripts_on_a_fake_device(script):
+    """The scripts tools/gpu_check.sh runs on a GPU (besides the bench, which test_bench covers) run through on the
+    fake device, kernel launches emulated, so a mistake in them costs no device time. Their numbers mean nothing."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(root / "tools"), *script], capture_output=True, text=True,
+                       timeout=600, cwd=root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
