@@ -12,7 +12,7 @@ H100_SMS = 132  # H100 SXM and H200
 
 
 # N where every config of the table serves some M: sm90's stream-K needs few tiles, sm89's mid tile many.
-@pytest.mark.parametrize("family,min_configs,N", [("sm90", 4, 4096), ("sm89", 3, 14336), ("sm90_block", 2, 4096),
+@pytest.mark.parametrize("family,min_configs,N", [("sm90", 4, 4096), ("sm89", 3, 14336), ("sm90_block", 3, 4096),
                                                   ("sm89_block", 3, 4096)])
 def test_table_covers_every_m(family, min_configs, N):
     names = _backend._C.gemm_configs(family)
@@ -30,7 +30,7 @@ def test_table_covers_every_m(family, min_configs, N):
 def test_sm90_stream_k_when_tiles_are_few(family, M, N, K, streamk):
     """Stream-K only where 128x128 tiles would leave most of an H100's 132 SMs idle (at most 65 tiles) and K has more
     than 8 tiles of 128 to split, the limits of CUTLASS's own stream-K heuristic. M <= 64 takes the swap configs in
-    the per-token family and stream-K in the block family (its tiles stay 128 rows)."""
+    the per-token family and stream-K in the block family (its unswapped tiles stay 128 rows)."""
     expected = streamk or (family == "sm90_block" and M <= 64 and K > 1024)
     assert ("streamk" in _backend.config_name(family, M, N, K, H100_SMS)) == expected
 
@@ -60,6 +60,15 @@ def test_sm89_block_tiles_by_m(M, expected):
 def test_sm90_small_m_swaps(M, expected):
     """Small M runs with A and B swapped so M lands on the MMA's N side (tile N 32 or 64)."""
     assert expected in _backend.config_name("sm90", M, 6144, 4096, H100_SMS)
+
+
+@pytest.mark.parametrize("M,N,K,expected", [(1, 7168, 2048, "swap_128x32"), (32, 4096, 512, "swap_128x32"),
+                                             (33, 7168, 2048, "block_streamk_128x128"), (33, 4096, 512, "c1x2"),
+                                             (4096, 7168, 2048, "c1x2")])
+def test_sm90_block_small_m_swaps(M, N, K, expected):
+    """Block-scaled decode (M <= 32) swaps A and B: the weights' 128-row blocks fill the MMA's M side and the tokens
+    a 32-wide N tile (the config's stream-K scheduler decides per shape whether to split K)."""
+    assert expected in _backend.config_name("sm90_block", M, N, K, H100_SMS)
 
 
 @pytest.mark.parametrize("M,expected", [(1, "32x64x128"), (32, "32x64x128"), (33, "64x128x64"), (128, "64x128x64"),

@@ -47,7 +47,7 @@ def test_gemm_launch_rejects(family, kw, message):
 @pytest.mark.parametrize("family,kw,message", [
     ("sm90", dict(k=64, lda=64, ldb=64), r"blockwise_sm90: .*K >= 128"),
     ("sm89", dict(k=8, lda=16, ldb=16), r"blockwise_sm89: .*K >= 16"),
-    ("sm90", dict(config=2), r"blockwise_sm90: config=2, expected -1 \(select by shape\) or 0\.\.1"),
+    ("sm90", dict(config=3), r"blockwise_sm90: config=3, expected -1 \(select by shape\) or 0\.\.2"),
     ("sm89", dict(config=3), r"blockwise_sm89: config=3, expected -1 \(select by shape\) or 0\.\.2"),
     ("sm89", dict(ldd=33), r"blockwise_sm89: output row stride 33 x 2 bytes must be a multiple of 16"),
     ("sm89", dict(bias=D + 1), r"blockwise_sm89: bias pointer is not aligned"),

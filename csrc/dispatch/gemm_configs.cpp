@@ -34,8 +34,9 @@ constexpr ConfigInfo kSm89[sm89::kNumConfigs] = {
     {"sm89_64x128x64_4stage", 128, 64, 128},
     {"sm89_128x64x64_4stage", INT64_MAX, 128, 64},
 };
-// As for kSm90, the stream-K row is chosen by tile count and K, never by its max_m.
+// select_block_config picks these rows itself (by M, then by tile count and K, as for kSm90's stream-K row).
 constexpr ConfigInfo kSm90Block[sm90::kNumBlockConfigs] = {
+    {"sm90_block_swap_128x32x128_coop_streamk", sm90::kBlockSwapMaxM, 32, 128},
     {"sm90_block_streamk_128x128x128_coop", 0, 128, 128},
     {"sm90_block_128x128x128_coop_c1x2", INT64_MAX, 128, 128},
 };
@@ -81,6 +82,7 @@ int sm90::select_config(int64_t m, int64_t n, int64_t k, int sm_count) {
 }
 
 int sm90::select_block_config(int64_t m, int64_t n, int64_t k, int sm_count) {
+  if (m <= kBlockSwapMaxM) return kBlockSwap128x32;
   return stream_k_128x128(m, n, k, sm_count) ? kBlockStreamK128x128 : kBlockTile128x128;
 }
 // Ada tables are ordered by tile size: step down from the M row while fewer than half of the SMs get a tile.

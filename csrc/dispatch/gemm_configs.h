@@ -29,12 +29,15 @@ enum Config : int {
 constexpr int64_t kStreamKMinK = 1024;
 bool stream_k_128x128(int64_t m, int64_t n, int64_t k, int sm_count);
 int select_config(int64_t m, int64_t n, int64_t k, int sm_count);
-// Config ids of the sm90 block-scaled family; stream-K under the same conditions as above.
+// Config ids of the sm90 block-scaled family: swapped for M <= kBlockSwapMaxM, else stream-K under the same
+// conditions as above, else the plain 128x128 tile.
 enum BlockConfig : int {
-  kBlockStreamK128x128 = 0,
-  kBlockTile128x128 = 1,
-  kNumBlockConfigs = 2,
+  kBlockSwap128x32 = 0,  // kernel tile 128 (weight rows) x 32 (tokens) x 128, stream-K scheduler
+  kBlockStreamK128x128 = 1,
+  kBlockTile128x128 = 2,
+  kNumBlockConfigs = 3,
 };
+constexpr int64_t kBlockSwapMaxM = 32;
 int select_block_config(int64_t m, int64_t n, int64_t k, int sm_count);
 }  // namespace sm90
 

@@ -41,14 +41,17 @@ constexpr Workspace kWorkspace[3][sm90::kNumConfigs] = {
 using BlockLaunch = void (*)(const BlockGemmProblem&);
 using BlockWorkspace = size_t (*)(const BlockGemmProblem&);
 constexpr BlockLaunch kBlockLaunch[3][sm90::kNumBlockConfigs] = {
-    {sm90::run_block_bf16_streamk128x128, sm90::run_block_bf16_tile128x128},
-    {sm90::run_block_fp16_streamk128x128, sm90::run_block_fp16_tile128x128},
-    {sm90::run_block_fp32_streamk128x128, sm90::run_block_fp32_tile128x128},
+    {sm90::run_block_bf16_swap128x32, sm90::run_block_bf16_streamk128x128, sm90::run_block_bf16_tile128x128},
+    {sm90::run_block_fp16_swap128x32, sm90::run_block_fp16_streamk128x128, sm90::run_block_fp16_tile128x128},
+    {sm90::run_block_fp32_swap128x32, sm90::run_block_fp32_streamk128x128, sm90::run_block_fp32_tile128x128},
 };
 constexpr BlockWorkspace kBlockWorkspace[3][sm90::kNumBlockConfigs] = {
-    {sm90::run_block_bf16_streamk128x128_workspace, sm90::run_block_bf16_tile128x128_workspace},
-    {sm90::run_block_fp16_streamk128x128_workspace, sm90::run_block_fp16_tile128x128_workspace},
-    {sm90::run_block_fp32_streamk128x128_workspace, sm90::run_block_fp32_tile128x128_workspace},
+    {sm90::run_block_bf16_swap128x32_workspace, sm90::run_block_bf16_streamk128x128_workspace,
+     sm90::run_block_bf16_tile128x128_workspace},
+    {sm90::run_block_fp16_swap128x32_workspace, sm90::run_block_fp16_streamk128x128_workspace,
+     sm90::run_block_fp16_tile128x128_workspace},
+    {sm90::run_block_fp32_swap128x32_workspace, sm90::run_block_fp32_streamk128x128_workspace,
+     sm90::run_block_fp32_tile128x128_workspace},
 };
 
 int dtype_row(DType d) { return d == DType::kBFloat16 ? 0 : (d == DType::kFloat16 ? 1 : 2); }

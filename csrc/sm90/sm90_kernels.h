@@ -35,13 +35,19 @@ void run_block_bf16_streamk128x128(const BlockGemmProblem& p);
 size_t run_block_bf16_streamk128x128_workspace(const BlockGemmProblem& p);
 void run_block_bf16_tile128x128(const BlockGemmProblem& p);
 size_t run_block_bf16_tile128x128_workspace(const BlockGemmProblem& p);
+void run_block_bf16_swap128x32(const BlockGemmProblem& p);
+size_t run_block_bf16_swap128x32_workspace(const BlockGemmProblem& p);
 void run_block_fp16_streamk128x128(const BlockGemmProblem& p);
 size_t run_block_fp16_streamk128x128_workspace(const BlockGemmProblem& p);
 void run_block_fp16_tile128x128(const BlockGemmProblem& p);
 size_t run_block_fp16_tile128x128_workspace(const BlockGemmProblem& p);
+void run_block_fp16_swap128x32(const BlockGemmProblem& p);
+size_t run_block_fp16_swap128x32_workspace(const BlockGemmProblem& p);
 void run_block_fp32_streamk128x128(const BlockGemmProblem& p);
 size_t run_block_fp32_streamk128x128_workspace(const BlockGemmProblem& p);
 void run_block_fp32_tile128x128(const BlockGemmProblem& p);
 size_t run_block_fp32_tile128x128_workspace(const BlockGemmProblem& p);
+void run_block_fp32_swap128x32(const BlockGemmProblem& p);
+size_t run_block_fp32_swap128x32_workspace(const BlockGemmProblem& p);
 
 }  // namespace fp8kern::sm90
