@@ -25,13 +25,14 @@ def test_table_covers_every_m(family, min_configs, N):
 
 @pytest.mark.parametrize("M,N,K,streamk", [(128, 4096, 4096, True), (256, 4096, 1152, True), (128, 8320, 4096, True),
                                            (128, 8448, 4096, False), (256, 6144, 4096, False), (128, 4096, 1024, False),
-                                           (1024, 4096, 4096, False), (64, 4096, 4096, False)])
+                                           (1024, 4096, 4096, False), (64, 4096, 4096, False), (16, 4096, 512, False)])
 @pytest.mark.parametrize("family", ["sm90", "sm90_block"])
 def test_sm90_stream_k_when_tiles_are_few(family, M, N, K, streamk):
     """Stream-K only where 128x128 tiles would leave most of an H100's 132 SMs idle (at most 65 tiles) and K has more
     than 8 tiles of 128 to split, the limits of CUTLASS's own stream-K heuristic. M <= 64 takes the swap configs in
-    the per-token family and stream-K in the block family (its unswapped tiles stay 128 rows)."""
-    expected = streamk or (family == "sm90_block" and M <= 64 and K > 1024)
+    the per-token family; in the block family M <= 32 takes its swap config, which always has the stream-K scheduler
+    (CUTLASS's heuristic then decides per shape), and 32 < M <= 64 stream-K (its unswapped tiles stay 128 rows)."""
+    expected = streamk or (family == "sm90_block" and (M <= 32 or (M <= 64 and K > 1024)))
     assert ("streamk" in _backend.config_name(family, M, N, K, H100_SMS)) == expected
 
 

@@ -116,7 +116,8 @@ using BlockCfg128x128 = BlockConfig<Shape<_128, _128, _128>, Shape<_1, _2, _1>>;
 using BlockCfgStreamK128x128 = BlockConfig<Shape<_128, _128, _128>, Shape<_1, _1, _1>, cutlass::gemm::StreamKScheduler>;
 // Decode-sized M (<= 32): swapped, a 128-row weight block x 32 tokens per tile (a quarter of the MMA work and of the
 // accumulators a 128x128 tile spends on at most 32 real rows, so more pipeline stages fit), with the stream-K
-// scheduler, whose heuristic splits K when ceil(N/128) tiles leave SMs idle and runs data-parallel when they do not.
+// scheduler: its heuristic splits K when K has more than 8 tiles of 128 and the ceil(N/128) tiles leave over half a
+// wave of SMs idle, and runs data-parallel otherwise.
 using BlockCfgSwap128x32 = BlockConfig<Shape<_128, _32, _128>, Shape<_1, _1, _1>, cutlass::gemm::StreamKScheduler, true>;
 
 }  // namespace fp8kern::sm90
