@@ -47,7 +47,7 @@ def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
-_BLOCK_LAYOUT = Layout("group", "block")
+_BLOCK_LAYOUT = Layout("group", "block")  # infer_layout returns this instance: the hot path tests `is _BLOCK_LAYOUT`
 # (scale_a per-tensor?, scale_b per-tensor?) -> layout; per-tensor wins where a shape fits two (same numbers).
 _PLAIN_LAYOUTS = {(ta, tb): Layout("tensor" if ta else "token", "tensor" if tb else "channel")
                   for ta in (False, True) for tb in (False, True)}
