@@ -29,6 +29,8 @@ before = fake_cuda.LAUNCHES["emulated"]
 d = fp8kern.scaled_mm(a, b, sa, sb, out_dtype=torch.float32)
 assert fake_cuda.LAUNCHES["emulated"] == before + 1, "the kernel path was not taken"
 ref = fp8kern.reference.scaled_mm(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), torch.float32)
+# Exact equality, no tolerance: the emulation computes with this same reference, so any difference is a launch
+# argument (pointer, stride, flag, padding) passed wrong by fp8kern's kernel path.
 assert torch.equal(d.cpu(), ref)
 small = torch.empty(5, 8, device="cuda")  # too small for a [5, 24] result
 args = ["sm90", 0, a.data_ptr(), b.data_ptr(), small.data_ptr(), 5, 24, 64, 64, 64, 24, 0, sa.data_ptr(), True,

@@ -412,23 +412,24 @@ def _launch(device, stream, resolve, compute):
         raise RuntimeError(f"[fakecuda] launch on stream {stream:#x}, not the current stream "
                            f"{_current[0].cuda_stream:#x}")
 
-    def run():
+    def run(views):
+        inputs, outputs = views
         with _no_mode():
-            inputs, outputs = resolve()
             values = compute(*inputs)
             for o, v in zip(outputs, values):
                 o.copy_(v)
 
-    inputs, outputs = resolve()  # the bounds are checked at launch (and capture) time too
+    views = resolve()  # the bounds are checked at launch (and capture) time
     LAUNCHES["emulated"] += 1
     if CAP.graph is not None and not CAP.replaying:
-        # The record holds the views, so their memory stays allocated until replay, as a graph's private memory pool
-        # keeps what the capture allocated (such as a workspace freed right after the launch).
-        CAP.graph.records.append((lambda _keep=(inputs, outputs): run(), (), {}, [], []))
-        for o in outputs:
+        # Replay resolves (and bounds-checks) the addresses again. The record holds the capture's views, so their
+        # memory stays allocated until replay, as a graph's private memory pool keeps what the capture allocated
+        # (such as a workspace freed right after the launch).
+        CAP.graph.records.append((lambda _keep=views: run(resolve()), (), {}, [], []))
+        for o in views[1]:
             _poison(o)
         return
-    run()
+    run(views)
 
 
 def _config_name(family, m, n, k, config):
