@@ -1,7 +1,7 @@
 """A pytest plugin that runs the GPU tests' own code on the CPU, to find bugs in the tests and in fp8kern's launch
 glue before device time is spent on them. It checks everything up to the kernels, not the kernels themselves.
 
-    PYTHONPATH=tools python -m pytest -p fake_cuda tests/test_gpu_quant.py tests/test_gpu_scaled_mm.py
+    PYTHONPATH=tools python -m pytest -p fake_cuda tests/test_gpu_quant.py tests/test_gpu_scaled_mm.py tests/test_gpu_experts.py
 
 What it emulates (a CUDA H100, sm_90, 132 SMs; FAKE_CAP / FAKE_SMS change that):
 * "cuda" tensors are CPU tensors whose storage is tagged; tags propagate through every aten op (a

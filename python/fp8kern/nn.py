@@ -26,7 +26,25 @@ def _scale_shape(granularity: str, out_features: int, in_features: int) -> tuple
             "block": (math.ceil(out_features / BLOCK), math.ceil(in_features / BLOCK))}[granularity]
 
 
-class Fp8Linear(nn.Module):
+class _FixedDtypeBuffers(nn.Module):
+    """Buffers whose dtype is part of the format (_FIXED_DTYPE): model.to(dtype) / .half() / .bfloat16() move them but
+    keep their dtype (e4m3 and e8m0 count as floating point, so nn.Module would convert them and break forward)."""
+
+    _FIXED_DTYPE: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        fixed = {id(b) for name, b in self._buffers.items() if name in self._FIXED_DTYPE and b is not None}
+
+        def keep_dtype(t):
+            if id(t) not in fixed:
+                return fn(t)
+            probe = fn(t.new_empty(0))  # what fn does, without converting the data when only the device may change
+            return t.to(device=probe.device) if probe.dtype != t.dtype else fn(t)
+
+        return super()._apply(keep_dtype, recurse)
+
+
+class Fp8Linear(_FixedDtypeBuffers):
     """y = x @ W.T + b with W stored as float8_e4m3fn and a scale, activations quantized on the fly.
 
     scheme: 'dynamic_per_token' (per-token activations, per-channel weights: llm-compressor FP8_DYNAMIC),
@@ -36,6 +54,8 @@ class Fp8Linear(nn.Module):
     forward accepts any leading dims and bf16/fp16/fp32 input, returns the input's dtype, and never synchronizes
     with the host, so it runs under torch.compile and CUDA graph capture.
     """
+
+    _FIXED_DTYPE = ("weight", "weight_scale", "input_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "dynamic_per_token", *,
                  weight_granularity: str | None = None, scale_format: str = "fp32", fast_accum: bool = False,
@@ -95,21 +115,6 @@ class Fp8Linear(nn.Module):
             m.input_scale.fill_(input_scale)
         return m
 
-    # Buffers whose dtype is part of the format: model.to(dtype) / .half() / .bfloat16() move them but keep the
-    # dtype (e4m3 and e8m0 count as floating point, so nn.Module would convert them and break forward).
-    _FIXED_DTYPE = ("weight", "weight_scale", "input_scale")
-
-    def _apply(self, fn, recurse=True):
-        fixed = {id(b) for name, b in self._buffers.items() if name in self._FIXED_DTYPE and b is not None}
-
-        def keep_dtype(t):
-            if id(t) not in fixed:
-                return fn(t)
-            probe = fn(t.new_empty(0))  # what fn does, without converting the data when only the device may change
-            return t.to(device=probe.device) if probe.dtype != t.dtype else fn(t)
-
-        return super()._apply(keep_dtype, recurse)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Fp8Linear: input has {x.shape[-1]} features in the last dim, expected {self.in_features}")
@@ -134,6 +139,225 @@ class Fp8Linear(nn.Module):
                 f"scheme={self.scheme}, weight={self.weight_granularity}")
 
 
+# transformers (5.x) keeps a MoE layer's routed experts in one module with 3-D parameters gate_up_proj [E, 2I, H] and
+# down_proj [E, H, I], called as experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]). These are
+# the layout flags (set by transformers' use_experts_implementation) of the modules Fp8Experts computes like.
+_EXPERT_LAYOUT = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                  "has_post_expert_norm": False}
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether module holds MoE experts as 3-D gate_up_proj and down_proj tensors (transformers' fused experts)."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
+
+
+def fused_experts_unsupported(module: nn.Module) -> str | None:
+    """None when Fp8Experts computes what the fused experts module does (y = down(act(gate x) * up x), gate and up
+    concatenated along gate_up_proj's rows, no biases), else the reason it does not."""
+    flags = {k: getattr(module, k, None) for k in _EXPERT_LAYOUT}
+    if flags != _EXPERT_LAYOUT:
+        diff = {k: v for k, v in flags.items() if v != _EXPERT_LAYOUT[k]}
+        return f"experts layout {diff} (fp8kern runs concatenated [gate; up] experts without bias, {_EXPERT_LAYOUT})"
+    gate = getattr(type(module), "_apply_gate", None)
+    if getattr(gate, "__name__", None) != "_default_apply_gate" or not callable(getattr(module, "act_fn", None)):
+        return "its experts apply a custom gate (fp8kern runs act_fn(gate) * up)"
+    E, two_i, H = module.gate_up_proj.shape
+    if two_i % 2 or tuple(module.down_proj.shape) != (E, H, two_i // 2):
+        return (f"gate_up_proj {tuple(module.gate_up_proj.shape)} and down_proj {tuple(module.down_proj.shape)} are "
+                "not [E, 2I, H] and [E, H, I]")
+    return None
+
+
+class Fp8Experts(_FixedDtypeBuffers):
+    """The routed experts of a mixture-of-experts layer with e4m3 weights: a drop-in for transformers' fused experts
+    module (Qwen2/3-MoE, DeepSeek-V2/V3, Mixtral, GLM-4-MoE, ...), built by from_experts, quantize_model or
+    from_pretrained.
+
+    forward(hidden_states [T, H], top_k_index [T, k] (int), top_k_weights [T, k]) -> [T, H] in hidden_states' dtype:
+    out[t] = sum_j top_k_weights[t, j] * down_e(act_fn(gate_e x_t) * up_e x_t) with e = top_k_index[t, j]; the index
+    num_experts stands for no expert (transformers' expert-parallel padding) and adds nothing.
+
+    The gate and up projections of an expert are one GEMM over gate_up_weight [E, 2 * I', H], gate rows first and up
+    rows from I' (I' = I, or I rounded up to a multiple of 128 for block scales so that each projection has its own
+    128-row blocks; the rows between are zero). Activations are quantized as the scheme says (Fp8Linear's schemes),
+    once per projection for all tokens; static schemes use each expert's input scale (for gate_up, the larger of the
+    gate's and up's). Weight scales are per channel ('tensor' scales are stored per channel, the same numbers) or
+    per 128x128 block.
+
+    Each call reads the number of tokens per expert on the host (one synchronization) to size the per-expert GEMMs:
+    unlike Fp8Linear, the layer cannot be captured in a CUDA graph, and torch.compile breaks its graph there.
+    """
+
+    _FIXED_DTYPE = ("gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "gate_up_input_scale",
+                    "down_input_scale")
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, scheme: str = "dynamic_per_token",
+                 *, act_fn=None, weight_granularity: str | None = None, scale_format: str = "fp32",
+                 fast_accum: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r}, expected a positive int")
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme={scheme!r}, expected one of {sorted(SCHEMES)}")
+        act, dynamic, w_default, w_allowed = SCHEMES[scheme]
+        weight_granularity = weight_granularity or w_default
+        if weight_granularity not in w_allowed:
+            raise ValueError(f"weight_granularity={weight_granularity!r} does not fit scheme={scheme!r}; expected one "
+                             f"of {w_allowed}")
+        if scale_format not in ("fp32", "ue8m0"):
+            raise ValueError(f"scale_format={scale_format!r}, expected 'fp32' or 'ue8m0'")
+        if scale_format == "ue8m0" and scheme != "block128":
+            raise ValueError("scale_format='ue8m0' applies to scheme='block128'")
+        if dtype not in ops.OUT_DTYPES:
+            raise TypeError(f"dtype={dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+        if act_fn is not None and not callable(act_fn):
+            raise TypeError(f"act_fn must be callable (the experts' activation, e.g. nn.SiLU()), got {type(act_fn)}")
+        E, H, I = num_experts, hidden_size, intermediate_size
+        block = weight_granularity == "block"
+        Ip = -(-I // BLOCK) * BLOCK if block else I
+        self.num_experts, self.hidden_size, self.intermediate_size, self.padded_intermediate = E, H, I, Ip
+        self.scheme, self.weight_granularity, self.scale_format = scheme, weight_granularity, scale_format
+        self.act_granularity, self.dynamic, self.fast_accum = act, dynamic, fast_accum
+        self.act_fn = act_fn if act_fn is not None else nn.SiLU()
+        s_dtype = E8M0 if scale_format == "ue8m0" else torch.float32
+        gran = "block" if block else "channel"
+        self.register_buffer("gate_up_weight", torch.zeros(E, 2 * Ip, H, dtype=E4M3, device=device))
+        self.register_buffer("gate_up_scale", torch.ones((E,) + _scale_shape(gran, 2 * Ip, H), dtype=s_dtype,
+                                                         device=device))
+        self.register_buffer("down_weight", torch.zeros(E, H, I, dtype=E4M3, device=device))
+        self.register_buffer("down_scale", torch.ones((E,) + _scale_shape(gran, H, I), dtype=s_dtype, device=device))
+        if not dynamic:
+            self.register_buffer("gate_up_input_scale", torch.ones(E, dtype=torch.float32, device=device))
+            self.register_buffer("down_input_scale", torch.ones(E, dtype=torch.float32, device=device))
+        else:
+            self.gate_up_input_scale = self.down_input_scale = None
+
+    def projection(self, expert: int, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, weight_scale) views of one expert's 'gate', 'up' or 'down' projection, in Fp8Linear's layout
+        ([N, K] e4m3; (N, 1) per channel or (ceil(N/128), ceil(K/128)) per block): loaders fill them in place."""
+        I, Ip = self.intermediate_size, self.padded_intermediate
+        if role == "down":
+            return self.down_weight[expert], self.down_scale[expert]
+        if role not in ("gate", "up"):
+            raise ValueError(f"role={role!r}, expected 'gate', 'up' or 'down'")
+        r0 = 0 if role == "gate" else Ip
+        b0 = r0 // BLOCK
+        w = self.gate_up_weight[expert, r0:r0 + I]
+        if self.weight_granularity == "block":
+            return w, self.gate_up_scale[expert, b0:b0 + -(-I // BLOCK)]
+        return w, self.gate_up_scale[expert, r0:r0 + I]
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, scheme: str = "dynamic_per_token", *,
+                     input_scales: torch.Tensor | None = None, **kwargs) -> "Fp8Experts":
+        """Quantize a transformers fused experts module (fp8kern.quantize_weight per expert and projection) into a
+        new Fp8Experts on the same device. Static schemes need input_scales [E, 2]: each expert's activation scale
+        (calibrated amax / 448) for the gate_up and the down projection."""
+        if not isinstance(experts, nn.Module) or not is_fused_experts(experts):
+            raise TypeError("experts must be a fused experts module with 3-D gate_up_proj [E, 2I, H] and down_proj "
+                            f"[E, H, I] (transformers >= 5 MoE layers), got {type(experts).__name__}")
+        why = fused_experts_unsupported(experts)
+        if why:
+            raise ValueError(f"cannot convert {type(experts).__name__}: {why}")
+        gu = experts.gate_up_proj.detach()
+        E, two_i, H = gu.shape
+        I = two_i // 2
+        dtype = gu.dtype if gu.dtype in ops.OUT_DTYPES else torch.bfloat16
+        m = cls(E, H, I, scheme, act_fn=experts.act_fn, device=gu.device, dtype=dtype, **kwargs)
+        down = experts.down_proj.detach()
+        wgran = m.weight_granularity
+        with torch.no_grad():
+            for e in range(E):
+                for role, w in (("gate", gu[e, :I]), ("up", gu[e, I:]), ("down", down[e])):
+                    q, s = ops.quantize_weight(w if w.dtype in ops.INPUT_DTYPES else w.float(), wgran,
+                                               scale_format=m.scale_format)
+                    wq, ws = m.projection(e, role)
+                    wq.copy_(q)
+                    ws.copy_(s.reshape(-1, 1).expand(ws.shape) if wgran == "tensor" else s.reshape(ws.shape))
+            if not m.dynamic:
+                if input_scales is None:
+                    raise ValueError(f"scheme={scheme!r} needs input_scales [E, 2] (calibrated amax / 448 of each "
+                                     "expert's gate_up and down inputs)")
+                s = torch.as_tensor(input_scales, dtype=torch.float32)
+                if tuple(s.shape) != (E, 2) or not bool((torch.isfinite(s) & (s > 0)).all()):
+                    raise ValueError(f"input_scales has shape {tuple(s.shape)} or values that are not finite and > 0;"
+                                     f" expected ({E}, 2) positive scales")
+                m.gate_up_input_scale.copy_(s[:, 0])
+                m.down_input_scale.copy_(s[:, 1])
+        return m
+
+    def _gemms(self, q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, counts: list,
+               out: torch.Tensor) -> None:
+        """out[rows of e] = expert e's GEMM of q's rows of e (rows sorted by expert, counts[e] of them)."""
+        per_row = not (self.dynamic and self.act_granularity == "tensor")  # else s is the one (1,) scale
+        r = 0
+        for e, c in enumerate(counts):
+            if c:
+                ops.scaled_mm(q[r:r + c], weight[e], s[r:r + c] if per_row else s, scale[e], out_dtype=out.dtype,
+                              out=out[r:r + c], fast_accum=self.fast_accum)
+            r += c
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        x = hidden_states
+        E, H, I, Ip = self.num_experts, self.hidden_size, self.intermediate_size, self.padded_intermediate
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Fp8Experts: hidden_states has shape {got}, expected [tokens, {H}]")
+        if x.dtype not in ops.OUT_DTYPES:
+            raise TypeError(f"Fp8Experts: hidden_states dtype {x.dtype}, expected bfloat16, float16 or float32")
+        T = x.shape[0]
+        for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != T or t.device != x.device:
+                got = f"{tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"Fp8Experts: {name} is {got}, expected [{T}, top_k] on {x.device}")
+        if top_k_index.shape != top_k_weights.shape:
+            raise ValueError(f"Fp8Experts: top_k_index {tuple(top_k_index.shape)} and top_k_weights "
+                             f"{tuple(top_k_weights.shape)} differ in shape")
+        if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
+            raise TypeError(f"Fp8Experts: top_k_index has dtype {top_k_index.dtype}, expected an integer dtype")
+        k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1).long()
+        # Bins: 0 below range, 1..E the experts, E + 1 the no-expert index E, E + 2 above range. The one host read.
+        bins = torch.bincount(flat.clamp(-1, E + 1) + 1, minlength=E + 3).tolist()
+        if bins[0] or bins[E + 2]:
+            raise ValueError(f"Fp8Experts: top_k_index holds {bins[0] + bins[E + 2]} value(s) outside [0, "
+                             f"{E}] (num_experts={E}; {E} means no expert)")
+        counts = bins[1:E + 1]
+        rows = sum(counts)
+        out = torch.zeros_like(x)
+        if rows == 0:
+            return out
+        sel = torch.argsort(flat, stable=True)[:rows]  # (token, slot) pairs grouped by expert; no-expert ones last
+        token = sel // k
+        if self.dynamic:
+            q, s = ops.quantize(ops.as_rows(x), self.act_granularity, scale_format=self.scale_format)
+            q = q[token]
+            if self.act_granularity != "tensor":
+                s = s[token]
+        else:
+            expert = flat[sel]
+            q, s = ops.quantize(ops.as_rows(x)[token], "token", scale=self.gate_up_input_scale[expert])
+        gate_up = torch.empty((rows, 2 * Ip), dtype=x.dtype, device=x.device)
+        self._gemms(q, s, self.gate_up_weight, self.gate_up_scale, counts, gate_up)
+        h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
+        if self.dynamic:
+            q, s = ops.quantize(h, self.act_granularity, scale_format=self.scale_format)
+        else:
+            q, s = ops.quantize(h, "token", scale=self.down_input_scale[expert])
+        y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
+        self._gemms(q, s, self.down_weight, self.down_scale, counts, y)
+        weights = top_k_weights.reshape(-1)[sel]
+        return out.index_add_(0, token, (y * weights[:, None]).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size="
+                f"{self.intermediate_size}, scheme={self.scheme}, weight={self.weight_granularity}")
+
+
 @dataclass
 class ConversionReport:
     """What quantize_model replaced and what it left alone, with the reason."""
@@ -147,15 +371,23 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _skip_reason(name: str, module: nn.Linear, skip) -> str | None:
+def _skip_reason(name: str, weight: torch.Tensor, skip) -> str | None:
     for pattern in skip:
         if name == pattern or name.split(".")[-1] == pattern or fnmatch.fnmatch(name, pattern):
             return f"matches skip pattern {pattern!r}"
-    if module.weight.device.type == "meta":
+    if weight.device.type == "meta":
         return "weight is on the meta device (load the weights first)"
-    if module.weight.dtype not in ops.INPUT_DTYPES:
-        return f"weight dtype {module.weight.dtype} is not bfloat16, float16 or float32"
+    if weight.dtype not in ops.INPUT_DTYPES:
+        return f"weight dtype {weight.dtype} is not bfloat16, float16 or float32"
     return None
+
+
+def _experts_skip_reason(name: str, module: nn.Module, skip, scheme: str) -> str | None:
+    why = _skip_reason(name, module.gate_up_proj, skip) or fused_experts_unsupported(module)
+    if why is None and not SCHEMES[scheme][1]:
+        why = (f"scheme={scheme!r} needs calibrated input scales per expert, which quantize_model does not measure "
+               "for MoE experts (Fp8Experts.from_experts takes them); dynamic schemes convert them")
+    return why
 
 
 @torch.no_grad()
@@ -181,7 +413,8 @@ def _calibrate(model: nn.Module, names: list[str], data) -> dict[str, float]:
 
 def quantize_model(model: nn.Module, scheme: str = "dynamic_per_token", skip=("lm_head",), *, calibration_data=None,
                    **kwargs) -> ConversionReport:
-    """Replace every eligible nn.Linear of model with an Fp8Linear, in place; returns what was replaced and skipped.
+    """Replace every eligible nn.Linear of model with an Fp8Linear, and every MoE experts module that transformers
+    holds as 3-D tensors with an Fp8Experts, in place; returns what was replaced and skipped (with the reason).
 
     skip: names or glob patterns (full dotted name or last component) to leave in high precision.
     calibration_data: for scheme='static_per_tensor', an iterable of model inputs (a tensor, or a tuple of args)
@@ -201,7 +434,7 @@ def quantize_model(model: nn.Module, scheme: str = "dynamic_per_token", skip=("l
             names.setdefault(id(module), []).append(name)
     targets = []
     for aliases in names.values():
-        why = next((w for w in (_skip_reason(n, model.get_submodule(n), skip) for n in aliases) if w), None)
+        why = next((w for w in (_skip_reason(n, model.get_submodule(n).weight, skip) for n in aliases) if w), None)
         if why:
             report.skipped.update({n: why for n in aliases})
         else:
@@ -219,7 +452,21 @@ def quantize_model(model: nn.Module, scheme: str = "dynamic_per_token", skip=("l
         converted = Fp8Linear.from_linear(model.get_submodule(aliases[0]), scheme,
                                           input_scale=scales.get(aliases[0]), **kwargs)
         for name in aliases:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, converted)
+            _set_submodule(model, name, converted)
             report.replaced.append(name)
+    # MoE experts held as 3-D tensors (transformers' fused experts modules) become Fp8Experts.
+    for name, module in list(model.named_modules()):
+        if not is_fused_experts(module):
+            continue
+        why = _experts_skip_reason(name, module, skip, scheme)
+        if why:
+            report.skipped[name] = why
+            continue
+        _set_submodule(model, name, Fp8Experts.from_experts(module, scheme, **kwargs))
+        report.replaced.append(name)
     return report
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -8,11 +8,12 @@ import copy
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..nn import Fp8Linear
+from ..nn import Fp8Experts, Fp8Linear, fused_experts_unsupported, is_fused_experts
 from ..reference import E4M3
 from .common import (CheckpointFormat, LayerSpec, TensorInfo, fp8_modules, progress, read_config, read_header,
                      require)
@@ -20,6 +21,8 @@ from .compressed_tensors import CompressedTensors
 from .fp8_block import Fp8Block
 from .grok2 import Grok2
 from .quark import Quark
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 # Grok-2 first: it is recognised by tensor names, whatever quantization_config the config carries.
 FORMATS: dict[str, type[CheckpointFormat]] = {f.name: f for f in (Grok2, CompressedTensors, Fp8Block, Quark)}
@@ -78,34 +81,162 @@ def _class_names(module: nn.Module) -> tuple:
     return tuple(c.__name__ for c in type(module).__mro__)
 
 
-def _swap_linears(model: nn.Module, fmt: CheckpointFormat, header, dtype,
-                  ignore=()) -> dict[str, tuple[Fp8Linear, LayerSpec]]:
-    """Replace each nn.Linear whose weight the checkpoint stores in FP8 by a meta Fp8Linear of its spec (FP8
-    weights the model class ignores, `ignore` patterns, are left to the loading loop, which skips them)."""
-    stored = {m: shape for m, shape in fp8_modules(header).items()
-              if not any(p.search(f"{m}.weight") for p in ignore)}
+def _key_renamer(model: nn.Module):
+    """checkpoint key -> the model's key, by the renamings transformers itself applies when loading this model class
+    (e.g. Mixtral's 'block_sparse_moe.' -> 'mlp.'); the identity where it has none. Fusions (MoE experts) are not
+    renamings: fp8kern reads per-expert tensors itself."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # a transformers without conversion mappings renames nothing
+        renamings = []
+    if not renamings:
+        return lambda key: key
+    cache: dict[str, str] = {}
+
+    def rename(key: str) -> str:
+        out = cache.get(key)
+        if out is None:
+            out = cache[key] = apply_renamings(key, renamings)
+        return out
+
+    return rename
+
+
+def _module_renamer(rename):
+    """checkpoint module name -> model module name (renamed as its '.weight' key is)."""
+    return lambda module: rename(f"{module}.weight")[: -len(".weight")]
+
+
+def _swap_linears(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of: dict,
+                  dtype) -> dict[str, tuple[Fp8Linear, LayerSpec]]:
+    """Replace each nn.Linear whose weight the checkpoint stores in FP8 by a meta Fp8Linear of its spec.
+    stored: model module name -> (N, K) of its FP8 weight; ckpt_of: model module name -> checkpoint module name."""
     swapped = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name not in stored:
             continue
-        spec = fmt.layer_spec(name, _class_names(module))
+        ckpt = ckpt_of[name]
+        spec = fmt.layer_spec(ckpt, _class_names(module))
         if spec is None:
-            raise ValueError(f"checkpoint stores {name}.weight as float8_e4m3fn but its quantization_config excludes "
-                             f"{name} (ignore / exclude / modules_to_not_convert); the config and tensors disagree")
+            raise ValueError(f"checkpoint stores {ckpt}.weight as float8_e4m3fn but its quantization_config excludes "
+                             f"{ckpt} (ignore / exclude / modules_to_not_convert); the config and tensors disagree")
         if stored[name] != (module.out_features, module.in_features):
-            raise ValueError(f"checkpoint tensor {name}.weight has shape {stored[name]}, expected "
+            raise ValueError(f"checkpoint tensor {ckpt}.weight has shape {stored[name]}, expected "
                              f"{(module.out_features, module.in_features)} for the model built from config.json")
         fp8 = Fp8Linear(module.in_features, module.out_features, module.bias is not None, device="meta", dtype=dtype,
                         **spec.fp8linear_kwargs())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, fp8)
         swapped[name] = (fp8, spec)
-    unplaced = sorted(set(stored) - set(swapped))
-    if unplaced:
-        raise ValueError(f"checkpoint stores FP8 weights for modules that are not nn.Linear in the model built from "
-                         f"config.json: {unplaced}. fp8kern runs FP8 nn.Linear layers; MoE experts that this "
-                         "transformers version fuses into 3-D parameters are not supported yet")
     return swapped
+
+
+# Per-expert projections as checkpoints name them: '<experts>.<e>.gate_proj' (Qwen-MoE, DeepSeek, ...) or
+# '<experts>.<e>.w1' (Mixtral: w1 gate, w3 up, w2 down).
+_EXPERT_PROJ = re.compile(r"^(?P<parent>.+)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)$")
+_ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+@dataclass
+class _ExpertsLoad:
+    """A fused experts module being filled from per-expert checkpoint tensors."""
+
+    module: Fp8Experts
+    spec: LayerSpec
+    names: dict  # (expert, role) -> checkpoint module name ('model.layers.0.mlp.experts.3.gate_proj')
+    filled: set = field(default_factory=set)  # (expert, role, buffer)
+
+    def missing(self, fmt: CheckpointFormat) -> list[str]:
+        buffers = ("weight", "weight_scale") + (() if self.module.dynamic else ("input_scale",))
+        return [fmt.checkpoint_key(mod, b) for (e, role), mod in sorted(self.names.items()) for b in buffers
+                if (e, role, b) not in self.filled]
+
+
+def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of: dict, dtype,
+                  device) -> dict[str, _ExpertsLoad]:
+    """Replace each fused experts module (3-D gate_up_proj / down_proj) whose per-expert projections the checkpoint
+    stores in FP8 by an Fp8Experts allocated on device, which the loading loop fills in place.
+    stored and ckpt_of as for _swap_linears. Returns {experts module name: its _ExpertsLoad}."""
+    groups: dict[str, list] = {}
+    for mod in stored:
+        hit = _EXPERT_PROJ.match(mod)
+        if hit:
+            groups.setdefault(hit["parent"], []).append((mod, int(hit["e"]), hit["proj"]))
+    loads = {}
+    for name, module in list(model.named_modules()):
+        if name not in groups or not is_fused_experts(module):
+            continue
+        why = fused_experts_unsupported(module)
+        if why:
+            raise ValueError(f"checkpoint stores FP8 experts for {name}, but fp8kern cannot run its "
+                             f"{type(module).__name__}: {why}")
+        E, two_i, H = module.gate_up_proj.shape
+        I = two_i // 2
+        entries = groups[name]
+        convention = {proj for *_, proj in entries}
+        if not (convention <= {"gate_proj", "up_proj", "down_proj"} or convention <= {"w1", "w2", "w3"}):
+            raise ValueError(f"checkpoint names {name}'s expert projections {sorted(convention)}: expected "
+                             "gate_proj/up_proj/down_proj or w1/w3/w2, not a mix")
+        names = {(e, _ROLE[proj]): ckpt_of[mod] for mod, e, proj in entries}
+        shapes = {ckpt_of[mod]: stored[mod] for mod, *_ in entries}
+        want = {(e, r) for e in range(E) for r in ("gate", "up", "down")}
+        if set(names) != want:
+            lack, extra = sorted(want - set(names)), sorted(set(names) - want)
+            raise ValueError(f"{name} has {E} experts (config.json) but the checkpoint's FP8 expert projections "
+                             f"do not match: missing (expert, projection) {lack[:6]}{'...' if len(lack) > 6 else ''}"
+                             f", unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}")
+        for (e, role), mod in names.items():
+            shape = (H, I) if role == "down" else (I, H)
+            if shapes[mod] != shape:
+                raise ValueError(f"checkpoint tensor {mod}.weight has shape {shapes[mod]}, expected {shape} for the "
+                                 f"model built from config.json")
+        specs = {mod: fmt.layer_spec(mod) for mod in names.values()}
+        excluded = sorted(m for m, sp in specs.items() if sp is None)
+        if excluded:
+            raise ValueError(f"checkpoint stores {excluded[0]}.weight as float8_e4m3fn but its quantization_config "
+                             "excludes it (ignore / exclude / modules_to_not_convert); the config and tensors disagree")
+        kinds = set(specs.values())
+        if len(kinds) > 1:
+            raise ValueError(f"the experts of {name} are quantized in different ways ({sorted(map(str, kinds))}); "
+                             "fp8kern holds one scheme per experts module")
+        spec = kinds.pop()
+        fp8 = Fp8Experts(E, H, I, spec.scheme, act_fn=module.act_fn, weight_granularity=spec.weight_granularity,
+                         scale_format=spec.scale_format, device=device, dtype=dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, fp8)
+        loads[name] = _ExpertsLoad(fp8, spec, names)
+    return loads
+
+
+def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str, buffer: str, raw: torch.Tensor,
+                   key: str) -> None:
+    """Copy a stored tensor of one expert's projection into its Fp8Experts (converted like an Fp8Linear's)."""
+    fp8, spec = load.module, load.spec
+    weight, scale = fp8.projection(e, role)
+    if buffer == "weight":
+        if raw.dtype != E4M3:
+            raise ValueError(f"checkpoint tensor {key!r} has dtype {raw.dtype}, expected torch.float8_e4m3fn")
+        weight.copy_(raw)
+    elif buffer == "weight_scale":
+        s = fmt.weight_scale(raw, spec, weight.shape[0], weight.shape[1], key)
+        scale.copy_(s.reshape(-1, 1).expand(scale.shape) if spec.weight_granularity == "tensor" else s)
+    else:
+        if fp8.dynamic:
+            raise ValueError(f"checkpoint tensor {key!r} is a static activation scale, but its experts load as "
+                             f"scheme {fp8.scheme!r} (dynamic activations) per the quantization_config")
+        v = fmt.input_scale(raw, key)[0]
+        if role == "down":
+            fp8.down_input_scale[e] = v
+        else:  # gate and up read the same input: the larger scale clips neither
+            other = "up" if role == "gate" else "gate"
+            seen = (e, other, "input_scale") in load.filled
+            fp8.gate_up_input_scale[e] = torch.maximum(fp8.gate_up_input_scale[e], v) if seen else v
+    if (e, role, buffer) in load.filled:
+        raise ValueError(f"checkpoint holds {key!r} twice")
+    load.filled.add((e, role, buffer))
 
 
 def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -121,15 +252,10 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _model_key(key: str, fmt: CheckpointFormat, swapped) -> tuple[str, str] | None:
-    """(module, Fp8Linear buffer) when key is a quantized tensor of a swapped module, else None."""
-    hit = fmt.split(key)
-    return hit if hit is not None and hit[0] in swapped else None
-
-
 def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torch.dtype = torch.bfloat16):
     """Load an FP8 Hugging Face checkpoint directory into a transformers model whose quantized Linears are
-    fp8kern Fp8Linear layers; returns the model in eval mode on device (default cpu).
+    fp8kern Fp8Linear layers and whose MoE experts modules (per-expert FP8 projections in the checkpoint) are
+    Fp8Experts; returns the model in eval mode on device (default cpu).
 
     format: 'auto' (detect, see detect_format) or one of 'compressed-tensors', 'fp8', 'quark', 'grok2'.
     dtype: dtype of everything that is not FP8 (embeddings, norms, excluded Linears, biases) and of the outputs.
@@ -157,26 +283,50 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     if dtype == torch.float16:
         fp32_names |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
     keep_fp32 = re.compile("|".join(re.escape(m) for m in sorted(fp32_names))) if fp32_names else None
-    swapped = _swap_linears(model, fmt, header, dtype, ignore)
+    rename = _key_renamer(model)
+    module_name = _module_renamer(rename)
+    stored, ckpt_of = {}, {}  # FP8 weights by model module name; their checkpoint module names
+    for ckpt, shape in fp8_modules(header).items():
+        if not any(p.search(f"{ckpt}.weight") for p in ignore):
+            stored[module_name(ckpt)] = shape
+            ckpt_of[module_name(ckpt)] = ckpt
+    swapped = _swap_linears(model, fmt, stored, ckpt_of, dtype)
+    experts = _swap_experts(model, fmt, {m: v for m, v in stored.items() if m not in swapped}, ckpt_of, dtype,
+                            device)
+    slots = {ckpt: (name, e, role) for name, load in experts.items() for (e, role), ckpt in load.names.items()}
+    unplaced = sorted(ckpt_of[m] for m in stored if m not in swapped and ckpt_of[m] not in slots)
+    if unplaced:
+        raise ValueError(f"checkpoint stores FP8 weights for modules that are neither nn.Linear nor MoE experts "
+                         f"fp8kern runs in the model built from config.json: {unplaced}")
 
     expected = set(model.state_dict().keys())
     loaded, unexpected, kv_scales, ignored = set(), [], [], []
     for shard in progress(sorted({i.shard for i in header.values()}), desc=f"Loading {fmt.name} checkpoint"):
         with safe_open(os.path.join(path, shard), framework="pt", device="cpu") as f:
             for key in f.keys():
-                hit = _model_key(key, fmt, swapped)
-                if hit is not None:
-                    module, buffer = hit
-                    target = f"{module}.{buffer}"
-                    value = _fp8_tensor(fmt, *swapped[module], buffer, f.get_tensor(key), key)
-                elif key in expected:
-                    target, value = key, f.get_tensor(key)
+                hit = fmt.split(key)
+                if hit is not None and hit[0] in slots:
+                    name, e, role = slots[hit[0]]
+                    _expert_tensor(fmt, experts[name], e, role, hit[1], f.get_tensor(key), key)
+                    continue
+                module = module_name(hit[0]) if hit is not None else None
+                mkey = rename(key)
+                if module in swapped and ckpt_of[module] == hit[0]:
+                    target = f"{module}.{hit[1]}"
+                    value = _fp8_tensor(fmt, *swapped[module], hit[1], f.get_tensor(key), key)
+                elif mkey in expected:
+                    target, value = mkey, f.get_tensor(key)
+                    if value.dtype in _FP8_DTYPES:
+                        raise ValueError(f"checkpoint tensor {key!r} is {value.dtype} but {type(model).__name__} "
+                                         "holds it in high precision: fp8kern reads FP8 weights of nn.Linear layers "
+                                         "and per-expert MoE projections, not FP8 tensors of other shapes (e.g. "
+                                         "experts stored fused as 3-D)")
                     if value.is_floating_point():
-                        value = value.to(torch.float32 if keep_fp32 and keep_fp32.search(key) else dtype)
+                        value = value.to(torch.float32 if keep_fp32 and keep_fp32.search(mkey) else dtype)
                 elif fmt.kv_cache_scale(key):
                     kv_scales.append(key)
                     continue
-                elif any(p.search(key) for p in ignore):
+                elif any(p.search(key) or p.search(mkey) for p in ignore):
                     ignored.append(key)
                     continue
                 else:
@@ -194,11 +344,17 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
         warnings.warn(f"fp8kern keeps the KV cache in {dtype}: ignored {len(kv_scales)} KV-cache scale tensor(s) "
                       f"such as {kv_scales[0]!r}", stacklevel=2)
     loaded |= _tie_embeddings(model, hf_config, loaded)
-    missing = sorted(expected - loaded)
-    if missing:
-        names = [f"{k} (checkpoint tensor {fmt.checkpoint_key(*k.rsplit('.', 1))})"
-                 if k.rsplit(".", 1)[0] in swapped else k for k in missing]
-        raise ValueError(f"checkpoint {path!r} lacks {len(missing)} tensor(s) the model needs: {names}")
+    expert_missing = []
+    for name, load in experts.items():
+        lack = load.missing(fmt)
+        expert_missing += lack
+        if not lack:
+            loaded |= {f"{name}.{k}" for k in load.module.state_dict()}
+    missing = sorted(k for k in expected - loaded if k.rsplit(".", 1)[0] not in experts)
+    if missing or expert_missing:
+        names = [f"{k} (checkpoint tensor {fmt.checkpoint_key(ckpt_of[k.rsplit('.', 1)[0]], k.rsplit('.', 1)[1])})"
+                 if k.rsplit(".", 1)[0] in swapped else k for k in missing] + expert_missing
+        raise ValueError(f"checkpoint {path!r} lacks {len(names)} tensor(s) the model needs: {names}")
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise ValueError(f"no checkpoint tensor filled {leftover}; they are still on the meta device")

@@ -1,0 +1,104 @@
+"""GPU: Fp8Experts (MoE experts, one FP8 GEMM per expert and projection on row slices of the gathered tokens)
+against the float64 oracle of experts_oracle.py, with the GEMM arithmetic bound of the GPU kernels (gpu_acc)."""
+
+import pytest
+import torch
+
+import fp8kern
+from conftest import requires_gpu
+from experts_oracle import check_experts, gpu_acc, routing
+from fp8kern import _backend
+from fp8kern.nn import Fp8Experts
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+SCHEMES = [("dynamic_per_token", "channel", "fp32"), ("dynamic_per_token", "tensor", "fp32"),
+           ("dynamic_per_tensor", "channel", "fp32"), ("static_per_tensor", "tensor", "fp32"),
+           ("block128", "block", "fp32"), ("block128", "block", "ue8m0")]
+# (experts, hidden, intermediate, tokens, top_k): unaligned H and I (K % 16 != 0, partial blocks, padded gate/up
+# rows), and a model-like one (H, I multiples of 128, up to 8 of 16 experts per token).
+SIZES = [(6, 200, 96, 11, 2), (16, 1024, 384, 40, 8)]
+
+
+@pytest.fixture(params=["sm90", "sm89"])
+def family(request):
+    if request.param not in _backend.compiled_families():
+        pytest.skip(f"{request.param} kernels not compiled")
+    cap = torch.cuda.get_device_capability()
+    if request.param == "sm90" and cap != (9, 0):
+        pytest.skip("sm90 kernels need an H100/H200 (sm_90)")
+    prev = fp8kern.get_backend()
+    fp8kern.set_backend(request.param)
+    yield request.param
+    fp8kern.set_backend(prev)
+
+
+def random_experts(E, H, I, scheme, gran, scale_format, seed=0, positive=False) -> Fp8Experts:
+    """An Fp8Experts on the CPU with quantized random weights whose rows differ widely in size (all positive when
+    positive: no cancellation, for the test that the bound sees an error)."""
+    g = torch.Generator().manual_seed(seed)
+    m = Fp8Experts(E, H, I, scheme, weight_granularity=gran, scale_format=scale_format)
+    with torch.no_grad():
+        for e in range(E):
+            for role in ("gate", "up", "down"):
+                wq, ws = m.projection(e, role)
+                n, k = wq.shape
+                base = torch.rand(n, k, generator=g) if positive else torch.randn(n, k, generator=g)
+                w = base * torch.exp2(torch.rand(n, 1, generator=g) * 4 - 2) * 0.05
+                q, s = fp8kern.quantize_weight(w, gran, scale_format=scale_format)
+                wq.copy_(q)
+                ws.copy_(s.reshape(-1, 1).expand(ws.shape) if gran == "tensor" else s.reshape(ws.shape))
+    return m
+
+
+def set_static_scales(m: Fp8Experts, x: torch.Tensor) -> None:
+    """Static input scales: 2 * amax / 448 of x, and 8 * amax / 448 of the float64 h = silu(G x) * (U x) of every
+    expert: margins so that the oracle's upper bound on the computed activations (which for h includes the gate/up
+    GEMMs' worst-case error, at K = 1024 a few times |h|) stays clear of clipping, as its bound needs."""
+    X = x.double()
+    amax_h = 0.0
+    for e in range(m.num_experts):
+        gq, gs = m.projection(e, "gate")
+        uq, us = m.projection(e, "up")
+        G, U = gq.double() * gs.double(), uq.double() * us.double()  # per-channel scales
+        amax_h = max(amax_h, float((torch.nn.functional.silu(X @ G.T) * (X @ U.T)).abs().max()))
+    with torch.no_grad():
+        m.gate_up_input_scale.fill_(2 * float(X.abs().max()) / 448)
+        m.down_input_scale.fill_(8 * amax_h / 448)
+
+
+@pytest.mark.parametrize("scheme,gran,scale_format", SCHEMES)
+@pytest.mark.parametrize("E,H,I,T,k", SIZES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_against_float64(family, scheme, gran, scale_format, E, H, I, T, k, dtype):
+    m = random_experts(E, H, I, scheme, gran, scale_format)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    idx, w = routing(T, E, k, seed=T)
+    if scheme == "static_per_tensor":
+        set_static_scales(m, x)
+    out = m.to("cuda")(x.cuda(), idx.cuda(), w.cuda())
+    torch.cuda.synchronize()
+    assert out.device.type == "cuda" and out.dtype == dtype
+    check_experts(m.to("cpu"), x, idx, w, out=out.cpu(), acc=gpu_acc)
+
+
+def test_experts_bound_catches_a_wrong_expert(family):
+    """With positive data and activations exact in e4m3 (448 * 2^-6 in every 1x128 group, so the scales are 2^-6),
+    the GPU bound sees the output of a module whose experts 1 and 2 are exchanged."""
+    m = random_experts(6, 200, 96, "dynamic_per_token", "channel", "fp32", positive=True)
+    other = random_experts(6, 200, 96, "dynamic_per_token", "channel", "fp32", positive=True)
+    with torch.no_grad():
+        for buf in (other.gate_up_weight, other.gate_up_scale, other.down_weight, other.down_scale):
+            buf[[1, 2]] = buf[[2, 1]]
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(11, 200, generator=g) * 448).to(torch.float8_e4m3fn).float()
+    x[:, ::128] = 448
+    x = x * 2.0**-6
+    idx, w = routing(11, 6, 2)
+    good = m.to("cuda")(x.cuda(), idx.cuda(), w.cuda()).cpu()  # .to moves the module itself
+    bad = other.to("cuda")(x.cuda(), idx.cuda(), w.cuda()).cpu()
+    m.to("cpu")
+    check_experts(m, x, idx, w, out=good, acc=gpu_acc, x_exact=True)
+    with pytest.raises(AssertionError, match="exceeds the bound"):
+        check_experts(m, x, idx, w, out=bad, acc=gpu_acc, x_exact=True)
