@@ -219,9 +219,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from fp8kern.checkpoints import detect_format, from_pretrained  # noqa: E402
 from fp8kern.dequantize import dequantize_checkpoint  # noqa: E402
 
-# Quantized: attention and dense MLP projections, and every expert projection (Qwen names, or Mixtral's w1/w3/w2).
-QUANT_KEY = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|experts\.\d+\.(gate_proj|up_proj|down_proj"
-                       r"|w[123]))\.weight$")
+# Quantized: every 2-D weight of attention and MLP modules (dense, shared experts, routed experts under Qwen/DeepSeek
+# names or Mixtral's w1/w3/w2) except the router's ('mlp.gate', 'block_sparse_moe.gate'), as real checkpoints do.
+QUANT_KEY = re.compile(r"\.(self_attn|mlp|block_sparse_moe)\.(?!gate\.weight$)[\w.]+\.weight$")
 CT_CHANNEL_DYNAMIC = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False,
                                   "symmetric": True},
                       "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
@@ -236,6 +236,22 @@ def mixtral_config():
     return transformers.MixtralConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, head_dim=40, vocab_size=256, num_local_experts=E,
                                       num_experts_per_tok=K_TOP, max_position_embeddings=64)
+
+
+def deepseek_config():
+    return transformers.DeepseekV3Config(hidden_size=H, intermediate_size=320, moe_intermediate_size=I,
+                                         num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=E,
+                                         num_experts_per_tok=K_TOP, n_group=2, topk_group=1, n_shared_experts=1,
+                                         q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                                         v_head_dim=32, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                                         max_position_embeddings=64)
+
+
+ARCHS = {  # arch -> (config, the experts modules the model has)
+    "qwen3": (qwen3_moe_config, ["model.layers.0.mlp.experts"]),
+    "mixtral": (mixtral_config, ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]),
+    "deepseek": (deepseek_config, ["model.layers.1.mlp.experts"]),
+}
 
 
 def ct_config(group: dict, ignore) -> dict:
@@ -260,7 +276,7 @@ def write_moe(root, variant: str, ids) -> tuple[str, str]:
     tensors), quantized tensor by tensor following the format's published layout."""
     arch, fmt = variant.split("-", 1)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(qwen3_moe_config() if arch == "qwen3" else mixtral_config())
+    model = transformers.AutoModelForCausalLM.from_config(ARCHS[arch][0]())
     with torch.no_grad():  # rows and columns of very different sizes: a misplaced scale shows
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name and "lm_head" not in name and not name.endswith("gate.weight"):
@@ -272,7 +288,7 @@ def write_moe(root, variant: str, ids) -> tuple[str, str]:
     t = load_file(os.path.join(src, "model.safetensors"))
     out = {}
     for key, v in t.items():
-        if not QUANT_KEY.search(key):
+        if not QUANT_KEY.search(key) or v.dim() != 2:
             out[key] = v
             continue
         mod = key[: -len(".weight")]
@@ -334,6 +350,7 @@ def static_input_scale(model, inputs: dict, mod: str) -> torch.Tensor:
 MOE_VARIANTS = {  # variant -> (detected format, scheme, weight granularity, scale format)
     "qwen3-fp8-block": ("fp8", "block128", "block", "fp32"),
     "qwen3-fp8-block-ue8m0": ("fp8", "block128", "block", "ue8m0"),
+    "deepseek-fp8-block": ("fp8", "block128", "block", "fp32"),
     "qwen3-ct-fp8-dynamic": ("compressed-tensors", "dynamic_per_token", "channel", "fp32"),
     "mixtral-ct-fp8-static": ("compressed-tensors", "static_per_tensor", "tensor", "fp32"),
 }
@@ -358,8 +375,7 @@ def test_from_pretrained_moe(tmp_path, moe_ids, variant):
     names = ("w1", "w3", "w2") if variant.startswith("mixtral") else ("gate_proj", "up_proj", "down_proj")
     scale_suffix = "weight_scale_inv" if fmt == "fp8" else "weight_scale"
     experts = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Experts)}
-    assert sorted(experts) == (["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
-                               if variant.startswith("mixtral") else ["model.layers.0.mlp.experts"])
+    assert sorted(experts) == ARCHS[variant.split("-")[0]][1]
     for n, m in experts.items():
         assert (m.scheme, m.weight_granularity, m.scale_format) == (scheme, gran, scale_format)
         base = n.replace(".mlp.", f".{prefix}.")
@@ -376,7 +392,7 @@ def test_from_pretrained_moe(tmp_path, moe_ids, variant):
                 gu = max(float(stored[f"{base}.{e}.{p}.input_scale"]) for p in names[:2])
                 assert float(m.gate_up_input_scale[e]) == gu
                 assert float(m.down_input_scale[e]) == float(stored[f"{base}.{e}.{names[2]}.input_scale"])
-    assert isinstance(model.model.layers[0].self_attn.q_proj, fp8kern.Fp8Linear)
+    assert isinstance(model.model.layers[0].self_attn.o_proj, fp8kern.Fp8Linear)
 
     # Numerics of every experts module against float64, within the derived bound, on what it saw.
     records = {}
