@@ -152,3 +152,14 @@ def routing(T: int, E: int, k: int, seed: int = 0, sentinel: bool = True):
         idx[-1, 1] = E
     w = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
     return idx, w
+
+
+def exact_rows(T: int, H: int, row_exp=None, seed: int = 0) -> torch.Tensor:
+    """[T, H] fp32 positive e4m3 values times 2^row_exp[t] (default -6), with 448 * 2^row_exp[t] in every 1x128
+    group: per-token and per-group scales come out as 2^row_exp[t] exactly, so quantizing these activations is
+    exact (check_experts' x_exact)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.rand(T, H, generator=g) * 448).to(torch.float8_e4m3fn).float()
+    q[:, ::128] = 448
+    e = torch.tensor(row_exp if row_exp is not None else [-6] * T, dtype=torch.float32)
+    return q * torch.exp2(e)[:, None]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fp8kern
-from experts_oracle import check_experts, deq64, routing
+from experts_oracle import check_experts, deq64, exact_rows, routing
 from fp8kern.nn import Fp8Experts, fused_experts_unsupported, is_fused_experts, quantize_model
 
 transformers = pytest.importorskip("transformers")
@@ -83,22 +83,13 @@ def test_from_experts_against_float64(scheme, kw, dtype):
     check_experts(m, x, idx, w)
 
 
-def exact_rows(T: int, seed: int = 0) -> torch.Tensor:
-    """[T, H] fp32 positive e4m3 values times 2^-6, with 448 * 2^-6 in every 1x128 group: per-token and per-group
-    scales come out as 2^-6 exactly, so quantizing these activations is exact."""
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.rand(T, H, generator=g) * 448).to(torch.float8_e4m3fn).float()
-    q[:, ::128] = 448
-    return q * 2.0**-6
-
-
 @pytest.mark.parametrize("scheme", ["dynamic_per_token", "block128"])
 def test_bound_catches_a_wrong_scale_or_expert(scheme):
     """With activations exact in e4m3 and positive data (no cancellation), the check sees the output of a module
     whose expert 2 has its up scales 25% off, or whose experts 1 and 2 are exchanged (the oracle reads the weights of
     the module under test, so the faulty outputs come from a second, altered module)."""
     ex = make_experts(positive=True, dtype=torch.float32)
-    x = exact_rows(8)
+    x = exact_rows(8, H)
     idx = torch.tensor([[2, 0], [1, 2], [2, 3], [4, 5], [2, 1], [0, 1], [3, 2], [5, 2]])
     w = torch.tensor([[0.9, 0.1]] * 8)
     m = Fp8Experts.from_experts(ex, scheme)
@@ -133,6 +124,17 @@ def test_matches_transformers_experts_on_dequantized_weights():
     got = m(x, idx, w)
     rel = float((got - want).norm() / want.norm())
     assert rel < 0.1, rel  # two e4m3 activation roundings: ~2 * 2^-4 / sqrt(3) rms, far below 0.1
+
+
+@pytest.mark.parametrize("scheme", ["dynamic_per_token", "block128"])
+def test_one_token_expert_first(scheme):
+    """Expert 0 gets one token, expert 1 three: the GEMMs after the first reuse its validation with the scheme's
+    layout (a one-row per-token scale also fits per-tensor, which would misread expert 1's rows). Positive data,
+    exact activations and rows 8x apart in size make a misread scale fail the bound."""
+    m = Fp8Experts.from_experts(make_experts(positive=True, dtype=torch.float32), scheme)
+    x = exact_rows(5, H, row_exp=[-6, -3, 0, 3, 6])
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [1, 4], [5, 3]])
+    check_experts(m, x, idx, torch.full((5, 2), 0.5), x_exact=True)
 
 
 def test_edge_cases_and_errors():

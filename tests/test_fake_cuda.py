@@ -109,7 +109,9 @@ runpy.run_path(script, run_name="__main__")
     ["benchmarks/accumulation.py"],
     ["benchmarks/llama_stack.py", "--backend", "sm90", "--layers", "1", "--prefill", "16", "--decode", "1",
      "--reps", "2"],
-], ids=["sanitize_smoke", "accumulation", "llama_stack"])
+    ["benchmarks/moe_layer.py", "--backend", "sm90", "--models", "qwen3-30b-a3b", "--tokens", "1", "9",
+     "--reps", "2"],
+], ids=["sanitize_smoke", "accumulation", "llama_stack", "moe_layer"])
 def test_gpu_check_scripts_on_a_fake_device(script):
     """The scripts tools/gpu_check.sh runs on a GPU (besides the bench, which test_bench covers) run through on the
     fake device, kernel launches emulated, so a mistake in them costs no device time. Their numbers mean nothing."""

@@ -6,7 +6,7 @@ import torch
 
 import fp8kern
 from conftest import requires_gpu
-from experts_oracle import check_experts, gpu_acc, routing
+from experts_oracle import check_experts, exact_rows, gpu_acc, routing
 from fp8kern import _backend
 from fp8kern.nn import Fp8Experts
 
@@ -83,6 +83,19 @@ def test_experts_against_float64(family, scheme, gran, scale_format, E, H, I, T,
     check_experts(m.to("cpu"), x, idx, w, out=out.cpu(), acc=gpu_acc)
 
 
+@pytest.mark.parametrize("scheme,gran,scale_format", [SCHEMES[0], SCHEMES[4]])
+def test_experts_one_token_expert_first(family, scheme, gran, scale_format):
+    """The first active expert gets one token and the next ones several: the GEMMs after the first reuse its
+    validation, and a one-row slice's per-row scale must not turn the layout per-tensor for them. Positive data,
+    exact activations and rows 8x apart in size make a misread scale fail the bound."""
+    m = random_experts(6, 200, 96, scheme, gran, scale_format, positive=True)
+    x = exact_rows(5, 200, row_exp=[-6, -3, 0, 3, 6])
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [1, 4], [5, 3]])  # expert 0: one token; 1: three
+    w = torch.full((5, 2), 0.5)
+    out = m.to("cuda")(x.cuda(), idx.cuda(), w.cuda()).cpu()
+    check_experts(m.to("cpu"), x, idx, w, out=out, acc=gpu_acc, x_exact=True)
+
+
 def test_experts_bound_catches_a_wrong_expert(family):
     """With positive data and activations exact in e4m3 (448 * 2^-6 in every 1x128 group, so the scales are 2^-6),
     the GPU bound sees the output of a module whose experts 1 and 2 are exchanged."""
@@ -91,10 +104,7 @@ def test_experts_bound_catches_a_wrong_expert(family):
     with torch.no_grad():
         for buf in (other.gate_up_weight, other.gate_up_scale, other.down_weight, other.down_scale):
             buf[[1, 2]] = buf[[2, 1]]
-    g = torch.Generator().manual_seed(3)
-    x = (torch.rand(11, 200, generator=g) * 448).to(torch.float8_e4m3fn).float()
-    x[:, ::128] = 448
-    x = x * 2.0**-6
+    x = exact_rows(11, 200, seed=3)
     idx, w = routing(11, 6, 2)
     good = m.to("cuda")(x.cuda(), idx.cuda(), w.cuda()).cpu()  # .to moves the module itself
     bad = other.to("cuda")(x.cuda(), idx.cuda(), w.cuda()).cpu()

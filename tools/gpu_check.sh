@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a GPU machine without network: build, all tests (GPU ones included),
 # compute-sanitizer on small problems, the quick benchmark, the accumulation-mode error/speed figures, the
-# Llama-8B-shaped stack (fp8 vs bf16, CUDA graphs).
+# Llama-8B-shaped stack (fp8 vs bf16, CUDA graphs), MoE experts layers (Fp8Experts vs bf16, eager).
 # Logs, JSON and a summary go to DIR.
 #   bash tools/gpu_check.sh DIR [STAGE...]      stages: build test sanitize bench (default: all, in order)
 # A device command may run 10 minutes: on a cold machine run `build test`, then `sanitize`, then `bench`, one call
@@ -64,8 +64,8 @@ stage_sanitize() {
 stage_bench() {
   # Hopper: time the sm90 kernels even before they are marked verified (the tests are what verifies them).
   # Main run: the suites the speed goals are stated on (Llama rowwise, DeepSeek block-scaled), M from decode to
-  # large prefill; it prints the goal figures last. Then the sm89 kernels (fp8kern only), the accumulation modes
-  # and the Llama-8B-shaped stack.
+  # large prefill; it prints the goal figures last. Then the sm89 kernels (fp8kern only), the accumulation modes,
+  # the Llama-8B-shaped stack and the MoE experts layers.
   local backend r
   backend=$(python -c "import torch; print('sm90' if torch.cuda.get_device_capability() == (9, 0) else 'auto')")
   python -m fp8kern.bench --suite llama8b,llama70b,deepseek --m 1,16,128,4096,16384 --reps 20 \
@@ -78,7 +78,9 @@ stage_bench() {
   python benchmarks/llama_stack.py --backend "$backend" --json "$out/llama_stack.json" \
     > "$out/llama_stack.txt" 2>&1
   r=$?; echo "llama_stack: rc=$r"; [ $r -eq 0 ] || rc=1
-  cat "$out/llama_stack.txt" "$out/accumulation.txt"
+  python benchmarks/moe_layer.py --backend "$backend" --json "$out/moe_layer.json" > "$out/moe_layer.txt" 2>&1
+  r=$?; echo "moe_layer: rc=$r"; [ $r -eq 0 ] || rc=1
+  cat "$out/llama_stack.txt" "$out/moe_layer.txt" "$out/accumulation.txt"
   tail -60 "$out/bench.txt"
 }
 

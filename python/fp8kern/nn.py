@@ -293,11 +293,25 @@ class Fp8Experts(_FixedDtypeBuffers):
                out: torch.Tensor) -> None:
         """out[rows of e] = expert e's GEMM of q's rows of e (rows sorted by expert, counts[e] of them)."""
         per_row = not (self.dynamic and self.act_granularity == "tensor")  # else s is the one (1,) scale
+        # Host cost per expert matters (prefill runs every expert): the first GEMM goes through scaled_mm's full
+        # validation; the others differ from it only in row count and expert index, so they take the validated
+        # path directly, with the layout these operands always have (stated, not inferred: a one-row slice's
+        # scale shape also fits per-tensor, which would be wrong for the next expert's rows).
+        if self.weight_granularity == "block":
+            layout = ops._BLOCK_LAYOUT
+        else:
+            layout = ops.Layout("token" if per_row else "tensor", "channel")
+        compiling = torch.compiler.is_compiling()  # then every GEMM goes through scaled_mm (its custom op)
+        first = True
         r = 0
         for e, c in enumerate(counts):
             if c:
-                ops.scaled_mm(q[r:r + c], weight[e], s[r:r + c] if per_row else s, scale[e], out_dtype=out.dtype,
-                              out=out[r:r + c], fast_accum=self.fast_accum)
+                a, sa, d = q[r:r + c], (s[r:r + c] if per_row else s), out[r:r + c]
+                if first or compiling:
+                    ops.scaled_mm(a, weight[e], sa, scale[e], out_dtype=out.dtype, out=d, fast_accum=self.fast_accum)
+                    first = False
+                else:
+                    ops._scaled_mm_impl(a, weight[e], sa, scale[e], out.dtype, None, layout, self.fast_accum, d)
             r += c
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
