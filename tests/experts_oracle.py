@@ -92,10 +92,15 @@ def check_experts(m: Fp8Experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Te
     computed on a GPU). m, x, idx, w on the CPU."""
     out = m(x, idx, w) if out is None else out
     if x_exact:
-        gran = m.act_granularity
-        q, s = fp8kern.reference.quantize(x.float(), gran, scale_format=m.scale_format)
-        s_el = s.reshape(-1, 1) if gran != "group" else s.repeat_interleave(128, dim=1)[:, :x.shape[1]]
-        assert m.dynamic and torch.equal(q.float() * s_el.float(), x.float()), "x is not exact in e4m3"
+        if m.dynamic:
+            gran = m.act_granularity
+            q, s = fp8kern.reference.quantize(x.float(), gran, scale_format=m.scale_format)
+            s_el = s.reshape(-1, 1) if gran != "group" else s.repeat_interleave(128, dim=1)[:, :x.shape[1]]
+        else:  # one static scale shared by every expert
+            s_el = m.gate_up_input_scale[:1].float()
+            assert bool((m.gate_up_input_scale == s_el).all()), "x_exact needs one gate_up input scale"
+            q, _ = fp8kern.reference.quantize(x.float(), "tensor", scale=s_el)
+        assert torch.equal(q.float() * s_el.float(), x.float()), "x is not exact in e4m3"
     assert out.shape == x.shape and out.dtype == x.dtype
     u = U_OUT[x.dtype]
     block = m.weight_granularity == "block"

@@ -60,11 +60,17 @@ def static_scales(ex, x) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme,kw", SCHEMES, ids=[s + "-" + "-".join(map(str, k.values())) for s, k in SCHEMES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_from_experts_against_float64(scheme, kw, dtype):
-    ex = make_experts(dtype=dtype)
-    x = torch.randn(11, H).to(dtype)
+@pytest.mark.parametrize("data", ["random", "exact"])
+def test_from_experts_against_float64(scheme, kw, dtype, data):
+    """data 'random': signed weights and activations, where the bound is loose (sums of |terms| against sums with
+    cancellation); 'exact': positive weights and activations exact in e4m3, where it is tight (a few percent)."""
+    exact = data == "exact"
+    ex = make_experts(positive=exact, dtype=dtype)
+    x = exact_rows(11, H).to(dtype) if exact else torch.randn(11, H).to(dtype)
     if scheme == "static_per_tensor":
         kw = {"input_scales": static_scales(ex, x)}
+        if exact:
+            kw["input_scales"][:, 0] = 2.0**-6  # amax / 448 of exact_rows: exact, and nothing clips
     m = Fp8Experts.from_experts(ex, scheme, **kw)
     assert m.gate_up_weight.dtype == torch.float8_e4m3fn and m.padded_intermediate == (128 if scheme == "block128"
                                                                                           else I)
@@ -80,7 +86,7 @@ def test_from_experts_against_float64(scheme, kw, dtype):
     if scheme == "block128":  # the rows between gate and up are zero
         assert not m.gate_up_weight[:, I:128].float().any() and not m.gate_up_weight[:, 128 + I:].float().any()
     idx, w = routing(11, E, K_TOP)
-    check_experts(m, x, idx, w)
+    check_experts(m, x, idx, w, x_exact=exact)
 
 
 @pytest.mark.parametrize("scheme", ["dynamic_per_token", "block128"])
