@@ -279,9 +279,10 @@ def layer_inputs(model, ids) -> dict:
     return seen
 
 
-def write_moe(root, variant: str, ids) -> tuple[str, str]:
+def write_moe(root, variant: str, ids, keep: str | None = None) -> tuple[str, str]:
     """(bf16 checkpoint, FP8 checkpoint) directories of a tiny MoE model written as transformers saves it (per-expert
-    tensors), quantized tensor by tensor following the format's published layout."""
+    tensors), quantized tensor by tensor following the format's published layout. keep: a regex of modules left in
+    bf16 and listed in the config's ignore list (compressed-tensors)."""
     arch, fmt = variant.split("-", 1)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(ARCHS[arch][0]())
@@ -296,7 +297,7 @@ def write_moe(root, variant: str, ids) -> tuple[str, str]:
     t = load_file(os.path.join(src, "model.safetensors"))
     out = {}
     for key, v in t.items():
-        if not QUANT_KEY.search(key) or v.dim() != 2:
+        if not QUANT_KEY.search(key) or v.dim() != 2 or (keep and re.match(keep, key)):
             out[key] = v
             continue
         mod = key[: -len(".weight")]
@@ -330,7 +331,8 @@ def write_moe(root, variant: str, ids) -> tuple[str, str]:
             cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     else:
         group = CT_CHANNEL_DYNAMIC if fmt == "ct-fp8-dynamic" else CT_TENSOR_STATIC
-        cfg["quantization_config"] = ct_config(group, ["lm_head", "re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$"])
+        cfg["quantization_config"] = ct_config(group, ["lm_head", "re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$"]
+                                               + ([f"re:{keep}"] if keep else []))
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f)
     return src, dst
@@ -356,6 +358,7 @@ def static_input_scale(model, inputs: dict, mod: str) -> torch.Tensor:
 
 
 MOE_VARIANTS = {  # variant -> (detected format, scheme, weight granularity, scale format)
+    "mixtral-ct-fp8-dynamic": ("compressed-tensors", "dynamic_per_token", "channel", "fp32"),
     "qwen3-fp8-block": ("fp8", "block128", "block", "fp32"),
     "qwen3-fp8-block-ue8m0": ("fp8", "block128", "block", "ue8m0"),
     "deepseek-fp8-block": ("fp8", "block128", "block", "fp32"),
@@ -465,3 +468,18 @@ def test_compiled_forward():
     x = exact_rows(5, H).to(torch.bfloat16)
     idx, w = routing(5, E, K_TOP)
     check_experts(m, x, idx, w, out=torch.compile(m)(x, idx, w), x_exact=True)
+
+
+def test_from_pretrained_moe_experts_left_in_bf16(tmp_path, moe_ids):
+    """A checkpoint whose quantization_config excludes one layer's experts stores them per expert in bf16: they are
+    fused into transformers' 3-D parameters as transformers fuses them, while the other layer's are Fp8Experts."""
+    keep = r"model\.layers\.1\.block_sparse_moe\.experts\."
+    src, d = write_moe(str(tmp_path), "mixtral-ct-fp8-dynamic", moe_ids, keep=keep)
+    model = from_pretrained(d)
+    assert isinstance(model.model.layers[0].mlp.experts, Fp8Experts)
+    plain = model.model.layers[1].mlp.experts
+    assert not isinstance(plain, Fp8Experts) and plain.gate_up_proj.dtype == torch.bfloat16
+    want = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).model.layers[1].mlp.experts
+    assert torch.equal(plain.gate_up_proj, want.gate_up_proj) and torch.equal(plain.down_proj, want.down_proj)
+    with torch.no_grad():
+        assert torch.isfinite(model(moe_ids).logits).all()

@@ -211,6 +211,38 @@ def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of
     return loads
 
 
+_PLAIN_EXPERT_KEY = re.compile(r"^(?P<parent>.+)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)"
+                               r"\.weight$")
+
+
+def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tensor, key: str, dtype, device,
+                         filled: set) -> None:
+    """Copy a high-precision per-expert checkpoint tensor into the fused experts module's 3-D parameters, as
+    transformers fuses them (gate rows, then up rows, of gate_up_proj [E, 2I, H]; down_proj [E, H, I]); the
+    parameters are allocated on first use (they are on the meta device until then)."""
+    if value.dtype in _FP8_DTYPES or not value.is_floating_point():
+        raise ValueError(f"checkpoint tensor {key!r} has dtype {value.dtype}; per-expert tensors without FP8 scales "
+                         "must be floating point in high precision")
+    for pname in ("gate_up_proj", "down_proj"):
+        p = getattr(module, pname)
+        if p.device.type == "meta":
+            setattr(module, pname, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                requires_grad=False))
+    E, two_i, H = module.gate_up_proj.shape
+    I = two_i // 2
+    if e >= E:
+        raise ValueError(f"checkpoint tensor {key!r} is for expert {e}, but the model has {E} experts")
+    target = {"gate": module.gate_up_proj[e, :I], "up": module.gate_up_proj[e, I:],
+              "down": module.down_proj[e]}[role]
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+    if (e, role) in filled:
+        raise ValueError(f"checkpoint holds {key!r} twice")
+    with torch.no_grad():
+        target.copy_(value)
+    filled.add((e, role))
+
+
 def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str, buffer: str, raw: torch.Tensor,
                    key: str) -> None:
     """Copy a stored tensor of one expert's projection into its Fp8Experts (converted like an Fp8Linear's)."""
@@ -287,7 +319,7 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     module_name = _module_renamer(rename)
     stored, ckpt_of = {}, {}  # FP8 weights by model module name; their checkpoint module names
     for ckpt, shape in fp8_modules(header).items():
-        if not any(p.search(f"{ckpt}.weight") for p in ignore):
+        if not any(p.search(f"{ckpt}.weight") or p.search(f"{module_name(ckpt)}.weight") for p in ignore):
             stored[module_name(ckpt)] = shape
             ckpt_of[module_name(ckpt)] = ckpt
     swapped = _swap_linears(model, fmt, stored, ckpt_of, dtype)
@@ -298,6 +330,11 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     if unplaced:
         raise ValueError(f"checkpoint stores FP8 weights for modules that are neither nn.Linear nor MoE experts "
                          f"fp8kern runs in the model built from config.json: {unplaced}")
+
+    # Fused experts modules the checkpoint stores per expert in high precision (e.g. excluded from quantization):
+    # their per-expert tensors are fused here as transformers would.
+    plain_experts = {name: (module, set()) for name, module in model.named_modules()
+                     if is_fused_experts(module) and name not in experts and fused_experts_unsupported(module) is None}
 
     expected = set(model.state_dict().keys())
     loaded, unexpected, kv_scales, ignored = set(), [], [], []
@@ -329,6 +366,11 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                 elif any(p.search(key) or p.search(mkey) for p in ignore):
                     ignored.append(key)
                     continue
+                elif (plain := _PLAIN_EXPERT_KEY.match(mkey)) and plain["parent"] in plain_experts:
+                    module, filled = plain_experts[plain["parent"]]
+                    _plain_expert_tensor(module, int(plain["e"]), _ROLE[plain["proj"]], f.get_tensor(key), key,
+                                         dtype, device, filled)
+                    continue
                 else:
                     unexpected.append(key)
                     continue
@@ -345,6 +387,15 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                       f"such as {kv_scales[0]!r}", stacklevel=2)
     loaded |= _tie_embeddings(model, hf_config, loaded)
     expert_missing = []
+    for name, (module, filled) in plain_experts.items():
+        if not filled:
+            continue
+        E = module.gate_up_proj.shape[0]
+        lack = [f"{name}.{e}.{role}_proj.weight (or w1/w3/w2)" for e in range(E) for role in ("gate", "up", "down")
+                if (e, role) not in filled]
+        expert_missing += lack
+        if not lack:
+            loaded |= {f"{name}.gate_up_proj", f"{name}.down_proj"}
     for name, load in experts.items():
         lack = load.missing(fmt)
         expert_missing += lack
