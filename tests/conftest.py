@@ -36,6 +36,23 @@ def gpu_ready():
 requires_gpu = pytest.mark.skipif(not gpu_ready()[0], reason=gpu_ready()[1] or "gpu")
 
 
+def dynamic_scale_bound(A: torch.Tensor, granularity: str, scale_format: str, tensor_amax: float = 0.0):
+    """Per element of A [M, K] (upper bounds on |activations|), an upper bound on the dynamic activation scale
+    fp8kern.quantize gives it: amax / 448 of its row ('token'), of A or tensor_amax if larger ('tensor'), or of its
+    1x128 group ('group'), at least 2^-126, at most doubled when rounded up to a power of two ('ue8m0')."""
+    M, K = A.shape
+    if granularity == "token":
+        amax = A.amax(dim=1, keepdim=True).expand(M, K)
+    elif granularity == "tensor":
+        amax = torch.maximum(A.amax(), torch.as_tensor(tensor_amax, dtype=A.dtype)).expand(M, K)
+    else:
+        G = math.ceil(K / 128)
+        g = torch.nn.functional.pad(A, (0, G * 128 - K)).reshape(M, G, 128).amax(dim=2)
+        amax = g.repeat_interleave(128, dim=1)[:, :K]
+    s = torch.clamp(amax / 448, min=2.0**-126)
+    return s * 2 if scale_format == "ue8m0" else s
+
+
 def random_scales(shape, gen, device="cpu"):
     """Positive scales spread over 2^-6 .. 2^2 so a wrongly broadcast scale changes results far beyond rounding."""
     return torch.exp2(torch.rand(shape, generator=gen) * 8 - 6).to(device)

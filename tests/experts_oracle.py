@@ -36,6 +36,7 @@ import math
 import torch
 
 import fp8kern
+from conftest import dynamic_scale_bound
 from fp8kern.nn import Fp8Experts
 
 U_OUT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
@@ -73,16 +74,7 @@ def act_scale(m: Fp8Experts, A: torch.Tensor, static: torch.Tensor | None, tenso
         s = static.double().reshape(-1, 1).expand(rows, K)
         assert bool((A <= 448 * s).all()), "static input scale would clip: the bound would not hold"
         return s
-    if m.act_granularity == "token":
-        amax = A.amax(dim=1, keepdim=True).expand(rows, K)
-    elif m.act_granularity == "tensor":
-        amax = torch.maximum(A.amax(), torch.as_tensor(tensor_amax or 0.0, dtype=A.dtype)).expand(rows, K)
-    else:
-        G = math.ceil(K / 128)
-        g = torch.nn.functional.pad(A, (0, G * 128 - K)).reshape(rows, G, 128).amax(dim=2)
-        amax = g.repeat_interleave(128, dim=1)[:, :K]
-    s = torch.clamp(amax / 448, min=2.0**-126)
-    return s * 2 if m.scale_format == "ue8m0" else s
+    return dynamic_scale_bound(A, m.act_granularity, m.scale_format, tensor_amax or 0.0)
 
 
 def gemm_bound(X: torch.Tensor, s: torch.Tensor, W: torch.Tensor, u: float, exact: bool = False,

@@ -26,6 +26,7 @@ safetensors = pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import fp8kern  # noqa: E402
+from conftest import dynamic_scale_bound  # noqa: E402
 from fp8kern.checkpoints import detect_format, from_pretrained  # noqa: E402
 from fp8kern.nn import Fp8Linear  # noqa: E402
 
@@ -281,16 +282,7 @@ def activation_scale_bound(layer: Fp8Linear, X: torch.Tensor) -> torch.Tensor:
         s = layer.input_scale.double().reshape(1, 1)
         assert float(A.max()) <= 448 * float(s), "static input scale would clip: the bound below would not hold"
         return s.expand(M, K)
-    if layer.act_granularity == "token":
-        amax = A.amax(dim=1, keepdim=True).expand(M, K)
-    elif layer.act_granularity == "tensor":
-        amax = A.amax().expand(M, K)
-    else:
-        G = math.ceil(K / 128)
-        g = torch.nn.functional.pad(A, (0, G * 128 - K)).reshape(M, G, 128).amax(dim=2)
-        amax = g.repeat_interleave(128, dim=1)[:, :K]
-    s = torch.clamp(amax / 448, min=2.0**-126)
-    return s * 2 if layer.scale_format == "ue8m0" else s
+    return dynamic_scale_bound(A, layer.act_granularity, layer.scale_format)
 
 
 def expected_weights(variant: str, stored: dict) -> dict:

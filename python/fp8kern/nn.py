@@ -21,6 +21,25 @@ SCHEMES = {
 }
 
 
+def _check_scheme(scheme: str, weight_granularity: str | None, scale_format: str, dtype: torch.dtype):
+    """Validated constructor arguments of Fp8Linear / Fp8Experts -> (activation granularity, dynamic?, weight
+    granularity)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme={scheme!r}, expected one of {sorted(SCHEMES)}")
+    act, dynamic, w_default, w_allowed = SCHEMES[scheme]
+    weight_granularity = weight_granularity or w_default
+    if weight_granularity not in w_allowed:
+        raise ValueError(f"weight_granularity={weight_granularity!r} does not fit scheme={scheme!r}; expected one "
+                         f"of {w_allowed}")
+    if scale_format not in ("fp32", "ue8m0"):
+        raise ValueError(f"scale_format={scale_format!r}, expected 'fp32' or 'ue8m0'")
+    if scale_format == "ue8m0" and scheme != "block128":
+        raise ValueError("scale_format='ue8m0' applies to scheme='block128'")
+    if dtype not in ops.OUT_DTYPES:
+        raise TypeError(f"dtype={dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+    return act, dynamic, weight_granularity
+
+
 def _scale_shape(granularity: str, out_features: int, in_features: int) -> tuple:
     return {"channel": (out_features, 1), "tensor": (1,),
             "block": (math.ceil(out_features / BLOCK), math.ceil(in_features / BLOCK))}[granularity]
@@ -61,19 +80,7 @@ class Fp8Linear(_FixedDtypeBuffers):
                  weight_granularity: str | None = None, scale_format: str = "fp32", fast_accum: bool = False,
                  device=None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme={scheme!r}, expected one of {sorted(SCHEMES)}")
-        act, dynamic, w_default, w_allowed = SCHEMES[scheme]
-        weight_granularity = weight_granularity or w_default
-        if weight_granularity not in w_allowed:
-            raise ValueError(f"weight_granularity={weight_granularity!r} does not fit scheme={scheme!r}; expected one "
-                             f"of {w_allowed}")
-        if scale_format not in ("fp32", "ue8m0"):
-            raise ValueError(f"scale_format={scale_format!r}, expected 'fp32' or 'ue8m0'")
-        if scale_format == "ue8m0" and scheme != "block128":
-            raise ValueError("scale_format='ue8m0' applies to scheme='block128'")
-        if dtype not in ops.OUT_DTYPES:
-            raise TypeError(f"dtype={dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+        act, dynamic, weight_granularity = _check_scheme(scheme, weight_granularity, scale_format, dtype)
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.weight_granularity, self.scale_format = scheme, weight_granularity, scale_format
         self.act_granularity, self.dynamic, self.fast_accum = act, dynamic, fast_accum
@@ -200,19 +207,7 @@ class Fp8Experts(_FixedDtypeBuffers):
                         ("intermediate_size", intermediate_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r}, expected a positive int")
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme={scheme!r}, expected one of {sorted(SCHEMES)}")
-        act, dynamic, w_default, w_allowed = SCHEMES[scheme]
-        weight_granularity = weight_granularity or w_default
-        if weight_granularity not in w_allowed:
-            raise ValueError(f"weight_granularity={weight_granularity!r} does not fit scheme={scheme!r}; expected one "
-                             f"of {w_allowed}")
-        if scale_format not in ("fp32", "ue8m0"):
-            raise ValueError(f"scale_format={scale_format!r}, expected 'fp32' or 'ue8m0'")
-        if scale_format == "ue8m0" and scheme != "block128":
-            raise ValueError("scale_format='ue8m0' applies to scheme='block128'")
-        if dtype not in ops.OUT_DTYPES:
-            raise TypeError(f"dtype={dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
+        act, dynamic, weight_granularity = _check_scheme(scheme, weight_granularity, scale_format, dtype)
         if act_fn is not None and not callable(act_fn):
             raise TypeError(f"act_fn must be callable (the experts' activation, e.g. nn.SiLU()), got {type(act_fn)}")
         E, H, I = num_experts, hidden_size, intermediate_size
