@@ -255,10 +255,27 @@ def deepseek_config():
                                          max_position_embeddings=64)
 
 
+def qwen2_moe_config():
+    return transformers.Qwen2MoeConfig(hidden_size=H, intermediate_size=320, moe_intermediate_size=I,
+                                       shared_expert_intermediate_size=192, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=256, num_experts=E, num_experts_per_tok=K_TOP,
+                                       max_position_embeddings=64)
+
+
+def glm4_moe_config():
+    return transformers.Glm4MoeConfig(hidden_size=H, intermediate_size=320, moe_intermediate_size=I,
+                                      num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=40, vocab_size=256, n_routed_experts=E,
+                                      num_experts_per_tok=K_TOP, n_group=1, topk_group=1, n_shared_experts=1,
+                                      max_position_embeddings=64)
+
+
 ARCHS = {  # arch -> (config, the experts modules the model has)
     "qwen3": (qwen3_moe_config, ["model.layers.0.mlp.experts"]),
     "mixtral": (mixtral_config, ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]),
     "deepseek": (deepseek_config, ["model.layers.1.mlp.experts"]),
+    "qwen2": (qwen2_moe_config, ["model.layers.0.mlp.experts"]),  # with a shared expert and its [1, H] gate
+    "glm4": (glm4_moe_config, ["model.layers.1.mlp.experts"]),
 }
 
 
@@ -362,6 +379,8 @@ MOE_VARIANTS = {  # variant -> (detected format, scheme, weight granularity, sca
     "qwen3-fp8-block": ("fp8", "block128", "block", "fp32"),
     "qwen3-fp8-block-ue8m0": ("fp8", "block128", "block", "ue8m0"),
     "deepseek-fp8-block": ("fp8", "block128", "block", "fp32"),
+    "qwen2-fp8-block": ("fp8", "block128", "block", "fp32"),
+    "glm4-ct-fp8-dynamic": ("compressed-tensors", "dynamic_per_token", "channel", "fp32"),
     "qwen3-ct-fp8-dynamic": ("compressed-tensors", "dynamic_per_token", "channel", "fp32"),
     "mixtral-ct-fp8-static": ("compressed-tensors", "static_per_tensor", "tensor", "fp32"),
 }
