@@ -143,6 +143,22 @@ def write_fp8_block(src, dst, scale_dtype, n_shards: int, scale_fmt=None, skip=N
     write_config(src, dst, q)
 
 
+def write_fp8_tensor(src, dst, static: bool, ids, act_scale_name: str = "input_scale") -> None:
+    """quant_method 'fp8' without weight_block_size (AutoFP8, vLLM's offline FP8): a per-tensor weight_scale (F32
+    scalar, real = fp8 * scale) and, for static activations, the calibrated input_scale (early AutoFP8 checkpoints
+    name it act_scale)."""
+    t = read_tensors(src)
+    calib = calibration_scales(src, ids) if static else {}
+    for n in QUANT:
+        q, s = fp8kern.quantize_weight(t[f"{n}.weight"].float(), "tensor")
+        t[f"{n}.weight"], t[f"{n}.weight_scale"] = q, s.reshape(())
+        if static:
+            t[f"{n}.{act_scale_name}"] = torch.tensor(calib[n], dtype=torch.float32)
+    save_sharded(t, dst, 1)
+    write_config(src, dst, {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic",
+                            "ignored_layers": ["lm_head"]})
+
+
 def quark_qconfig(weight_qscheme, input_tensors, weight_dtype="fp8_e4m3"):
     return {"quant_method": "quark", "quant_mode": "eager_mode", "exclude": ["lm_head"], "layer_quant_config": {},
             "layer_type_quant_config": {}, "export": {"kv_cache_group": [], "weight_format": "real_quantized"},
@@ -197,6 +213,12 @@ VARIANTS = {
                        "fp32"),
     "fp8-block-ue8m0-tied": (True, lambda s, d, ids: write_fp8_block(s, d, E8M0, 1, "ue8m0", ["lm_head"]), "fp8",
                              "block128", "block", "ue8m0"),
+    "fp8-tensor-static": (False, lambda s, d, ids: write_fp8_tensor(s, d, True, ids), "fp8", "static_per_tensor",
+                          "tensor", "fp32"),
+    "fp8-tensor-static-act-scale": (False, lambda s, d, ids: write_fp8_tensor(s, d, True, ids, "act_scale"), "fp8",
+                                    "static_per_tensor", "tensor", "fp32"),
+    "fp8-tensor-dynamic": (False, lambda s, d, ids: write_fp8_tensor(s, d, False, ids), "fp8", "dynamic_per_token",
+                           "tensor", "fp32"),
     "quark-static": (False, lambda s, d, ids: write_quark(s, d, "static", ids), "quark", "static_per_tensor", "tensor",
                      "fp32"),
     "quark-ptpc": (False, lambda s, d, ids: write_quark(s, d, "ptpc", ids), "quark", "dynamic_per_token", "channel",
@@ -268,8 +290,10 @@ def deq64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return Q * S[(torch.arange(n) // 128)[:, None], (torch.arange(k) // 128)[None, :]]
 
 
-def stored_scale_key(fmt: str, n: str) -> str:
-    return {"fp8": f"{n}.weight_scale_inv", "grok2": f"{n}.weight.scale"}.get(fmt, f"{n}.weight_scale")
+def stored_scale_key(fmt: str, n: str, gran: str = "block") -> str:
+    if fmt == "fp8":
+        return f"{n}.weight_scale_inv" if gran == "block" else f"{n}.weight_scale"
+    return {"grok2": f"{n}.weight.scale"}.get(fmt, f"{n}.weight_scale")
 
 
 def activation_scale_bound(layer: Fp8Linear, X: torch.Tensor) -> torch.Tensor:
@@ -289,7 +313,7 @@ def expected_weights(variant: str, stored: dict) -> dict:
     """name -> float64 W_deq of each quantized layer, from the checkpoint's tensors and its format's convention."""
     _, _, fmt, _, gran, scale_format = VARIANTS[variant]
     return {n: deq64(stored[f"{n}.weight"], expected_weight_scale(fmt, gran, scale_format,
-                                                                   stored[stored_scale_key(fmt, n)],
+                                                                   stored[stored_scale_key(fmt, n, gran)],
                                                                    *stored[f"{n}.weight"].shape)) for n in QUANT}
 
 
@@ -371,11 +395,12 @@ def test_from_pretrained(ckpt, ids, variant):
         layer = model.get_submodule(n)
         q = stored[f"{n}.weight"]
         assert q.dtype == E4M3 and torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)), n
-        want = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n)], *q.shape)
+        want = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n, gran)], *q.shape)
         assert layer.weight_scale.dtype == want.dtype and layer.weight_scale.shape == want.shape, n
         assert torch.equal(layer.weight_scale.view(torch.uint8), want.view(torch.uint8)), n
         if scheme == "static_per_tensor":
-            assert torch.equal(layer.input_scale, stored[f"{n}.input_scale"].float().reshape(1)), n
+            raw = stored[f"{n}.input_scale"] if f"{n}.input_scale" in stored else stored[f"{n}.act_scale"]
+            assert torch.equal(layer.input_scale, raw.float().reshape(1)), n
     quant_keys = {k for k in stored if any(k.startswith(n + ".") for n in QUANT)}
     sd = model.state_dict()
     for k in set(stored) - quant_keys:
@@ -582,7 +607,7 @@ def test_package_imports_without_optional_deps(ckpt):
 # fp8kern-dequantize
 
 
-@pytest.mark.parametrize("variant", ["fp8-block-fp32-sharded", "grok2", "ct-fp8-static"])
+@pytest.mark.parametrize("variant", ["fp8-block-fp32-sharded", "grok2", "ct-fp8-static", "fp8-tensor-static-act-scale"])
 def test_dequantize_cli(ckpt, tmp_path, capsys, variant):
     from fp8kern.dequantize import main
 
@@ -595,7 +620,8 @@ def test_dequantize_cli(ckpt, tmp_path, capsys, variant):
     shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == shards
     stored, written = read_tensors(src), read_tensors(out)
-    scale_keys = {stored_scale_key(fmt, n) for n in QUANT} | {f"{n}.input_scale" for n in QUANT}
+    scale_keys = ({stored_scale_key(fmt, n, gran) for n in QUANT} | {f"{n}.input_scale" for n in QUANT}
+                  | {f"{n}.act_scale" for n in QUANT})
     assert set(written) == set(stored) - scale_keys
     if len(shards) > 1:
         with open(os.path.join(out, INDEX)) as f:
@@ -613,7 +639,7 @@ def test_dequantize_cli(ckpt, tmp_path, capsys, variant):
         n = k[: -len(".weight")]
         if n in QUANT:
             q = stored[k]
-            s = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n)], *q.shape)
+            s = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n, gran)], *q.shape)
             S = s.float()
             S = S[(torch.arange(q.shape[0]) // 128)[:, None], (torch.arange(q.shape[1]) // 128)[None, :]] \
                 if gran == "block" else S.reshape(-1, 1)

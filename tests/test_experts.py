@@ -318,7 +318,11 @@ def write_moe(root, variant: str, ids, keep: str | None = None) -> tuple[str, st
             out[key] = v
             continue
         mod = key[: -len(".weight")]
-        if fmt.startswith("fp8"):
+        if fmt == "fp8-tensor-static":  # AutoFP8 (e.g. Mixtral-8x7B-Instruct-FP8): scalar scales
+            q, s = fp8kern.quantize_weight(v.float(), "tensor")
+            out[key], out[f"{mod}.weight_scale"] = q, s.reshape(())
+            out[f"{mod}.input_scale"] = static_input_scale(model, inputs, mod).reshape(())
+        elif fmt.startswith("fp8"):
             ue8m0 = fmt.endswith("ue8m0")
             q, s = fp8kern.quantize_weight(v.float(), "block", scale_format="ue8m0" if ue8m0 else "fp32")
             out[key], out[f"{mod}.weight_scale_inv"] = q, s
@@ -341,7 +345,9 @@ def write_moe(root, variant: str, ids, keep: str | None = None) -> tuple[str, st
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
-    if fmt.startswith("fp8"):
+    if fmt == "fp8-tensor-static":
+        cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    elif fmt.startswith("fp8"):
         cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                       "weight_block_size": [128, 128]}
         if fmt.endswith("ue8m0"):
@@ -383,6 +389,7 @@ MOE_VARIANTS = {  # variant -> (detected format, scheme, weight granularity, sca
     "glm4-ct-fp8-dynamic": ("compressed-tensors", "dynamic_per_token", "channel", "fp32"),
     "qwen3-ct-fp8-dynamic": ("compressed-tensors", "dynamic_per_token", "channel", "fp32"),
     "mixtral-ct-fp8-static": ("compressed-tensors", "static_per_tensor", "tensor", "fp32"),
+    "mixtral-fp8-tensor-static": ("fp8", "static_per_tensor", "tensor", "fp32"),
 }
 
 
@@ -403,7 +410,7 @@ def test_from_pretrained_moe(tmp_path, moe_ids, variant):
             stored.update(load_file(os.path.join(d, f)))
     prefix = "block_sparse_moe" if variant.startswith("mixtral") else "mlp"
     names = ("w1", "w3", "w2") if variant.startswith("mixtral") else ("gate_proj", "up_proj", "down_proj")
-    scale_suffix = "weight_scale_inv" if fmt == "fp8" else "weight_scale"
+    scale_suffix = "weight_scale_inv" if fmt == "fp8" and gran == "block" else "weight_scale"
     experts = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Experts)}
     assert sorted(experts) == ARCHS[variant.split("-")[0]][1]
     for n, m in experts.items():

@@ -1,18 +1,27 @@
-"""quant_method 'fp8' block checkpoints: DeepSeek-V3, Qwen3-FP8, transformers' FineGrainedFP8.
+"""quant_method 'fp8' checkpoints: 128x128 blocks (DeepSeek-V3, Qwen3-FP8, transformers' FineGrainedFP8), or per
+tensor / per channel without weight_block_size (AutoFP8, vLLM's offline FP8: e.g. neuralmagic's *-FP8 models).
 
-config.json: quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128],
-"activation_scheme": "dynamic", "scale_fmt"?: "ue8m0", "modules_to_not_convert"?: [...] | null}.
-Tensors: '<module>.weight' e4m3 [N, K] and '<module>.weight_scale_inv' [ceil(N/128), ceil(K/128)] in float32,
-bfloat16, float16 or float8_e8m0fnu. Despite its name weight_scale_inv multiplies: real = fp8 * weight_scale_inv.
-Layers load as scheme 'block128', with scale_format 'ue8m0' (power-of-two activation scales too, as DeepSeek-V3.1
-computes them) when scale_fmt is 'ue8m0' or the stored scales are float8_e8m0fnu.
+Block: quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme":
+"dynamic", "scale_fmt"?: "ue8m0", "modules_to_not_convert"?: [...] | null}. Tensors: '<module>.weight' e4m3 [N, K]
+and '<module>.weight_scale_inv' [ceil(N/128), ceil(K/128)] in float32, bfloat16, float16 or float8_e8m0fnu. Despite
+its name weight_scale_inv multiplies: real = fp8 * weight_scale_inv. Layers load as scheme 'block128', with
+scale_format 'ue8m0' (power-of-two activation scales too, as DeepSeek-V3.1 computes them) when scale_fmt is 'ue8m0'
+or the stored scales are float8_e8m0fnu.
+
+Per tensor: quantization_config = {"quant_method": "fp8", "activation_scheme": "static" | "dynamic",
+"ignored_layers"?: [...]}. Tensors: '<module>.weight' e4m3, '<module>.weight_scale' float32 (one value, or one per
+output channel), real = fp8 * weight_scale, and for static activations '<module>.input_scale' (early AutoFP8
+checkpoints: '<module>.act_scale'). Layers load as 'static_per_tensor', or for dynamic activations (no stored
+activation scale, so any dynamic granularity is faithful) 'dynamic_per_token', fp8kern's more accurate one.
 """
 
 from __future__ import annotations
 
 import re
 
-from .common import CheckpointFormat, LayerSpec, unsupported
+import math
+
+from .common import CheckpointFormat, LayerSpec, choose_scheme, unsupported
 
 
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
@@ -34,24 +43,43 @@ class Fp8Block(CheckpointFormat):
     name = "fp8"
     quant_method = "fp8"
     suffixes = {"weight": "weight", "weight_scale_inv": "weight_scale"}
+    _PER_TENSOR_SUFFIXES = {"weight": "weight", "weight_scale": "weight_scale", "input_scale": "input_scale",
+                            "act_scale": "input_scale"}
 
     def __init__(self, config, header):
         super().__init__(config, header)
         q = self.qconfig
-        if list(q.get("weight_block_size") or []) != [128, 128]:
-            raise unsupported("quant_method 'fp8' weight_block_size", q.get("weight_block_size"),
-                              "fp8kern reads 128x128 block-scaled FP8 (per-tensor 'fp8' checkpoints without "
-                              "weight_block_size are not supported)")
-        if q.get("activation_scheme", "dynamic") != "dynamic":
-            raise unsupported("quant_method 'fp8' activation_scheme", q.get("activation_scheme"), "expected 'dynamic'")
-        if q.get("scale_fmt") not in (None, "ue8m0"):
-            raise unsupported("quant_method 'fp8' scale_fmt", q.get("scale_fmt"), "expected 'ue8m0' or absent")
+        block = q.get("weight_block_size")
+        self.block = block is not None
+        if self.block and list(block) != [128, 128]:
+            raise unsupported("quant_method 'fp8' weight_block_size", block, "fp8kern reads 128x128 block-scaled "
+                              "FP8, or per-tensor / per-channel FP8 without weight_block_size")
+        act = q.get("activation_scheme", "dynamic")
+        if act not in ("dynamic", "static"):
+            raise unsupported("quant_method 'fp8' activation_scheme", act, "expected 'dynamic' or 'static'")
+        if self.block and act != "dynamic":
+            raise unsupported("quant_method 'fp8' activation_scheme with weight_block_size", act,
+                              "block-scaled checkpoints need dynamic activations")
+        self.static = act == "static"
+        if q.get("scale_fmt") not in (None, "ue8m0") or (q.get("scale_fmt") and not self.block):
+            raise unsupported("quant_method 'fp8' scale_fmt", q.get("scale_fmt"),
+                              "expected 'ue8m0' (with weight_block_size) or absent")
+        if not self.block:
+            self.suffixes = self._PER_TENSOR_SUFFIXES
         self.skip = list(q.get("modules_to_not_convert") or q.get("ignored_layers") or [])
         self.ue8m0 = q.get("scale_fmt") == "ue8m0"
 
     def layer_spec(self, module, class_names=("Linear",)):
         if any(_not_converted(module, s) for s in self.skip):
             return None
-        info = self.header.get(f"{module}.weight_scale_inv")
-        ue8m0 = self.ue8m0 or (info is not None and info.dtype == "F8_E8M0")
-        return LayerSpec("block128", "block", "ue8m0" if ue8m0 else "fp32")
+        if self.block:
+            info = self.header.get(f"{module}.weight_scale_inv")
+            ue8m0 = self.ue8m0 or (info is not None and info.dtype == "F8_E8M0")
+            return LayerSpec("block128", "block", "ue8m0" if ue8m0 else "fp32")
+        info = self.header.get(f"{module}.weight_scale")
+        gran = "tensor" if info is None or math.prod(info.shape) == 1 else "channel"
+        return LayerSpec(choose_scheme(gran, "tensor" if self.static else None, not self.static,
+                                       f"quant_method 'fp8' layer {module}"), gran)
+
+    def kv_cache_scale(self, key):
+        return bool(self.qconfig.get("kv_cache_scheme")) and key.endswith((".k_scale", ".v_scale", ".kv_scale"))
