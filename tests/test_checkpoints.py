@@ -143,20 +143,25 @@ def write_fp8_block(src, dst, scale_dtype, n_shards: int, scale_fmt=None, skip=N
     write_config(src, dst, q)
 
 
-def write_fp8_tensor(src, dst, static: bool, ids, act_scale_name: str = "input_scale") -> None:
-    """quant_method 'fp8' without weight_block_size (AutoFP8, vLLM's offline FP8): a per-tensor weight_scale (F32
-    scalar, real = fp8 * scale) and, for static activations, the calibrated input_scale (early AutoFP8 checkpoints
-    name it act_scale)."""
+def write_fp8_tensor(src, dst, static: bool, ids, act_scale_name: str = "input_scale", gran: str = "tensor",
+                     hf: bool = False) -> None:
+    """quant_method 'fp8' without weight_block_size (AutoFP8, vLLM's offline FP8): a per-tensor (F32 scalar) or
+    per-channel ([N]) weight_scale, real = fp8 * scale, and for static activations the calibrated input_scale (early
+    AutoFP8 checkpoints name it act_scale). hf: as transformers' FineGrainedFP8 writes it without weight_block_size:
+    weight_scale_inv (a scalar that multiplies all the same), activation_scale, scale_fmt 'float'."""
     t = read_tensors(src)
     calib = calibration_scales(src, ids) if static else {}
     for n in QUANT:
-        q, s = fp8kern.quantize_weight(t[f"{n}.weight"].float(), "tensor")
-        t[f"{n}.weight"], t[f"{n}.weight_scale"] = q, s.reshape(())
+        q, s = fp8kern.quantize_weight(t[f"{n}.weight"].float(), gran)
+        t[f"{n}.weight"] = q
+        t[f"{n}.weight_scale_inv" if hf else f"{n}.weight_scale"] = s.reshape(()) if gran == "tensor" else s.reshape(-1)
         if static:
-            t[f"{n}.{act_scale_name}"] = torch.tensor(calib[n], dtype=torch.float32)
+            t[f"{n}.{'activation_scale' if hf else act_scale_name}"] = torch.tensor(calib[n], dtype=torch.float32)
     save_sharded(t, dst, 1)
-    write_config(src, dst, {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic",
-                            "ignored_layers": ["lm_head"]})
+    q = {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic"}
+    q.update({"weight_block_size": None, "scale_fmt": "float", "modules_to_not_convert": None} if hf else
+             {"ignored_layers": ["lm_head"]})
+    write_config(src, dst, q)
 
 
 def quark_qconfig(weight_qscheme, input_tensors, weight_dtype="fp8_e4m3"):
@@ -219,6 +224,10 @@ VARIANTS = {
                                     "static_per_tensor", "tensor", "fp32"),
     "fp8-tensor-dynamic": (False, lambda s, d, ids: write_fp8_tensor(s, d, False, ids), "fp8", "dynamic_per_token",
                            "tensor", "fp32"),
+    "fp8-channel-dynamic": (False, lambda s, d, ids: write_fp8_tensor(s, d, False, ids, gran="channel"), "fp8",
+                            "dynamic_per_token", "channel", "fp32"),
+    "fp8-hf-tensor-static": (False, lambda s, d, ids: write_fp8_tensor(s, d, True, ids, hf=True), "fp8",
+                             "static_per_tensor", "tensor", "fp32"),
     "quark-static": (False, lambda s, d, ids: write_quark(s, d, "static", ids), "quark", "static_per_tensor", "tensor",
                      "fp32"),
     "quark-ptpc": (False, lambda s, d, ids: write_quark(s, d, "ptpc", ids), "quark", "dynamic_per_token", "channel",
@@ -290,9 +299,9 @@ def deq64(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return Q * S[(torch.arange(n) // 128)[:, None], (torch.arange(k) // 128)[None, :]]
 
 
-def stored_scale_key(fmt: str, n: str, gran: str = "block") -> str:
-    if fmt == "fp8":
-        return f"{n}.weight_scale_inv" if gran == "block" else f"{n}.weight_scale"
+def stored_scale_key(fmt: str, n: str, stored: dict) -> str:
+    if fmt == "fp8":  # block checkpoints and transformers' per-tensor ones: weight_scale_inv; AutoFP8: weight_scale
+        return f"{n}.weight_scale_inv" if f"{n}.weight_scale_inv" in stored else f"{n}.weight_scale"
     return {"grok2": f"{n}.weight.scale"}.get(fmt, f"{n}.weight_scale")
 
 
@@ -313,7 +322,7 @@ def expected_weights(variant: str, stored: dict) -> dict:
     """name -> float64 W_deq of each quantized layer, from the checkpoint's tensors and its format's convention."""
     _, _, fmt, _, gran, scale_format = VARIANTS[variant]
     return {n: deq64(stored[f"{n}.weight"], expected_weight_scale(fmt, gran, scale_format,
-                                                                   stored[stored_scale_key(fmt, n, gran)],
+                                                                   stored[stored_scale_key(fmt, n, stored)],
                                                                    *stored[f"{n}.weight"].shape)) for n in QUANT}
 
 
@@ -395,11 +404,12 @@ def test_from_pretrained(ckpt, ids, variant):
         layer = model.get_submodule(n)
         q = stored[f"{n}.weight"]
         assert q.dtype == E4M3 and torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)), n
-        want = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n, gran)], *q.shape)
+        want = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n, stored)], *q.shape)
         assert layer.weight_scale.dtype == want.dtype and layer.weight_scale.shape == want.shape, n
         assert torch.equal(layer.weight_scale.view(torch.uint8), want.view(torch.uint8)), n
         if scheme == "static_per_tensor":
-            raw = stored[f"{n}.input_scale"] if f"{n}.input_scale" in stored else stored[f"{n}.act_scale"]
+            raw = next(stored[f"{n}.{k}"] for k in ("input_scale", "act_scale", "activation_scale")
+                       if f"{n}.{k}" in stored)
             assert torch.equal(layer.input_scale, raw.float().reshape(1)), n
     quant_keys = {k for k in stored if any(k.startswith(n + ".") for n in QUANT)}
     sd = model.state_dict()
@@ -561,6 +571,16 @@ def test_model_class_loading_rules(ckpt, tmp_path, monkeypatch):
     assert layer.post_attention_layernorm.weight.dtype == torch.float32
 
 
+def test_two_tensors_for_one_buffer(ckpt, tmp_path):
+    """A checkpoint with both input_scale and act_scale for a layer is refused (the loaded one would depend on the
+    order of the shards)."""
+    n = QUANT[0]
+    d = copy_ckpt(ckpt("fp8-tensor-static"), tmp_path / "both",
+                  edit_tensors=lambda t: t.update({f"{n}.act_scale": t[f"{n}.input_scale"] * 2}))
+    with pytest.raises(ValueError, match=f"two tensors for {n}.input_scale"):
+        from_pretrained(d)
+
+
 def test_config_and_tensors_disagree(ckpt, tmp_path):
     d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "skip",
                   edit_config=lambda c: c["quantization_config"].update(modules_to_not_convert=["up_proj"]))
@@ -607,7 +627,8 @@ def test_package_imports_without_optional_deps(ckpt):
 # fp8kern-dequantize
 
 
-@pytest.mark.parametrize("variant", ["fp8-block-fp32-sharded", "grok2", "ct-fp8-static", "fp8-tensor-static-act-scale"])
+@pytest.mark.parametrize("variant", ["fp8-block-fp32-sharded", "grok2", "ct-fp8-static", "fp8-tensor-static-act-scale",
+                                     "fp8-hf-tensor-static"])
 def test_dequantize_cli(ckpt, tmp_path, capsys, variant):
     from fp8kern.dequantize import main
 
@@ -620,8 +641,8 @@ def test_dequantize_cli(ckpt, tmp_path, capsys, variant):
     shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == shards
     stored, written = read_tensors(src), read_tensors(out)
-    scale_keys = ({stored_scale_key(fmt, n, gran) for n in QUANT} | {f"{n}.input_scale" for n in QUANT}
-                  | {f"{n}.act_scale" for n in QUANT})
+    scale_keys = ({stored_scale_key(fmt, n, stored) for n in QUANT} | {f"{n}.input_scale" for n in QUANT}
+                  | {f"{n}.act_scale" for n in QUANT} | {f"{n}.activation_scale" for n in QUANT})
     assert set(written) == set(stored) - scale_keys
     if len(shards) > 1:
         with open(os.path.join(out, INDEX)) as f:
@@ -639,7 +660,7 @@ def test_dequantize_cli(ckpt, tmp_path, capsys, variant):
         n = k[: -len(".weight")]
         if n in QUANT:
             q = stored[k]
-            s = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n, gran)], *q.shape)
+            s = expected_weight_scale(fmt, gran, scale_format, stored[stored_scale_key(fmt, n, stored)], *q.shape)
             S = s.float()
             S = S[(torch.arange(q.shape[0]) // 128)[:, None], (torch.arange(q.shape[1]) // 128)[None, :]] \
                 if gran == "block" else S.reshape(-1, 1)

@@ -509,3 +509,23 @@ def test_from_pretrained_moe_experts_left_in_bf16(tmp_path, moe_ids):
     assert torch.equal(plain.gate_up_proj, want.gate_up_proj) and torch.equal(plain.down_proj, want.down_proj)
     with torch.no_grad():
         assert torch.isfinite(model(moe_ids).logits).all()
+
+
+def test_ignore_patterns_see_model_names(tmp_path, moe_ids, monkeypatch):
+    """A model class's ignore patterns (like DeepSeek-V3's for its MTP layer) are written in model names; Mixtral's
+    checkpoint says block_sparse_moe where the model says mlp. An FP8 layer so ignored is skipped with a warning."""
+    _, d = write_moe(str(tmp_path), "mixtral-fp8-block", moe_ids)
+    extra = {"model.layers.7.block_sparse_moe.experts.0.w1.weight": torch.ones(I, H).to(torch.float8_e4m3fn),
+             "model.layers.7.block_sparse_moe.experts.0.w1.weight_scale_inv": torch.ones(1, 2)}
+    save_file(extra, os.path.join(d, "extra.safetensors"), metadata={"format": "pt"})
+    index = os.path.join(d, "model.safetensors.index.json")
+    with open(index) as f:
+        wm = json.load(f)["weight_map"]
+    wm.update({k: "extra.safetensors" for k in extra})
+    with open(index, "w") as f:
+        json.dump({"metadata": {}, "weight_map": wm}, f)
+    monkeypatch.setattr(transformers.MixtralForCausalLM, "_keys_to_ignore_on_load_unexpected",
+                        [r"model\.layers\.7\.mlp\."], raising=False)
+    with pytest.warns(UserWarning, match="does not use 2 checkpoint tensor"):
+        model = from_pretrained(d)
+    assert isinstance(model.model.layers[1].mlp.experts, Fp8Experts)

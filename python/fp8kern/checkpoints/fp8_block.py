@@ -11,7 +11,9 @@ or the stored scales are float8_e8m0fnu.
 Per tensor: quantization_config = {"quant_method": "fp8", "activation_scheme": "static" | "dynamic",
 "ignored_layers"?: [...]}. Tensors: '<module>.weight' e4m3, '<module>.weight_scale' float32 (one value, or one per
 output channel), real = fp8 * weight_scale, and for static activations '<module>.input_scale' (early AutoFP8
-checkpoints: '<module>.act_scale'). Layers load as 'static_per_tensor', or for dynamic activations (no stored
+checkpoints: '<module>.act_scale'); transformers' FineGrainedFP8 without weight_block_size names them
+'weight_scale_inv' (a scalar that multiplies, like the block one) and 'activation_scale'. scale_fmt 'float'
+(transformers' default) means fp32 scales. Layers load as 'static_per_tensor', or for dynamic activations (no stored
 activation scale, so any dynamic granularity is faithful) 'dynamic_per_token', fp8kern's more accurate one.
 """
 
@@ -43,8 +45,10 @@ class Fp8Block(CheckpointFormat):
     name = "fp8"
     quant_method = "fp8"
     suffixes = {"weight": "weight", "weight_scale_inv": "weight_scale"}
+    # AutoFP8 / vLLM names, and transformers' FineGrainedFP8 per-tensor names (weight_scale_inv, activation_scale).
     _PER_TENSOR_SUFFIXES = {"weight": "weight", "weight_scale": "weight_scale", "input_scale": "input_scale",
-                            "act_scale": "input_scale"}
+                            "act_scale": "input_scale", "weight_scale_inv": "weight_scale",
+                            "activation_scale": "input_scale"}
 
     def __init__(self, config, header):
         super().__init__(config, header)
@@ -61,9 +65,9 @@ class Fp8Block(CheckpointFormat):
             raise unsupported("quant_method 'fp8' activation_scheme with weight_block_size", act,
                               "block-scaled checkpoints need dynamic activations")
         self.static = act == "static"
-        if q.get("scale_fmt") not in (None, "ue8m0") or (q.get("scale_fmt") and not self.block):
+        if q.get("scale_fmt") not in (None, "float", "ue8m0") or (q.get("scale_fmt") == "ue8m0" and not self.block):
             raise unsupported("quant_method 'fp8' scale_fmt", q.get("scale_fmt"),
-                              "expected 'ue8m0' (with weight_block_size) or absent")
+                              "expected 'float' (transformers' default), 'ue8m0' (with weight_block_size) or absent")
         if not self.block:
             self.suffixes = self._PER_TENSOR_SUFFIXES
         self.skip = list(q.get("modules_to_not_convert") or q.get("ignored_layers") or [])
@@ -76,7 +80,7 @@ class Fp8Block(CheckpointFormat):
             info = self.header.get(f"{module}.weight_scale_inv")
             ue8m0 = self.ue8m0 or (info is not None and info.dtype == "F8_E8M0")
             return LayerSpec("block128", "block", "ue8m0" if ue8m0 else "fp32")
-        info = self.header.get(f"{module}.weight_scale")
+        info = self.header.get(f"{module}.weight_scale") or self.header.get(f"{module}.weight_scale_inv")
         gran = "tensor" if info is None or math.prod(info.shape) == 1 else "channel"
         return LayerSpec(choose_scheme(gran, "tensor" if self.static else None, not self.static,
                                        f"quant_method 'fp8' layer {module}"), gran)

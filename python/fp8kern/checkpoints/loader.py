@@ -338,6 +338,7 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
 
     expected = set(model.state_dict().keys())
     loaded, unexpected, kv_scales, ignored = set(), [], [], []
+    sources: dict[str, str] = {}  # model key -> the checkpoint tensor that filled it
     for shard in progress(sorted({i.shard for i in header.values()}), desc=f"Loading {fmt.name} checkpoint"):
         with safe_open(os.path.join(path, shard), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -374,8 +375,11 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                 else:
                     unexpected.append(key)
                     continue
+                if target in loaded:  # e.g. both act_scale and input_scale: which one wins must not hang on order
+                    raise ValueError(f"checkpoint holds two tensors for {target}: {sources[target]!r} and {key!r}")
                 _assign(model, target, value.to(device))
                 loaded.add(target)
+                sources[target] = key
     if unexpected:
         raise ValueError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) that fit nothing in the "
                          f"{type(model).__name__} built from config.json ({fmt.name} format): {sorted(unexpected)}")
