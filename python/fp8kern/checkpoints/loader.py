@@ -211,10 +211,6 @@ def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of
     return loads
 
 
-_PLAIN_EXPERT_KEY = re.compile(r"^(?P<parent>.+)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)"
-                               r"\.weight$")
-
-
 def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tensor, key: str, dtype, device,
                          filled: set) -> None:
     """Copy a high-precision per-expert checkpoint tensor into the fused experts module's 3-D parameters, as
@@ -223,6 +219,8 @@ def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tens
     if value.dtype in _FP8_DTYPES or not value.is_floating_point():
         raise ValueError(f"checkpoint tensor {key!r} has dtype {value.dtype}; per-expert tensors without FP8 scales "
                          "must be floating point in high precision")
+    if (e, role) in filled:
+        raise ValueError(f"checkpoint holds {key!r} twice")
     for pname in ("gate_up_proj", "down_proj"):
         p = getattr(module, pname)
         if p.device.type == "meta":
@@ -236,8 +234,6 @@ def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tens
               "down": module.down_proj[e]}[role]
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-    if (e, role) in filled:
-        raise ValueError(f"checkpoint holds {key!r} twice")
     with torch.no_grad():
         target.copy_(value)
     filled.add((e, role))
@@ -246,6 +242,8 @@ def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tens
 def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str, buffer: str, raw: torch.Tensor,
                    key: str) -> None:
     """Copy a stored tensor of one expert's projection into its Fp8Experts (converted like an Fp8Linear's)."""
+    if (e, role, buffer) in load.filled:
+        raise ValueError(f"checkpoint holds {key!r} twice")
     fp8, spec = load.module, load.spec
     weight, scale = fp8.projection(e, role)
     if buffer == "weight":
@@ -266,8 +264,6 @@ def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str,
             other = "up" if role == "gate" else "gate"
             seen = (e, other, "input_scale") in load.filled
             fp8.gate_up_input_scale[e] = torch.maximum(fp8.gate_up_input_scale[e], v) if seen else v
-    if (e, role, buffer) in load.filled:
-        raise ValueError(f"checkpoint holds {key!r} twice")
     load.filled.add((e, role, buffer))
 
 
@@ -367,7 +363,8 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                 elif any(p.search(key) or p.search(mkey) for p in ignore):
                     ignored.append(key)
                     continue
-                elif (plain := _PLAIN_EXPERT_KEY.match(mkey)) and plain["parent"] in plain_experts:
+                elif (mkey.endswith(".weight") and (plain := _EXPERT_PROJ.match(mkey[: -len(".weight")]))
+                      and plain["parent"] in plain_experts):
                     module, filled = plain_experts[plain["parent"]]
                     _plain_expert_tensor(module, int(plain["e"]), _ROLE[plain["proj"]], f.get_tensor(key), key,
                                          dtype, device, filled)
