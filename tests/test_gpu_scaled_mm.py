@@ -261,3 +261,84 @@ def test_block_fp8_linear(block_family, dtype):
     D, S = exact_scaled_mm(xq, wq, xs, ws, bias)
     err = np.abs(y.reshape(-1, 300).double().cpu().numpy() - D)
     assert (err <= bound(D, S, 700, dtype, False)).all()
+
+
+# Grouped block-scaled GEMM (MoE experts, sm90 only): one launch over groups of rows, offsets read on the device.
+# Each group's rows are a block-scaled GEMM like the ones above, so the same promoted-mode bound applies per group.
+
+@pytest.fixture
+def sm90_grouped():
+    prev = _use("sm90")
+    yield
+    fp8kern.set_backend(prev)
+
+
+def grouped_operands(counts, N, K, scale_dtype=torch.float32, extra_rows=0, seed=8):
+    """a [rows, K], scale_a [rows, ceil(K/128)], b [G, N, K], scale_b [G, ceil(N/128), ceil(K/128)] on the CPU;
+    rows = sum(counts) + extra_rows (rows that belong to no group)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = sum(counts) + extra_rows
+    a, _, sa, _ = make_operands(rows, 8, K, "block", gen, scale_dtype)
+    bs = [make_operands(1, N, K, "block", gen, scale_dtype) for _ in counts]
+    return a, sa, torch.stack([t[1] for t in bs]), torch.stack([t[3] for t in bs])
+
+
+def check_grouped(y, a, sa, b, sb, offsets, out_dtype, K):
+    offs = [int(v) for v in offsets]
+    for g in range(len(offs) - 1):
+        lo, hi = offs[g], offs[g + 1]
+        if hi > lo:
+            D, S = exact_scaled_mm(a[lo:hi], b[g], sa[lo:hi], sb[g])
+            err = np.abs(y[lo:hi].double().numpy() - D)
+            assert (err <= bound(D, S, K, out_dtype, False)).all(), f"group {g} rows {lo}:{hi}: max error {err.max()}"
+
+
+@pytest.mark.parametrize("counts", [(0, 5, 0, 130, 1, 0), (64,), (0, 0, 3), (1, 1, 1, 1, 1, 1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float8_e8m0fnu])
+def test_grouped_block_mm(sm90_grouped, counts, out_dtype, scale_dtype):
+    """Empty groups (first, last, between), one-row groups, a group over a 128-row tile; 7 rows in no group keep the
+    output's previous contents; K / 128 = 5 (odd), N = 384 (3 blocks)."""
+    N, K = 384, 640
+    a, sa, b, sb = grouped_operands(counts, N, K, scale_dtype, extra_rows=7)
+    if out_dtype == torch.float16:
+        sa = (sa.float() / 256).to(sa.dtype)  # |D| inside fp16's range, as in run_and_check
+    offsets = torch.tensor([0] + np.cumsum(counts).tolist(), dtype=torch.int64)
+    assert fp8kern.ops.grouped_block_supported(torch.device("cuda"), N, K, out_dtype)
+    y = torch.full((a.shape[0], N), 7.0, dtype=out_dtype, device="cuda")
+    fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offsets.cuda(), y)
+    torch.cuda.synchronize()
+    y = y.cpu()
+    check_grouped(y, a, sa, b, sb, offsets, out_dtype, K)
+    assert (y[int(offsets[-1]):] == 7.0).all(), "rows outside every group were written"
+
+
+def test_grouped_block_mm_offsets_clamped(sm90_grouped):
+    """Offsets outside [0, rows] are clamped on the device (no out-of-bounds access): [-3, 4, rows + 50] runs group 0
+    on rows 0:4 and group 1 on rows 4:rows."""
+    a, sa, b, sb = grouped_operands((4, 20), 256, 512)
+    rows = a.shape[0]
+    y = torch.zeros((rows, 256), dtype=torch.float32, device="cuda")
+    offsets = torch.tensor([-3, 4, rows + 50], dtype=torch.int64)
+    fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offsets.cuda(), y)
+    check_grouped(y.cpu(), a, sa, b, sb, torch.tensor([0, 4, rows]), torch.float32, 512)
+
+
+def test_grouped_block_mm_cuda_graph(sm90_grouped):
+    """Captured once, replayed with other offsets and data: the row ranges are read on the device at replay."""
+    N, K = 512, 1024
+    a, sa, b, sb = grouped_operands((10, 0, 30), N, K)
+    dev = [t.cuda() for t in (a, sa, b, sb)]
+    offsets = torch.tensor([0, 10, 10, 40], dtype=torch.int64, device="cuda")
+    y = torch.zeros((40, N), dtype=torch.bfloat16, device="cuda")
+    fp8kern.ops.grouped_block_mm(*dev, offsets, y)  # warm-up: the workspace size query runs outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fp8kern.ops.grouped_block_mm(*dev, offsets, y)
+    a2, sa2, b2, sb2 = grouped_operands((3, 25, 12), N, K, seed=9)
+    for dst, src in zip(dev, (a2, sa2, b2, sb2)):
+        dst.copy_(src)
+    offsets.copy_(torch.tensor([0, 3, 28, 40]))
+    g.replay()
+    torch.cuda.synchronize()
+    check_grouped(y.cpu(), a2, sa2, b2, sb2, offsets.cpu(), torch.bfloat16, K)

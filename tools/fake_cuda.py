@@ -36,6 +36,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 FAKE_SMS = int(os.environ.get("FAKE_SMS", "132"))
 FAKE_CAP = tuple(int(v) for v in os.environ.get("FAKE_CAP", "9,0").split(","))
 LOG = []  # notes for the report
+# Emulated workspace of the grouped kernel (its argument arrays per group, TMA descriptors per SM).
+GROUPED_WORKSPACE_PER_GROUP, GROUPED_WORKSPACE_PER_SM = 256, 256
 
 _tagged = weakref.WeakSet()
 
@@ -518,6 +520,44 @@ class EmulatedC:
 
         _launch(device, stream, resolve,
                 lambda A, B, SA, SB, bias_t: (reference.scaled_mm(A, B, SA, SB, out_dtype, bias_t, layout),))
+
+    def grouped_workspace_size(self, *args):
+        self._validate(self._real.grouped_workspace_size, args)
+        groups = args[7]
+        return GROUPED_WORKSPACE_PER_GROUP * groups + GROUPED_WORKSPACE_PER_SM * FAKE_SMS
+
+    def grouped_block_mm(self, *args):
+        self._validate(self._real.grouped_block_mm, args)
+        (device, a, b, d, scale_a, scale_b, offsets, groups, rows, n, k, lda, ldd, d_dtype, workspace,
+         workspace_bytes, stream) = args
+        from fp8kern import reference
+        from fp8kern.ops import Layout
+        need = GROUPED_WORKSPACE_PER_GROUP * groups + GROUPED_WORKSPACE_PER_SM * FAKE_SMS
+        if workspace_bytes < need:
+            raise RuntimeError(f"[fakecuda] grouped_block_mm: needs {need} bytes of workspace, got {workspace_bytes}")
+        out_dtype = _DTYPES[d_dtype]
+        kb, nb = -(-k // 128), -(-n // 128)
+
+        def resolve():  # inputs, then outputs: d (read too: rows outside every group keep their values), workspace
+            D = _region(d, out_dtype, (rows, n), (ldd, 1), "d")
+            inputs = (_region(a, torch.float8_e4m3fn, (rows, k), (lda, 1), "a"),
+                      _region(b, torch.float8_e4m3fn, (groups, n, k), (n * k, k, 1), "b"),
+                      _region(scale_a, torch.float32, (rows, kb), (kb, 1), "scale_a"),
+                      _region(scale_b, torch.float32, (groups, nb, kb), (nb * kb, kb, 1), "scale_b"),
+                      _region(offsets, torch.int64, (groups + 1,), (1,), "offsets"), D)
+            return inputs, (D, _region(workspace, torch.uint8, (workspace_bytes,), (1,), "workspace"))
+
+        def compute(A, B, SA, SB, offs, D):
+            result = D.clone()
+            for g in range(groups):  # the device-side clamp of each range into [0, rows]
+                lo = min(max(int(offs[g]), 0), rows)
+                hi = min(max(int(offs[g + 1]), lo), rows)
+                if hi > lo:
+                    result[lo:hi] = reference.scaled_mm(A[lo:hi], B[g], SA[lo:hi], SB[g], out_dtype, None,
+                                                        Layout("group", "block"))
+            return (result,)
+
+        _launch(device, stream, resolve, compute)
 
     def quantize(self, *args):
         self._validate(self._real.quantize, args)
