@@ -6,9 +6,12 @@
 The bf16 side computes what transformers' eager experts do (tokens gathered per expert, gate_up and down
 projections, index_add of the weighted outputs) in plain torch, so no transformers is needed on the GPU machine; the
 fp8 side is Fp8Experts (block128 or dynamic_per_token), quantized from the same bf16 weights. Routing is random top-k
-(softmax weights), the same for both. Both synchronize with the host once per call (the per-expert token counts), so
-they run eagerly: the median of CUDA-event timings around each call, after warm-up, is reported with the fp8
-speedup, the cosine similarity of the outputs and the number of experts that got tokens.
+(softmax weights), the same for both. The bf16 side synchronizes with the host once per call (the per-expert token
+counts), so both run eagerly: the median of CUDA-event timings around each call, after warm-up, is reported with the
+fp8 speedup, the cosine similarity of the outputs and the number of experts that got tokens. Where Fp8Experts runs
+its grouped kernels (block128 on the sm90 family), two more timings: the same layer with one GEMM per expert
+(grouped=False, as every other case runs), and the grouped layer captured in a CUDA graph (replay, as decoding
+engines run it; the per-expert path cannot be captured).
 """
 
 import argparse
@@ -90,6 +93,26 @@ def time_eager(fn, reps):
     return statistics.median(times), y
 
 
+def time_graph(fn, reps):
+    """Median us of replaying fn captured in a CUDA graph (after an eager warm-up that sizes the workspaces)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="tiny dims on the CPU (reference path), a smoke test")
@@ -124,22 +147,31 @@ def main(argv=None):
                         print(f"moe_layer: {e}\n(pass --backend sm90 or sm89 to time kernels not yet verified on a "
                               "GPU)", file=sys.stderr)
                         return 1
+                    t_loop = t_graph = None
+                    if fp8._grouped_runs(x):
+                        fp8.grouped = False
+                        t_loop, _ = time_eager(lambda: fp8(x, idx, w), args.reps)
+                        fp8.grouped = True
+                        t_graph = time_graph(lambda: fp8(x, idx, w), args.reps)
                 else:
-                    t_bf16 = t_fp8 = None
+                    t_bf16 = t_fp8 = t_loop = t_graph = None
                     y_ref, y_fp8 = ref(x, idx, w), fp8(x, idx, w)
                 cos = torch.nn.functional.cosine_similarity(y_ref.float().flatten(), y_fp8.float().flatten(),
                                                             dim=0).item()
                 rows.append(dict(model=name, experts=E, hidden=H, intermediate=I, top_k=k, tokens=T,
                                  active_experts=int(idx.unique().numel()), bf16_us=t_bf16, fp8_us=t_fp8,
+                                 fp8_per_expert_us=t_loop, fp8_graph_us=t_graph,
                                  speedup=(t_bf16 / t_fp8) if t_fp8 else None, cosine=cos, scheme=args.scheme,
                                  gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                  backend=fp8kern.get_backend()))
             ref = fp8 = None  # free this model's weights before the next one's
-    print(f"{'model':<14} {'T':>5} {'active':>6} {'bf16 us':>9} {'fp8 us':>9} {'speedup':>8} {'cosine':>8}")
+    print(f"{'model':<14} {'T':>5} {'active':>6} {'bf16 us':>9} {'fp8 us':>9} {'speedup':>8} {'per-exp us':>10} "
+          f"{'graph us':>9} {'cosine':>8}")
     fmt = lambda v, f: format(v, f) if v is not None else "-"
     for r in rows:
         print(f"{r['model']:<14} {r['tokens']:>5} {r['active_experts']:>6} {fmt(r['bf16_us'], '9.1f'):>9} "
-              f"{fmt(r['fp8_us'], '9.1f'):>9} {fmt(r['speedup'], '8.2f'):>8} {r['cosine']:>8.5f}")
+              f"{fmt(r['fp8_us'], '9.1f'):>9} {fmt(r['speedup'], '8.2f'):>8} "
+              f"{fmt(r['fp8_per_expert_us'], '10.1f'):>10} {fmt(r['fp8_graph_us'], '9.1f'):>9} {r['cosine']:>8.5f}")
     if device == "cpu":
         print("CPU run: fp8kern's reference path; timings need a GPU.")
     if args.json:

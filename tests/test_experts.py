@@ -538,3 +538,77 @@ def test_ignore_patterns_see_model_names(tmp_path, moe_ids, monkeypatch):
     with pytest.warns(UserWarning, match="does not use 2 checkpoint tensor"):
         model = from_pretrained(d)
     assert isinstance(model.model.layers[1].mlp.experts, Fp8Experts)
+
+
+# The grouped path (sm90: one launch per projection, no host read). On the CPU, grouped_block_mm runs one reference
+# GEMM per group, so forcing _grouped_runs checks the path's own data flow: the sort by expert, the device-side
+# offsets, the rows routed nowhere, the masked combination.
+
+@pytest.mark.parametrize("data", ["random", "exact"])
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
+def test_grouped_flow_against_float64(monkeypatch, data, scale_format):
+    exact = data == "exact"
+    m = Fp8Experts.from_experts(make_experts(positive=exact, dtype=torch.float32), "block128",
+                                scale_format=scale_format)
+    monkeypatch.setattr(Fp8Experts, "_grouped_runs", lambda self, x: True)
+    T = 9
+    x = exact_rows(T, H, row_exp=[-6 + t % 4 for t in range(T)]) if exact else torch.randn(T, H)
+    idx, w = routing(T, E, K_TOP, seed=3)  # every expert, and the no-expert index once
+    check_experts(m, x, idx, w, x_exact=exact)
+    grouped = None
+    for flag in (True, False):  # the same reference GEMMs on the same rows: equal to the per-expert path
+        monkeypatch.setattr(Fp8Experts, "_grouped_runs", lambda self, x, f=flag: f)
+        out = m(x, idx, w)
+        assert grouped is None or torch.equal(out, grouped)
+        grouped = out
+
+
+def test_grouped_flow_bad_index(monkeypatch):
+    """Without value checks (a GPU's default) an index outside [0, E] makes its token's row NaN and leaves the others
+    as if it were the no-expert index; with them (the CPU's default) it raises."""
+    m = Fp8Experts.from_experts(make_experts(), "block128")
+    monkeypatch.setattr(Fp8Experts, "_grouped_runs", lambda self, x: True)
+    x = torch.randn(4, H, dtype=torch.bfloat16)
+    idx = torch.tensor([[0, 1], [2, -1], [3, 4], [E + 2, 5]])
+    w = torch.full((4, 2), 0.5)
+    with pytest.raises(ValueError, match=r"2 value\(s\) outside \[0, 6\]"):
+        m(x, idx, w)
+    monkeypatch.setattr(fp8kern._backend, "value_checks_on", lambda device: False)
+    out = m(x, idx, w)
+    fixed = m(x, torch.where((idx < 0) | (idx > E), E, idx), w)
+    bad = torch.tensor([False, True, False, True])
+    assert out[bad].isnan().all() and torch.equal(out[~bad], fixed[~bad])
+
+
+def test_grouped_block_mm_reference_and_errors():
+    """fp8kern.grouped_block_mm on the CPU (one reference GEMM per group; rows outside every group untouched) and
+    its argument checks."""
+    g = torch.Generator().manual_seed(1)
+    G, N, K, rows = 3, 200, 300, 12
+    a, sa = fp8kern.quantize(torch.randn(rows, K, generator=g), "group")
+    b, sb = zip(*(fp8kern.quantize_weight(torch.randn(N, K, generator=g), "block") for _ in range(G)))
+    b, sb = torch.stack(b), torch.stack(sb)
+    offsets = torch.tensor([0, 4, 4, 10])
+    out = torch.full((rows, N), 3.0)
+    assert fp8kern.grouped_block_mm(a, sa, b, sb, offsets, out) is out
+    for e, (lo, hi) in enumerate(((0, 4), (4, 4), (4, 10))):
+        if hi > lo:
+            assert torch.equal(out[lo:hi], fp8kern.scaled_mm(a[lo:hi], b[e], sa[lo:hi], sb[e], out_dtype=out.dtype))
+    assert (out[10:] == 3.0).all()
+    one = torch.zeros(1, N)  # a one-row group with K <= 128: its [1, 1] scale is still a group scale
+    a1, b1 = a[:1, :128].contiguous(), b[:1, :, :128].contiguous()
+    fp8kern.grouped_block_mm(a1, sa[:1, :1], b1, sb[:1, :, :1], torch.tensor([0, 1]), one)
+    assert torch.equal(one, fp8kern.reference.scaled_mm(a1, b1[0], sa[:1, :1], sb[0, :, :1], torch.float32, None,
+                                                        fp8kern.ops._BLOCK_LAYOUT))
+    for bad, match in (({"offsets": torch.tensor([0, 5, 4, 10])}, "non-decreasing"),
+                       ({"offsets": torch.tensor([0, 4, 4, 13])}, "non-decreasing"),
+                       ({"offsets": torch.tensor([0, 4, 10], dtype=torch.int64)}, "offsets must be"),
+                       ({"offsets": offsets.int()}, "offsets must be"),
+                       ({"sa": sa[:, :2]}, "scale_a must be"),
+                       ({"sb": sb[:2]}, "scale_b must be"),
+                       ({"a": a.float()}, "a must be"),
+                       ({"out": out[:, :100]}, "out must be"),
+                       ({"out": out.double()}, "out must be")):
+        args = dict(a=a, sa=sa, b=b, sb=sb, offsets=offsets, out=out) | bad
+        with pytest.raises(ValueError, match=match):
+            fp8kern.grouped_block_mm(args["a"], args["sa"], args["b"], args["sb"], args["offsets"], args["out"])

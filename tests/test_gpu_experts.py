@@ -122,3 +122,65 @@ def test_experts_bound_catches_a_wrong_expert(family):
     check_experts(m, x, idx, w, out=good, acc=gpu_acc, x_exact=True)
     with pytest.raises(AssertionError, match="exceeds the bound"):
         check_experts(m, x, idx, w, out=bad, acc=gpu_acc, x_exact=True)
+
+
+# Block-scaled experts on sm90 run both projections as one grouped launch each, with no host synchronization.
+
+@pytest.fixture
+def sm90_only():
+    if "sm90" not in _backend.compiled_families() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the grouped kernel needs the sm90 family on an H100/H200")
+    prev = fp8kern.get_backend()
+    fp8kern.set_backend("sm90")
+    yield
+    fp8kern.set_backend(prev)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
+def test_experts_grouped_against_float64(sm90_only, grouped, scale_format):
+    """The grouped path and the per-expert one (grouped=False) against the oracle, on exact positive data where the
+    bound is tight; I = 320 pads gate and up to 384 rows each (a zero block between them)."""
+    m = random_experts(16, 512, 320, "block128", "block", scale_format, positive=True)
+    x = exact_rows(40, 512, row_exp=[-6 + t % 4 for t in range(40)], seed=2)
+    idx, w = routing(40, 16, 4, seed=2)
+    m.grouped = grouped
+    m.to("cuda")
+    assert m._grouped_runs(x.cuda()) == grouped
+    out = m(x.cuda(), idx.cuda(), w.cuda()).cpu()
+    check_experts(m.to("cpu"), x, idx, w, out=out, acc=gpu_acc, x_exact=True)
+
+
+def test_experts_grouped_cuda_graph(sm90_only):
+    """The grouped layer captured in a CUDA graph, replayed on other tokens and routing (the per-expert row counts
+    change: they are computed and read on the device)."""
+    m = random_experts(8, 256, 128, "block128", "block", "fp32", positive=True).to("cuda")
+    x0, x1 = exact_rows(12, 256, seed=4), exact_rows(12, 256, seed=5)
+    (idx0, w0), (idx1, w1) = routing(12, 8, 2, seed=4), routing(12, 8, 2, seed=5, sentinel=False)
+    xs, idxs, ws = x0.cuda(), idx0.cuda(), w0.cuda()
+    m(xs, idxs, ws)  # warm-up outside the capture (workspace sizes, quantizer setup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = m(xs, idxs, ws)
+    for dst, src in ((xs, x1), (idxs, idx1), (ws, w1)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_experts(m.to("cpu"), x1, idx1, w1, out=out.cpu(), acc=gpu_acc, x_exact=True)
+
+
+def test_experts_grouped_bad_index_gives_nan(sm90_only, monkeypatch):
+    """An index outside [0, E] cannot raise without a host read: its token's row is NaN, the other rows are those of
+    the same call with that index replaced by E (no expert). With value checks on, it raises."""
+    m = random_experts(8, 256, 128, "block128", "block", "fp32").to("cuda")
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).cuda()
+    idx = torch.tensor([[3], [-1], [5], [11], [0], [8]], device="cuda")
+    w = torch.ones(6, 1, device="cuda")
+    out = m(x, idx, w)
+    fixed = m(x, torch.where((idx < 0) | (idx > 8), 8, idx), w)
+    bad = torch.tensor([False, True, False, True, False, False], device="cuda")
+    assert out[bad].isnan().all() and not out[~bad].isnan().any()
+    assert torch.equal(out[~bad], fixed[~bad])
+    monkeypatch.setitem(_backend._state, "check_values", True)
+    with pytest.raises(ValueError, match="outside"):
+        m(x, idx, w)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
+from . import _backend, ops
 from .reference import BLOCK, E4M3, E8M0
 
 # scheme -> (activation granularity, dynamic activations?, default weight granularity, allowed weight granularities)
@@ -192,8 +192,14 @@ class Fp8Experts(_FixedDtypeBuffers):
     gate's and up's). Weight scales are per channel ('tensor' scales are stored per channel, the same numbers) or
     per 128x128 block.
 
-    Each call reads the number of tokens per expert on the host (one synchronization) to size the per-expert GEMMs:
-    unlike Fp8Linear, the layer cannot be captured in a CUDA graph, and torch.compile breaks its graph there.
+    Block-scaled experts on Hopper (the sm90 family; K = H and I at least 128 and multiples of 16) run each
+    projection as one grouped kernel launch over all experts (fp8kern.grouped_block_mm), with the per-expert row
+    ranges computed and read on the device: no host synchronization, so the layer can be captured in a CUDA graph.
+    There an index outside [0, num_experts] cannot raise without a host read: its token's output row is NaN
+    (FP8KERN_CHECK_VALUES=1 checks and raises instead). Set `grouped = False` to run one GEMM per expert instead.
+    Every other case runs one GEMM per active expert and projection, reading the number of tokens per expert on the
+    host (one synchronization) to size them: the layer then cannot be captured in a CUDA graph, and torch.compile
+    breaks its graph there.
     """
 
     _FIXED_DTYPE = ("gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "gate_up_input_scale",
@@ -229,6 +235,9 @@ class Fp8Experts(_FixedDtypeBuffers):
             self.register_buffer("down_input_scale", torch.ones(E, dtype=torch.float32, device=device))
         else:
             self.gate_up_input_scale = self.down_input_scale = None
+        # Block-scaled experts on Hopper run both projections as one grouped launch each (see forward); False runs
+        # one GEMM per active expert, as every other case does.
+        self.grouped = True
 
     def projection(self, expert: int, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, weight_scale) views of one expert's 'gate', 'up' or 'down' projection, in Fp8Linear's layout
@@ -330,6 +339,8 @@ class Fp8Experts(_FixedDtypeBuffers):
             raise TypeError(f"Fp8Experts: top_k_index has dtype {top_k_index.dtype}, expected an integer dtype")
         k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1).long()
+        if self._grouped_runs(x):
+            return self._forward_grouped(x, flat, k, top_k_weights)
         # Bins: 0 below range, 1..E the experts, E + 1 the no-expert index E, E + 2 above range. The one host read.
         bins = torch.bincount(flat.clamp(-1, E + 1) + 1, minlength=E + 3).tolist()
         if bins[0] or bins[E + 2]:
@@ -361,6 +372,47 @@ class Fp8Experts(_FixedDtypeBuffers):
         self._gemms(q, s, self.down_weight, self.down_scale, counts, y)
         weights = top_k_weights.reshape(-1)[sel]
         return out.index_add_(0, token, (y * weights[:, None]).to(x.dtype))
+
+    def _grouped_runs(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the grouped kernel: block scales, self.grouped, and both projections supported."""
+        H, I, Ip = self.hidden_size, self.intermediate_size, self.padded_intermediate
+        return (self.grouped and self.weight_granularity == "block" and x.shape[0] > 0
+                and ops.grouped_block_supported(x.device, 2 * Ip, H, x.dtype)
+                and ops.grouped_block_supported(x.device, H, I, x.dtype))
+
+    def _forward_grouped(self, x: torch.Tensor, flat: torch.Tensor, k: int, top_k_weights: torch.Tensor):
+        """Both projections as one grouped launch each, with the per-expert row ranges computed and read on the
+        device only: no host synchronization, so the layer can be captured in a CUDA graph. All T * k (token, slot)
+        rows are carried at a static size; those routed to no expert sort last, past every expert's range, and are
+        dropped when the rows are combined."""
+        E, H, I, Ip = self.num_experts, self.hidden_size, self.intermediate_size, self.padded_intermediate
+        T, rows = x.shape[0], flat.numel()
+        valid = (flat >= 0) & (flat <= E)
+        if _backend.value_checks_on(x.device) and not torch.compiler.is_compiling():  # FP8KERN_CHECK_VALUES=1
+            bad = int((~valid).sum())
+            if bad:
+                raise ValueError(f"Fp8Experts: top_k_index holds {bad} value(s) outside [0, {E}] (num_experts={E}; "
+                                 f"{E} means no expert)")
+        key = torch.where(valid, flat, E)
+        sorted_key, order = torch.sort(key, stable=True)
+        # Expert g's rows start at the first sorted key >= g (torch.bincount would read its input's max on the host).
+        offsets = torch.searchsorted(sorted_key, torch.arange(E + 1, device=x.device))
+        token = order // k
+        q, s = ops.quantize(ops.as_rows(x), "group", scale_format=self.scale_format)
+        q, s = q[token], s[token]
+        # Rows past offsets[E] are never written by the GEMMs: what they hold is dropped at the end.
+        gate_up = torch.empty((rows, 2 * Ip), dtype=x.dtype, device=x.device)
+        ops.grouped_block_mm(q, s, self.gate_up_weight, self.gate_up_scale, offsets, gate_up)
+        h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
+        q, s = ops.quantize(h, "group", scale_format=self.scale_format)
+        y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
+        ops.grouped_block_mm(q, s, self.down_weight, self.down_scale, offsets, y)
+        routed = torch.arange(rows, device=x.device) < offsets[E]
+        weights = top_k_weights.reshape(-1)[order]
+        contrib = torch.where(routed[:, None], y * weights[:, None], 0).to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, contrib)
+        # An index outside [0, E] cannot raise here without a host read: its token's row becomes NaN instead.
+        return torch.where((~valid).view(T, k).any(1, keepdim=True), float("nan"), out)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size="
