@@ -608,7 +608,10 @@ def test_grouped_block_mm_reference_and_errors():
                        ({"sb": sb[:2]}, "scale_b must be"),
                        ({"a": a.float()}, "a must be"),
                        ({"out": out[:, :100]}, "out must be"),
-                       ({"out": out.double()}, "out must be")):
+                       ({"out": out.double()}, "out must be"),
+                       ({"b": b[0]}, "b must be a 3-D tensor"),
+                       ({"a": a[None]}, "a must be a 2-D tensor"),
+                       ({"offsets": offsets.tolist()}, "offsets must be a 1-D tensor")):
         args = dict(a=a, sa=sa, b=b, sb=sb, offsets=offsets, out=out) | bad
         with pytest.raises(ValueError, match=match):
             fp8kern.grouped_block_mm(args["a"], args["sa"], args["b"], args["sb"], args["offsets"], args["out"])

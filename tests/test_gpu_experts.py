@@ -151,6 +151,17 @@ def test_experts_grouped_against_float64(sm90_only, grouped, scale_format):
     check_experts(m.to("cpu"), x, idx, w, out=out, acc=gpu_acc, x_exact=True)
 
 
+def test_experts_grouped_value_checks(sm90_only, monkeypatch):
+    """With value checks on, rows routed to no expert (never computed: their quantized scales may hold anything) do
+    not trip the scale checks (test_grouped_block_mm_value_checks shows it deterministically)."""
+    m = random_experts(8, 256, 128, "block128", "block", "fp32", positive=True).to("cuda")
+    x = exact_rows(12, 256, seed=7)
+    idx, w = routing(12, 8, 2, seed=7)  # holds the no-expert index
+    monkeypatch.setitem(_backend._state, "check_values", True)
+    out = m(x.cuda(), idx.cuda(), w.cuda())
+    check_experts(m.to("cpu"), x, idx, w, out=out.cpu(), acc=gpu_acc, x_exact=True)
+
+
 def test_experts_grouped_cuda_graph(sm90_only):
     """The grouped layer captured in a CUDA graph, replayed on other tokens and routing (the per-expert row counts
     change: they are computed and read on the device)."""

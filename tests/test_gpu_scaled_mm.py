@@ -296,10 +296,10 @@ def check_grouped(y, a, sa, b, sb, offsets, out_dtype, K):
 @pytest.mark.parametrize("counts", [(0, 5, 0, 130, 1, 0), (64,), (0, 0, 3), (1, 1, 1, 1, 1, 1, 1, 1, 1, 1)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float8_e8m0fnu])
-def test_grouped_block_mm(sm90_grouped, counts, out_dtype, scale_dtype):
+@pytest.mark.parametrize("N,K", [(384, 640), (264, 400)])
+def test_grouped_block_mm(sm90_grouped, counts, out_dtype, scale_dtype, N, K):
     """Empty groups (first, last, between), one-row groups, a group over a 128-row tile; 7 rows in no group keep the
-    output's previous contents; K / 128 = 5 (odd), N = 384 (3 blocks)."""
-    N, K = 384, 640
+    output's previous contents; K / 128 = 5 (odd) and N = 384 (3 blocks), or partial last blocks in N and K."""
     a, sa, b, sb = grouped_operands(counts, N, K, scale_dtype, extra_rows=7)
     if out_dtype == torch.float16:
         sa = (sa.float() / 256).to(sa.dtype)  # |D| inside fp16's range, as in run_and_check
@@ -322,6 +322,29 @@ def test_grouped_block_mm_offsets_clamped(sm90_grouped):
     offsets = torch.tensor([-3, 4, rows + 50], dtype=torch.int64)
     fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offsets.cuda(), y)
     check_grouped(y.cpu(), a, sa, b, sb, torch.tensor([0, 4, rows]), torch.float32, 512)
+    # A range that ends before it starts is empty, and so is one that starts past the rows.
+    y.fill_(5.0)
+    fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), torch.tensor([0, 4, 2]).cuda(), y)
+    check_grouped(y.cpu(), a, sa, b, sb, torch.tensor([0, 4, 4]), torch.float32, 512)
+    assert (y[4:] == 5.0).all()
+    b3, sb3 = torch.cat([b, b[:1]]), torch.cat([sb, sb[:1]])
+    fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b3.cuda(), sb3.cuda(),
+                                 torch.tensor([0, rows, rows + 5, rows + 9]).cuda(), y)
+    check_grouped(y.cpu(), a, sa, b3, sb3, torch.tensor([0, rows, rows, rows]), torch.float32, 512)
+
+
+def test_grouped_block_mm_value_checks(sm90_grouped, monkeypatch):
+    """With value checks on, scales of rows outside every group are not checked (they are never read), those inside
+    are."""
+    a, sa, b, sb = grouped_operands((3, 5), 256, 512, extra_rows=4)
+    sa[8:] = float("nan")
+    y = torch.zeros((12, 256), dtype=torch.float32, device="cuda")
+    monkeypatch.setitem(_backend._state, "check_values", True)
+    offsets = torch.tensor([0, 3, 8]).cuda()
+    fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offsets, y)
+    check_grouped(y.cpu(), a, sa, b, sb, offsets.cpu(), torch.float32, 512)
+    with pytest.raises(ValueError, match="scale_a holds 16 non-finite"):
+        fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), torch.tensor([0, 3, 12]).cuda(), y)
 
 
 def test_grouped_block_mm_cuda_graph(sm90_grouped):
