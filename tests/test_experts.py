@@ -545,14 +545,24 @@ def test_ignore_patterns_see_model_names(tmp_path, moe_ids, monkeypatch):
 # offsets, the rows routed nowhere, the masked combination.
 
 @pytest.mark.parametrize("data", ["random", "exact"])
-@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
-def test_grouped_flow_against_float64(monkeypatch, data, scale_format):
+@pytest.mark.parametrize("scheme,kw", SCHEMES, ids=[s + "-" + "-".join(map(str, k.values())) for s, k in SCHEMES])
+def test_grouped_flow_against_float64(monkeypatch, data, scheme, kw):
+    """Every scheme: block scales take grouped_block_mm, the others grouped_scaled_mm (per-tensor activation scales
+    repeated per row; per-tensor dynamic ones over the routed rows only)."""
     exact = data == "exact"
-    m = Fp8Experts.from_experts(make_experts(positive=exact, dtype=torch.float32), "block128",
-                                scale_format=scale_format)
-    monkeypatch.setattr(Fp8Experts, "_grouped_runs", lambda self, x: True)
+    ex = make_experts(positive=exact, dtype=torch.float32)
     T = 9
-    x = exact_rows(T, H, row_exp=[-6 + t % 4 for t in range(T)]) if exact else torch.randn(T, H)
+    per_row = scheme in ("dynamic_per_token", "block128")
+    x = exact_rows(T, H, row_exp=[-6 + t % 4 for t in range(T)] if per_row else None) if exact else torch.randn(T, H)
+    if scheme == "static_per_tensor":
+        # Each expert's scales 1, 2 or 4 times the margin-2 ones (so a row quantized with another expert's scale
+        # can clip), except gate_up's for exact data, which must stay 2^-6 (exact).
+        spread = torch.exp2(torch.arange(E) % 3.0)[:, None]
+        kw = {"input_scales": static_scales(ex, x) * spread}
+        if exact:
+            kw["input_scales"][:, 0] = 2.0**-6  # amax / 448 of exact_rows: exact, and nothing clips
+    m = Fp8Experts.from_experts(ex, scheme, **kw)
+    monkeypatch.setattr(Fp8Experts, "_grouped_runs", lambda self, x: True)
     idx, w = routing(T, E, K_TOP, seed=3)  # every expert, and the no-expert index once
     check_experts(m, x, idx, w, x_exact=exact)
     grouped = None
@@ -615,3 +625,27 @@ def test_grouped_block_mm_reference_and_errors():
         args = dict(a=a, sa=sa, b=b, sb=sb, offsets=offsets, out=out) | bad
         with pytest.raises(ValueError, match=match):
             fp8kern.grouped_block_mm(args["a"], args["sa"], args["b"], args["sb"], args["offsets"], args["out"])
+
+
+def test_grouped_scaled_mm_reference_and_errors():
+    """fp8kern.grouped_scaled_mm (per-row x per-channel scales) on the CPU and its scale checks."""
+    g = torch.Generator().manual_seed(2)
+    G, N, K, rows = 3, 200, 300, 12
+    a, sa = fp8kern.quantize(torch.randn(rows, K, generator=g), "token")
+    b, sb = zip(*(fp8kern.quantize_weight(torch.randn(N, K, generator=g), "channel") for _ in range(G)))
+    b, sb = torch.stack(b), torch.stack(sb)  # sb [G, N, 1]
+    offsets = torch.tensor([0, 1, 1, 10])
+    for sa_, sb_ in ((sa, sb), (sa.reshape(-1), sb.reshape(G, N))):
+        out = torch.full((rows, N), 3.0, dtype=torch.bfloat16)
+        fp8kern.grouped_scaled_mm(a, sa_, b, sb_, offsets, out)
+        for e, (lo, hi) in enumerate(((0, 1), (1, 1), (1, 10))):
+            if hi > lo:  # a one-row group's [1, 1] scale is still per row
+                expect = fp8kern.reference.scaled_mm(a[lo:hi], b[e], sa[lo:hi], sb[e], torch.bfloat16, None,
+                                                     fp8kern.Layout("token", "channel"))
+                assert torch.equal(out[lo:hi], expect)
+        assert (out[10:] == 3.0).all()
+    for bad, match in (({"sa": sa[:5]}, "scale_a must be float32"), ({"sa": sa.double()}, "scale_a must be"),
+                       ({"sb": sb[:, :100]}, "scale_b must be float32"), ({"sb": sb.reshape(-1)}, "scale_b must be a")):
+        args = dict(sa=sa, sb=sb) | bad
+        with pytest.raises(ValueError, match=match):
+            fp8kern.grouped_scaled_mm(a, args["sa"], b, args["sb"], offsets, torch.zeros(rows, N))

@@ -137,13 +137,17 @@ def sm90_only():
 
 
 @pytest.mark.parametrize("grouped", [True, False])
-@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
-def test_experts_grouped_against_float64(sm90_only, grouped, scale_format):
+@pytest.mark.parametrize("scheme,gran,scale_format", SCHEMES)
+def test_experts_grouped_against_float64(sm90_only, grouped, scheme, gran, scale_format):
     """The grouped path and the per-expert one (grouped=False) against the oracle, on exact positive data where the
-    bound is tight; I = 320 pads gate and up to 384 rows each (a zero block between them)."""
-    m = random_experts(16, 512, 320, "block128", "block", scale_format, positive=True)
-    x = exact_rows(40, 512, row_exp=[-6 + t % 4 for t in range(40)], seed=2)
+    bound is tight; with block scales I = 320 pads gate and up to 384 rows each (a zero block between them)."""
+    m = random_experts(16, 512, 320, scheme, gran, scale_format, positive=True)
+    per_row = scheme in ("dynamic_per_token", "block128")
+    x = exact_rows(40, 512, row_exp=[-6 + t % 4 for t in range(40)] if per_row else None, seed=2)
     idx, w = routing(40, 16, 4, seed=2)
+    if scheme == "static_per_tensor":
+        set_static_scales(m, x)
+        m.gate_up_input_scale.fill_(2.0**-6)  # amax / 448 of these rows: exact, and nothing clips
     m.grouped = grouped
     m.to("cuda")
     assert m._grouped_runs(x.cuda()) == grouped
@@ -162,12 +166,18 @@ def test_experts_grouped_value_checks(sm90_only, monkeypatch):
     check_experts(m.to("cpu"), x, idx, w, out=out.cpu(), acc=gpu_acc, x_exact=True)
 
 
-def test_experts_grouped_cuda_graph(sm90_only):
+@pytest.mark.parametrize("scheme,gran,scale_format", [SCHEMES[4], SCHEMES[0], SCHEMES[2], SCHEMES[3]])
+def test_experts_grouped_cuda_graph(sm90_only, scheme, gran, scale_format):
     """The grouped layer captured in a CUDA graph, replayed on other tokens and routing (the per-expert row counts
-    change: they are computed and read on the device)."""
-    m = random_experts(8, 256, 128, "block128", "block", "fp32", positive=True).to("cuda")
+    change: they are computed and read on the device). Both routings hold the no-expert index, whose rows no GEMM
+    writes (the fake device poisons them at capture): a per-tensor dynamic scale must not see them."""
+    m = random_experts(8, 256, 128, scheme, gran, scale_format, positive=True)
     x0, x1 = exact_rows(12, 256, seed=4), exact_rows(12, 256, seed=5)
-    (idx0, w0), (idx1, w1) = routing(12, 8, 2, seed=4), routing(12, 8, 2, seed=5, sentinel=False)
+    if scheme == "static_per_tensor":
+        set_static_scales(m, x1)
+        m.gate_up_input_scale.fill_(2.0**-6)
+    m.to("cuda")
+    (idx0, w0), (idx1, w1) = routing(12, 8, 2, seed=4), routing(12, 8, 2, seed=5)
     xs, idxs, ws = x0.cuda(), idx0.cuda(), w0.cuda()
     m(xs, idxs, ws)  # warm-up outside the capture (workspace sizes, quantizer setup)
     graph = torch.cuda.CUDAGraph()

@@ -304,9 +304,31 @@ def test_grouped_block_mm(sm90_grouped, counts, out_dtype, scale_dtype, N, K):
     if out_dtype == torch.float16:
         sa = (sa.float() / 256).to(sa.dtype)  # |D| inside fp16's range, as in run_and_check
     offsets = torch.tensor([0] + np.cumsum(counts).tolist(), dtype=torch.int64)
-    assert fp8kern.ops.grouped_block_supported(torch.device("cuda"), N, K, out_dtype)
+    assert fp8kern.ops.grouped_supported(torch.device("cuda"), N, K, out_dtype)
     y = torch.full((a.shape[0], N), 7.0, dtype=out_dtype, device="cuda")
     fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), offsets.cuda(), y)
+    torch.cuda.synchronize()
+    y = y.cpu()
+    check_grouped(y, a, sa, b, sb, offsets, out_dtype, K)
+    assert (y[int(offsets[-1]):] == 7.0).all(), "rows outside every group were written"
+
+
+@pytest.mark.parametrize("counts", [(0, 5, 0, 130, 1, 0), (1, 1, 1, 1, 1, 1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N,K", [(384, 640), (264, 400)])
+def test_grouped_scaled_mm(sm90_grouped, counts, out_dtype, N, K):
+    """Per-row x per-channel scales in the grouped kernel's epilogue (one pointer per group into each vector), with
+    the same group patterns and shapes as the block-scaled test."""
+    gen = torch.Generator().manual_seed(10)
+    rows = sum(counts) + 7
+    a, _, sa, _ = make_operands(rows, 8, K, "token_channel", gen)  # sa [rows, 1]
+    if out_dtype == torch.float16:
+        sa = sa / 256
+    bs = [make_operands(1, N, K, "token_channel", gen) for _ in counts]
+    b, sb = torch.stack([t[1] for t in bs]), torch.stack([t[3] for t in bs])  # sb [G, N]
+    offsets = torch.tensor([0] + np.cumsum(counts).tolist(), dtype=torch.int64)
+    y = torch.full((rows, N), 7.0, dtype=out_dtype, device="cuda")
+    fp8kern.grouped_scaled_mm(a.cuda(), sa.reshape(-1).cuda(), b.cuda(), sb.cuda(), offsets.cuda(), y)
     torch.cuda.synchronize()
     y = y.cpu()
     check_grouped(y, a, sa, b, sb, offsets, out_dtype, K)

@@ -523,27 +523,32 @@ class EmulatedC:
 
     def grouped_workspace_size(self, *args):
         self._validate(self._real.grouped_workspace_size, args)
-        groups = args[7]
+        groups = args[8]
         return GROUPED_WORKSPACE_PER_GROUP * groups + GROUPED_WORKSPACE_PER_SM * FAKE_SMS
 
-    def grouped_block_mm(self, *args):
-        self._validate(self._real.grouped_block_mm, args)
-        (device, a, b, d, scale_a, scale_b, offsets, groups, rows, n, k, lda, ldd, d_dtype, workspace,
+    def grouped_mm(self, *args):
+        self._validate(self._real.grouped_mm, args)
+        (device, block, a, b, d, scale_a, scale_b, offsets, groups, rows, n, k, lda, ldd, d_dtype, workspace,
          workspace_bytes, stream) = args
         from fp8kern import reference
         from fp8kern.ops import Layout
         need = GROUPED_WORKSPACE_PER_GROUP * groups + GROUPED_WORKSPACE_PER_SM * FAKE_SMS
         if workspace_bytes < need:
-            raise RuntimeError(f"[fakecuda] grouped_block_mm: needs {need} bytes of workspace, got {workspace_bytes}")
+            raise RuntimeError(f"[fakecuda] grouped_mm: needs {need} bytes of workspace, got {workspace_bytes}")
         out_dtype = _DTYPES[d_dtype]
         kb, nb = -(-k // 128), -(-n // 128)
+        if block:
+            sa_shape, sb_shape, layout = (rows, kb), (groups, nb, kb), Layout("group", "block")
+        else:
+            sa_shape, sb_shape, layout = (rows, 1), (groups, n, 1), Layout("token", "channel")
 
         def resolve():  # inputs, then outputs: d (read too: rows outside every group keep their values), workspace
             D = _region(d, out_dtype, (rows, n), (ldd, 1), "d")
             inputs = (_region(a, torch.float8_e4m3fn, (rows, k), (lda, 1), "a"),
                       _region(b, torch.float8_e4m3fn, (groups, n, k), (n * k, k, 1), "b"),
-                      _region(scale_a, torch.float32, (rows, kb), (kb, 1), "scale_a"),
-                      _region(scale_b, torch.float32, (groups, nb, kb), (nb * kb, kb, 1), "scale_b"),
+                      _region(scale_a, torch.float32, sa_shape, (sa_shape[1], 1), "scale_a"),
+                      _region(scale_b, torch.float32, sb_shape, (sb_shape[1] * sb_shape[2], sb_shape[2], 1),
+                              "scale_b"),
                       _region(offsets, torch.int64, (groups + 1,), (1,), "offsets"), D)
             return inputs, (D, _region(workspace, torch.uint8, (workspace_bytes,), (1,), "workspace"))
 
@@ -553,8 +558,7 @@ class EmulatedC:
                 lo = min(max(int(offs[g]), 0), rows)
                 hi = min(max(int(offs[g + 1]), lo), rows)
                 if hi > lo:
-                    result[lo:hi] = reference.scaled_mm(A[lo:hi], B[g], SA[lo:hi], SB[g], out_dtype, None,
-                                                        Layout("group", "block"))
+                    result[lo:hi] = reference.scaled_mm(A[lo:hi], B[g], SA[lo:hi], SB[g], out_dtype, None, layout)
             return (result,)
 
         _launch(device, stream, resolve, compute)

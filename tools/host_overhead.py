@@ -25,7 +25,7 @@ def stub_launches():
     _backend.current_stream = lambda index: 0
     _backend._C = types.SimpleNamespace(scaled_mm=lambda *a: None, scaled_mm_block=lambda *a: None,
                                         gemm_workspace_size=lambda *a: 0, block_workspace_size=lambda *a: 0,
-                                        grouped_block_mm=lambda *a: None, grouped_workspace_size=lambda *a: 0,
+                                        grouped_mm=lambda *a: None, grouped_workspace_size=lambda *a: 0,
                                         quantize=lambda *a: None)
     ops._workspace = lambda index: ws
 
@@ -60,14 +60,15 @@ def main(argv=None) -> int:
         best = min(timeit.repeat(fn, number=args.n, repeat=5)) / args.n * 1e6
         print(f"  {name:38s} {best:7.2f} us")
     # MoE experts. Per-expert path: one GEMM per active expert and projection, so the per-GEMM share is what matters;
-    # grouped path (block128 on sm90): two grouped launches per call whatever the number of experts. Small dims keep
+    # grouped path (sm90): two grouped launches per call whatever the number of experts. Small dims keep
     # the CPU's own work on the gathered activations (a GPU's job) out of the figure.
     E, Hs, Is, k, T = 128, 256, 128, 8, 64
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     w, xe = torch.rand(T, k, generator=g), torch.zeros(T, Hs, dtype=torch.bfloat16)
     print(f"Fp8Experts forward, E={E} H={Hs} I={Is} top-{k} T={T} ({int(idx.unique().numel())} experts active):")
-    for scheme, grouped in (("block128", True), ("block128", False), ("dynamic_per_token", False)):
+    for scheme, grouped in (("block128", True), ("block128", False), ("dynamic_per_token", True),
+                            ("dynamic_per_token", False)):
         m = fp8kern.nn.Fp8Experts(E, Hs, Is, scheme)
         m.grouped = grouped
         fn = lambda: m(xe, idx, w)  # noqa: E731

@@ -1,7 +1,8 @@
 """Small problems through every kernel path, for compute-sanitizer (memcheck / racecheck): quantization kernels and
 the sm89 scaled_mm families (per-token and block-scaled) on any sm_89+ GPU, the sm90 families on Hopper (forced with
-set_backend, since unverified families do not run by default), the grouped MoE kernel among them. Each shape runs with the config select_config picks
-(every output dtype) and then with every config of the family's tables forced (bf16), so every kernel is reached.
+set_backend, since unverified families do not run by default), the grouped MoE kernels among them. Each shape runs
+with the config select_config picks (every output dtype) and then with every config of the family's tables forced
+(bf16), so every kernel is reached.
 PyTorch's caching allocator is switched off: memcheck sees only whole cudaMalloc allocations, so an overrun inside a
 cached segment would otherwise go unreported."""
 
@@ -52,7 +53,7 @@ for family in families:
                         fp8kern.scaled_mm(xq, wq, xs, ws, fast_accum=True)
                 finally:
                     fp8kern.ops._config_override.pop(query, None)
-if "sm90" in families:  # the grouped MoE kernel: empty groups, ragged tiles, offsets past the rows (clamped)
+if "sm90" in families:  # the grouped MoE kernels: empty groups, ragged tiles, offsets past the rows (clamped)
     fp8kern.set_backend("sm90")
     G, N, K = 5, 264, 400
     wq, ws = zip(*(fp8kern.quantize_weight(torch.randn(N, K, device="cuda"), "block") for _ in range(G)))
@@ -62,5 +63,7 @@ if "sm90" in families:  # the grouped MoE kernel: empty groups, ragged tiles, of
         for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
             y = torch.empty(70, N, device="cuda", dtype=out_dtype)
             fp8kern.grouped_block_mm(xq, xs, wq, ws, torch.tensor(offs, device="cuda"), y)
+            fp8kern.grouped_scaled_mm(xq, torch.rand(70, device="cuda"), wq, torch.rand(G, N, device="cuda"),
+                                      torch.tensor(offs, device="cuda"), y)
 torch.cuda.synchronize()
 print("sanitize_smoke: done")

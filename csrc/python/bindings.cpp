@@ -173,13 +173,14 @@ void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, st
   else fp8kern::blockwise_sm89(p);
 }
 
-fp8kern::GroupedBlockGemmProblem grouped_problem(std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
+fp8kern::GroupedGemmProblem grouped_problem(bool block, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
                                                  std::uintptr_t scale_a, std::uintptr_t scale_b,
                                                  std::uintptr_t offsets, int64_t groups, int64_t rows, int64_t n,
                                                  int64_t k, int64_t lda, int64_t ldd, int d_dtype,
                                                  std::uintptr_t workspace, std::size_t workspace_bytes,
                                                  std::uintptr_t stream) {
-  fp8kern::GroupedBlockGemmProblem p;
+  fp8kern::GroupedGemmProblem p;
+  p.block = block;
   p.a = reinterpret_cast<const void*>(a);
   p.b = reinterpret_cast<const void*>(b);
   p.d = reinterpret_cast<void*>(d);
@@ -200,24 +201,25 @@ fp8kern::GroupedBlockGemmProblem grouped_problem(std::uintptr_t a, std::uintptr_
   return p;
 }
 
-std::size_t grouped_workspace_size(int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
+std::size_t grouped_workspace_size(int device, bool block, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
                                    std::uintptr_t scale_a, std::uintptr_t scale_b, std::uintptr_t offsets,
                                    int64_t groups, int64_t rows, int64_t n, int64_t k, int64_t lda, int64_t ldd,
                                    int d_dtype) {
-  const auto p = grouped_problem(a, b, d, scale_a, scale_b, offsets, groups, rows, n, k, lda, ldd, d_dtype, 0, 0, 0);
+  const auto p = grouped_problem(block, a, b, d, scale_a, scale_b, offsets, groups, rows, n, k, lda, ldd, d_dtype, 0,
+                                 0, 0);
   DeviceGuard guard(device);  // the TMA descriptor workspace is per SM
   return fp8kern::grouped_workspace_size(p);
 }
 
-void grouped_block_mm(int device, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d, std::uintptr_t scale_a,
+void grouped_mm(int device, bool block, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d, std::uintptr_t scale_a,
                       std::uintptr_t scale_b, std::uintptr_t offsets, int64_t groups, int64_t rows, int64_t n,
                       int64_t k, int64_t lda, int64_t ldd, int d_dtype, std::uintptr_t workspace,
                       std::size_t workspace_bytes, std::uintptr_t stream) {
-  const auto p = grouped_problem(a, b, d, scale_a, scale_b, offsets, groups, rows, n, k, lda, ldd, d_dtype,
+  const auto p = grouped_problem(block, a, b, d, scale_a, scale_b, offsets, groups, rows, n, k, lda, ldd, d_dtype,
                                  workspace, workspace_bytes, stream);
   py::gil_scoped_release release;
   DeviceGuard guard(device);
-  fp8kern::grouped_blockwise_sm90(p);
+  fp8kern::grouped_gemm_sm90(p);
 }
 
 py::list gemm_configs(const std::string& family) {
@@ -270,16 +272,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("b"), py::arg("d"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldb"),
         py::arg("ldd"), py::arg("d_dtype"), py::arg("scale_a"), py::arg("scale_b"), py::arg("bias"),
         py::arg("config"), "Workspace bytes scaled_mm_block needs for the same arguments (0 unless stream-K).");
-  m.def("grouped_block_mm", &grouped_block_mm, py::arg("device"), py::arg("a"), py::arg("b"), py::arg("d"),
+  m.def("grouped_mm", &grouped_mm, py::arg("device"), py::arg("block"), py::arg("a"), py::arg("b"), py::arg("d"),
         py::arg("scale_a"), py::arg("scale_b"), py::arg("offsets"), py::arg("groups"), py::arg("rows"), py::arg("n"),
         py::arg("k"), py::arg("lda"), py::arg("ldd"), py::arg("d_dtype"), py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("stream"),
-        "Launch the sm90 grouped block-scaled GEMM (MoE experts): group g computes rows offsets[g]:offsets[g+1] "
-        "(int64 offsets on the device) with weights b[g]; scales fp32, K-major, contiguous.");
-  m.def("grouped_workspace_size", &grouped_workspace_size, py::arg("device"), py::arg("a"), py::arg("b"),
+        "Launch the sm90 grouped GEMM (MoE experts): group g computes rows offsets[g]:offsets[g+1] (int64 offsets "
+        "on the device) with weights b[g]; fp32 contiguous scales, block (K-major) or per row and per column.");
+  m.def("grouped_workspace_size", &grouped_workspace_size, py::arg("device"), py::arg("block"), py::arg("a"),
+        py::arg("b"),
         py::arg("d"), py::arg("scale_a"), py::arg("scale_b"), py::arg("offsets"), py::arg("groups"), py::arg("rows"),
         py::arg("n"), py::arg("k"), py::arg("lda"), py::arg("ldd"), py::arg("d_dtype"),
-        "Workspace bytes grouped_block_mm needs for the same arguments on the device.");
+        "Workspace bytes grouped_mm needs for the same arguments on the device.");
   m.def("quantize", &quantize, py::arg("kind"), py::arg("device"), py::arg("x"), py::arg("x_dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("x_row_stride"), py::arg("q"), py::arg("q_row_stride"),
         py::arg("scale"), py::arg("scale_dtype"), py::arg("scale_row_stride"), py::arg("scale_col_stride"),

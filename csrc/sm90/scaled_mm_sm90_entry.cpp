@@ -55,13 +55,11 @@ constexpr BlockWorkspace kBlockWorkspace[3][sm90::kNumBlockConfigs] = {
      sm90::run_block_fp32_tile128x128_workspace},
 };
 
-using GroupedLaunch = void (*)(const GroupedBlockGemmProblem&);
-using GroupedWorkspace = size_t (*)(const GroupedBlockGemmProblem&);
-constexpr GroupedLaunch kGroupedLaunch[3] = {sm90::run_grouped_block_bf16, sm90::run_grouped_block_fp16,
-                                             sm90::run_grouped_block_fp32};
-constexpr GroupedWorkspace kGroupedWorkspace[3] = {sm90::run_grouped_block_bf16_workspace,
-                                                   sm90::run_grouped_block_fp16_workspace,
-                                                   sm90::run_grouped_block_fp32_workspace};
+using GroupedLaunch = void (*)(const GroupedGemmProblem&);
+using GroupedWorkspace = size_t (*)(const GroupedGemmProblem&);
+constexpr GroupedLaunch kGroupedLaunch[3] = {sm90::run_grouped_bf16, sm90::run_grouped_fp16, sm90::run_grouped_fp32};
+constexpr GroupedWorkspace kGroupedWorkspace[3] = {sm90::run_grouped_bf16_workspace, sm90::run_grouped_fp16_workspace,
+                                                   sm90::run_grouped_fp32_workspace};
 
 int dtype_row(DType d) { return d == DType::kBFloat16 ? 0 : (d == DType::kFloat16 ? 1 : 2); }
 // Selection by shape uses the current device's SM count, the same count the CUTLASS kernels are launched with.
@@ -95,8 +93,8 @@ void blockwise_sm90(const BlockGemmProblem& p) {
 #endif
 }
 
-void validate_grouped(const GroupedBlockGemmProblem& p) {
-  const char* what = "grouped_blockwise_sm90";
+void validate_grouped(const GroupedGemmProblem& p) {
+  const char* what = p.block ? "grouped_gemm_sm90 (block scales)" : "grouped_gemm_sm90 (row/col scales)";
   FP8KERN_CHECK(p.groups >= 1 && p.groups < (int64_t(1) << 24), what, ": groups=", p.groups,
                 ", expected 1 <= groups < 2^24");
   FP8KERN_CHECK(p.rows >= 0 && p.n >= 1 && p.k >= 128, what, ": rows=", p.rows, " N=", p.n, " K=", p.k,
@@ -123,17 +121,17 @@ void validate_grouped(const GroupedBlockGemmProblem& p) {
                 "(it holds TMA descriptors)");
 }
 
-void grouped_blockwise_sm90(const GroupedBlockGemmProblem& p) {
+void grouped_gemm_sm90(const GroupedGemmProblem& p) {
   validate_grouped(p);
 #if defined(FP8KERN_HAS_SM90)
   kGroupedLaunch[dtype_row(p.d_dtype)](p);
 #else
-  FP8KERN_CHECK(false, "grouped_blockwise_sm90: this fp8kern._C was built without the sm_90a target "
+  FP8KERN_CHECK(false, "grouped_gemm_sm90: this fp8kern._C was built without the sm_90a target "
                 "(FP8KERN_CUDA_ARCHS=", compiled_archs(), "); rebuild with FP8KERN_CUDA_ARCHS including 90a");
 #endif
 }
 
-size_t grouped_workspace_size(const GroupedBlockGemmProblem& p) {
+size_t grouped_workspace_size(const GroupedGemmProblem& p) {
   validate_grouped(p);
 #if defined(FP8KERN_HAS_SM90)
   return kGroupedWorkspace[dtype_row(p.d_dtype)](p);

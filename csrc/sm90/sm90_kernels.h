@@ -49,11 +49,11 @@ void run_block_fp32_tile128x128(const BlockGemmProblem& p);
 size_t run_block_fp32_tile128x128_workspace(const BlockGemmProblem& p);
 void run_block_fp32_swap128x32(const BlockGemmProblem& p);
 size_t run_block_fp32_swap128x32_workspace(const BlockGemmProblem& p);
-void run_grouped_block_bf16(const GroupedBlockGemmProblem& p);
-size_t run_grouped_block_bf16_workspace(const GroupedBlockGemmProblem& p);
-void run_grouped_block_fp16(const GroupedBlockGemmProblem& p);
-size_t run_grouped_block_fp16_workspace(const GroupedBlockGemmProblem& p);
-void run_grouped_block_fp32(const GroupedBlockGemmProblem& p);
-size_t run_grouped_block_fp32_workspace(const GroupedBlockGemmProblem& p);
+void run_grouped_bf16(const GroupedGemmProblem& p);
+size_t run_grouped_bf16_workspace(const GroupedGemmProblem& p);
+void run_grouped_fp16(const GroupedGemmProblem& p);
+size_t run_grouped_fp16_workspace(const GroupedGemmProblem& p);
+void run_grouped_fp32(const GroupedGemmProblem& p);
+size_t run_grouped_fp32_workspace(const GroupedGemmProblem& p);
 
 }  // namespace fp8kern::sm90

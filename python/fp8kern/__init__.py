@@ -10,13 +10,14 @@ from . import nn, reference
 from ._backend import get_backend, set_backend, set_value_checks
 from .checkpoints import detect_format, from_pretrained
 from .nn import Fp8Experts, Fp8Linear, quantize_model
-from .ops import (Layout, block_fp8_linear, grouped_block_mm, infer_layout, quantize, quantize_weight,
-                  scaled_mm)
+from .ops import (Layout, block_fp8_linear, grouped_block_mm, grouped_scaled_mm, infer_layout, quantize,
+                  quantize_weight, scaled_mm)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "scaled_mm", "block_fp8_linear", "grouped_block_mm", "quantize", "quantize_weight", "Fp8Linear", "Fp8Experts", "quantize_model", "from_pretrained", "detect_format",
+    "scaled_mm", "block_fp8_linear", "grouped_block_mm", "grouped_scaled_mm", "quantize", "quantize_weight",
+    "Fp8Linear", "Fp8Experts", "quantize_model", "from_pretrained", "detect_format",
     "infer_layout", "Layout", "nn",
     "reference", "info", "set_backend", "get_backend", "set_value_checks", "__version__",
 ]

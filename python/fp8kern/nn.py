@@ -192,11 +192,12 @@ class Fp8Experts(_FixedDtypeBuffers):
     gate's and up's). Weight scales are per channel ('tensor' scales are stored per channel, the same numbers) or
     per 128x128 block.
 
-    Block-scaled experts on Hopper (the sm90 family; K = H and I at least 128 and multiples of 16) run each
-    projection as one grouped kernel launch over all experts (fp8kern.grouped_block_mm), with the per-expert row
-    ranges computed and read on the device: no host synchronization, so the layer can be captured in a CUDA graph.
-    There an index outside [0, num_experts] cannot raise without a host read: its token's output row is NaN
-    (FP8KERN_CHECK_VALUES=1 checks and raises instead). Set `grouped = False` to run one GEMM per expert instead.
+    On Hopper (the sm90 family; K = H and I at least 128 and multiples of 16) each projection runs as one grouped
+    kernel launch over all experts (fp8kern.grouped_block_mm for block scales, grouped_scaled_mm for the others), with
+    the per-expert row ranges computed and read on the device: no host synchronization, so the layer can be captured
+    in a CUDA graph. There an index outside [0, num_experts] cannot raise without a host read: its token's output
+    row is NaN (FP8KERN_CHECK_VALUES=1 checks and raises instead). Set `grouped = False` to run one GEMM per expert
+    instead (fast_accum=True with per-channel or per-tensor weights does too: the grouped kernels always promote).
     Every other case runs one GEMM per active expert and projection, reading the number of tokens per expert on the
     host (one synchronization) to size them: the layer then cannot be captured in a CUDA graph, and torch.compile
     breaks its graph there.
@@ -235,8 +236,8 @@ class Fp8Experts(_FixedDtypeBuffers):
             self.register_buffer("down_input_scale", torch.ones(E, dtype=torch.float32, device=device))
         else:
             self.gate_up_input_scale = self.down_input_scale = None
-        # Block-scaled experts on Hopper run both projections as one grouped launch each (see forward); False runs
-        # one GEMM per active expert, as every other case does.
+        # On Hopper both projections run as one grouped launch each (see the class docstring); False runs one GEMM
+        # per active expert, as every other case does.
         self.grouped = True
 
     def projection(self, expert: int, role: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,11 +375,12 @@ class Fp8Experts(_FixedDtypeBuffers):
         return out.index_add_(0, token, (y * weights[:, None]).to(x.dtype))
 
     def _grouped_runs(self, x: torch.Tensor) -> bool:
-        """Whether forward runs the grouped kernel: block scales, self.grouped, and both projections supported."""
+        """Whether forward runs the grouped kernels: self.grouped, promoted accumulation (the grouped kernels have no
+        fast mode; block scales always promote), and both projections supported (ops.grouped_supported)."""
         H, I, Ip = self.hidden_size, self.intermediate_size, self.padded_intermediate
-        return (self.grouped and self.weight_granularity == "block" and x.shape[0] > 0
-                and ops.grouped_block_supported(x.device, 2 * Ip, H, x.dtype)
-                and ops.grouped_block_supported(x.device, H, I, x.dtype))
+        return (self.grouped and (self.weight_granularity == "block" or not self.fast_accum) and x.shape[0] > 0
+                and ops.grouped_supported(x.device, 2 * Ip, H, x.dtype)
+                and ops.grouped_supported(x.device, H, I, x.dtype))
 
     def _forward_grouped(self, x: torch.Tensor, flat: torch.Tensor, k: int, top_k_weights: torch.Tensor):
         """Both projections as one grouped launch each, with the per-expert row ranges computed and read on the
@@ -397,17 +399,33 @@ class Fp8Experts(_FixedDtypeBuffers):
         sorted_key, order = torch.sort(key, stable=True)
         # Expert g's rows start at the first sorted key >= g (torch.bincount would read its input's max on the host).
         offsets = torch.searchsorted(sorted_key, torch.arange(E + 1, device=x.device))
-        token = order // k
-        q, s = ops.quantize(ops.as_rows(x), "group", scale_format=self.scale_format)
-        q, s = q[token], s[token]
-        # Rows past offsets[E] are never written by the GEMMs: what they hold is dropped at the end.
-        gate_up = torch.empty((rows, 2 * Ip), dtype=x.dtype, device=x.device)
-        ops.grouped_block_mm(q, s, self.gate_up_weight, self.gate_up_scale, offsets, gate_up)
-        h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
-        q, s = ops.quantize(h, "group", scale_format=self.scale_format)
-        y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
-        ops.grouped_block_mm(q, s, self.down_weight, self.down_scale, offsets, y)
         routed = torch.arange(rows, device=x.device) < offsets[E]
+        token = order // k
+        block = self.weight_granularity == "block"
+        mm = ops.grouped_block_mm if block else ops.grouped_scaled_mm
+        expert = sorted_key.clamp(max=E - 1)  # static schemes' scale per row (rows routed nowhere: any, dropped)
+
+        def quantize(h, input_scale, gathered: bool):
+            """Activation rows (in sorted order, or per token when not gathered) -> (q, s) in sorted row order, s as
+            the grouped kernel takes it: [rows, ceil(K/128)] per group, else one per row."""
+            if not self.dynamic:
+                return ops.quantize(h if gathered else h[token], "token", scale=input_scale[expert])
+            if gathered and self.act_granularity == "tensor":  # rows never computed must not enter the amax
+                h = torch.where(routed[:, None], h, 0)
+            q, s = ops.quantize(h, self.act_granularity, scale_format=self.scale_format)
+            if not gathered:
+                q = q[token]
+                s = s if self.act_granularity == "tensor" else s[token]
+            return q, (s.expand(rows) if self.act_granularity == "tensor" else s)
+
+        # Rows past offsets[E] are never written by the GEMMs: what they hold is dropped at the end.
+        q, s = quantize(ops.as_rows(x), self.gate_up_input_scale, gathered=False)
+        gate_up = torch.empty((rows, 2 * Ip), dtype=x.dtype, device=x.device)
+        mm(q, s.contiguous(), self.gate_up_weight, self.gate_up_scale, offsets, gate_up)
+        h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
+        q, s = quantize(h, self.down_input_scale, gathered=True)
+        y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
+        mm(q, s.contiguous(), self.down_weight, self.down_scale, offsets, y)
         weights = top_k_weights.reshape(-1)[order]
         contrib = torch.where(routed[:, None], y * weights[:, None], 0).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, contrib)

@@ -323,16 +323,16 @@ def _run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accu
     return d if d.is_contiguous() else d.contiguous()
 
 
-def grouped_block_supported(device: torch.device, n: int, k: int, out_dtype: torch.dtype) -> bool:
-    """Whether grouped_block_mm runs on this device as one grouped kernel launch: the sm90 family is in use (verified,
-    or chosen with FP8KERN_BACKEND=sm90), K >= 128 and a multiple of 16, and an output row of N elements fills whole
-    16-byte units (TMA). Otherwise callers run the groups one GEMM at a time."""
+def grouped_supported(device: torch.device, n: int, k: int, out_dtype: torch.dtype) -> bool:
+    """Whether grouped_block_mm / grouped_scaled_mm run on this device as one grouped kernel launch: the sm90 family is
+    in use (verified, or chosen with FP8KERN_BACKEND=sm90), K >= 128 and a multiple of 16, and an output row of N
+    elements fills whole 16-byte units (TMA). Otherwise they run the groups one GEMM at a time."""
     return (_backend.gemm_family(device) == "sm90" and k >= 128 and k % 16 == 0
             and (n * out_dtype.itemsize) % 16 == 0)
 
 
-# Workspace bytes of the grouped kernel per (device, groups, N, K, out dtype): its per-group argument arrays and
-# CUTLASS's TMA descriptors (per SM).
+# Workspace bytes of the grouped kernels per (device, block?, groups, N, K, out dtype): their per-group argument
+# arrays and CUTLASS's TMA descriptors (per SM).
 _grouped_ws_bytes: dict = {}
 
 
@@ -348,54 +348,81 @@ def grouped_block_mm(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, sc
     kernel only, never by the host, so the call neither synchronizes nor stops CUDA graph capture (each range is
     clamped into [0, rows] on the device; wrong offsets give wrong rows, never an out-of-bounds access).
     out: [rows, N] contiguous, bfloat16, float16 or float32.
-    Where grouped_block_supported(...) is false (the CPU, other GPUs, small K), it runs one scaled_mm per non-empty
-    group instead, reading the offsets on the host (one synchronization).
+    Where grouped_supported(...) is false (the CPU, other GPUs, small K), it runs one scaled_mm per non-empty group
+    instead, reading the offsets on the host (one synchronization).
     """
-    for name, t, rank in (("a", a, 2), ("scale_a", scale_a, 2), ("b", b, 3), ("scale_b", scale_b, 3),
-                          ("offsets", offsets, 1), ("out", out, 2)):
-        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+    return _grouped_mm("grouped_block_mm", True, a, scale_a, b, scale_b, offsets, out)
+
+
+def grouped_scaled_mm(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor,
+                      offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """grouped_block_mm with a scale per row of a and one per weight row: for each group g and its rows r,
+    out[r, n] = scale_a[r] * scale_b[g, n] * sum_k a[r, k] b[g, n, k] (partial sums promoted to fp32 every 128 of K).
+
+    scale_a: [rows] or [rows, 1] fp32 (per-token scales; repeat a per-tensor scale: scale.expand(rows)).
+    scale_b: [G, N] or [G, N, 1] fp32 (per-channel; repeat a per-tensor scale along N). Everything else as
+    grouped_block_mm.
+    """
+    return _grouped_mm("grouped_scaled_mm", False, a, scale_a, b, scale_b, offsets, out)
+
+
+def _grouped_mm(what, block, a, scale_a, b, scale_b, offsets, out) -> torch.Tensor:
+    for name, t, ranks in (("a", a, (2,)), ("scale_a", scale_a, (2,) if block else (1, 2)), ("b", b, (3,)),
+                           ("scale_b", scale_b, (3,) if block else (2, 3)), ("offsets", offsets, (1,)),
+                           ("out", out, (2,))):
+        if not isinstance(t, torch.Tensor) or t.dim() not in ranks:
             got = f"shape {_shape(t)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"grouped_block_mm: {name} must be a {rank}-D tensor, got {got}")
+            raise ValueError(f"{what}: {name} must be a {' or '.join(map(str, ranks))}-D tensor, got {got}")
     rows, K = a.shape
     G, N = b.shape[0], b.shape[1]
+    kb, nb = -(-K // BLOCK), -(-N // BLOCK)
+    if block:
+        scale_checks = ((tuple(scale_a.shape) == (rows, kb) and scale_a.dtype in BLOCK_SCALE_DTYPES,
+                         f"scale_a must be [{rows}, {kb}] of {BLOCK_SCALE_DTYPES}"),
+                        (tuple(scale_b.shape) == (G, nb, kb) and scale_b.dtype in BLOCK_SCALE_DTYPES,
+                         f"scale_b must be [{G}, {nb}, {kb}] of {BLOCK_SCALE_DTYPES}"))
+    else:
+        scale_checks = ((tuple(scale_a.shape) in ((rows,), (rows, 1)) and scale_a.dtype == torch.float32,
+                         f"scale_a must be float32 [{rows}] or [{rows}, 1]"),
+                        (tuple(scale_b.shape) in ((G, N), (G, N, 1)) and scale_b.dtype == torch.float32,
+                         f"scale_b must be float32 [{G}, {N}] or [{G}, {N}, 1]"))
     checks = ((a.dtype == E4M3 and a.is_contiguous(), "a must be a contiguous [rows, K] e4m3 tensor"),
-              (b.dtype == E4M3 and b.dim() == 3 and b.shape[2] == K and b.is_contiguous(),
+              (b.dtype == E4M3 and b.shape[2] == K and b.is_contiguous(),
                f"b must be a contiguous [G, N, {K}] e4m3 tensor"),
-              (tuple(scale_a.shape) == (rows, -(-K // BLOCK)) and scale_a.dtype in BLOCK_SCALE_DTYPES,
-               f"scale_a must be [{rows}, {-(-K // BLOCK)}] of {BLOCK_SCALE_DTYPES}"),
-              (tuple(scale_b.shape) == (G, -(-N // BLOCK), -(-K // BLOCK)) and scale_b.dtype in BLOCK_SCALE_DTYPES,
-               f"scale_b must be [{G}, {-(-N // BLOCK)}, {-(-K // BLOCK)}] of {BLOCK_SCALE_DTYPES}"),
+              *scale_checks,
               (offsets.dtype == torch.int64 and tuple(offsets.shape) == (G + 1,) and offsets.is_contiguous(),
                f"offsets must be a contiguous int64 tensor of shape ({G + 1},)"),
               (out.dtype in OUT_DTYPES and tuple(out.shape) == (rows, N) and out.is_contiguous(),
                f"out must be a contiguous [{rows}, {N}] bfloat16, float16 or float32 tensor"))
-    for ok, what in checks:
+    for ok, msg in checks:
         if not ok:
-            raise ValueError(f"grouped_block_mm: {what}")
+            raise ValueError(f"{what}: {msg}")
     tensors = (a, scale_a, b, scale_b, offsets, out)
     if any(t.device != a.device for t in tensors):
-        raise ValueError(f"grouped_block_mm: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+        raise ValueError(f"{what}: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
     if rows == 0:
         return out
-    if not grouped_block_supported(a.device, N, K, out.dtype):
+    if not grouped_supported(a.device, N, K, out.dtype):
         # One scaled_mm per non-empty group (the reference on the CPU): reads the offsets on the host.
         offs = offsets.tolist()
         if any(lo > hi for lo, hi in zip(offs, offs[1:])) or offs[0] < 0 or offs[-1] > rows:
-            raise ValueError(f"grouped_block_mm: offsets must be non-decreasing within [0, {rows}], got {offs}")
+            raise ValueError(f"{what}: offsets must be non-decreasing within [0, {rows}], got {offs}")
+        # The layout is stated, not inferred: a one-row slice's scale would also fit per-tensor.
+        layout = _BLOCK_LAYOUT if block else Layout("token", "channel")
+        sa = scale_a if block else scale_a.reshape(rows, 1)
+        sb = scale_b if block else scale_b.reshape(G, N, 1)
         for g, (lo, hi) in enumerate(zip(offs, offs[1:])):
             if hi > lo:
-                # The layout is stated, not inferred: a one-row slice's [1, 1] scale would also fit per-tensor.
-                _scaled_mm_impl(a[lo:hi], b[g], scale_a[lo:hi], scale_b[g], out.dtype, None, _BLOCK_LAYOUT, False,
-                                out[lo:hi])
+                _scaled_mm_impl(a[lo:hi], b[g], sa[lo:hi], sb[g], out.dtype, None, layout, False, out[lo:hi])
         return out
     if torch.compiler.is_compiling():
-        torch.ops.fp8kern.grouped_block_mm_out(a, scale_a, b, scale_b, offsets, out)
+        torch.ops.fp8kern.grouped_mm_out(a, scale_a, b, scale_b, offsets, out, block)
     else:
-        _grouped_block_mm_impl(a, scale_a, b, scale_b, offsets, out)
+        _grouped_mm_impl(a, scale_a, b, scale_b, offsets, out, block)
     return out
 
 
-def _grouped_block_mm_impl(a, scale_a, b, scale_b, offsets, out) -> None:
+def _grouped_mm_impl(a, scale_a, b, scale_b, offsets, out, block: bool) -> None:
     device = a.device
     rows, K = a.shape
     G, N = b.shape[0], b.shape[1]
@@ -405,29 +432,31 @@ def _grouped_block_mm_impl(a, scale_a, b, scale_b, offsets, out) -> None:
         _check_values(scale_a[:end], "scale_a")
         _check_values(scale_b, "scale_b")
     if _backend._state["print_config"]:
-        _backend.note_path("grouped_block_mm", (G, rows, N, K, str(out.dtype)), "sm90 grouped 128x128x128")
+        _backend.note_path("grouped_mm", (block, G, rows, N, K, str(out.dtype)),
+                           f"sm90 grouped 128x128x128 ({'block' if block else 'row/col'} scales)")
     sa = scale_a if scale_a.dtype is torch.float32 and scale_a.is_contiguous() else scale_a.float().contiguous()
     sb = scale_b if scale_b.dtype is torch.float32 and scale_b.is_contiguous() else scale_b.float().contiguous()
     index = device.index
-    args = (index, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(), sb.data_ptr(), offsets.data_ptr(), G,
-            rows, N, K, a.stride(0) if rows > 1 else K, out.stride(0) if rows > 1 else N, _DTYPE_CODE[out.dtype])
-    key = (index, G, N, K, out.dtype)
+    args = (index, block, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(), sb.data_ptr(),
+            offsets.data_ptr(), G, rows, N, K, a.stride(0) if rows > 1 else K, out.stride(0) if rows > 1 else N,
+            _DTYPE_CODE[out.dtype])
+    key = (index, block, G, N, K, out.dtype)
     need = _grouped_ws_bytes.get(key)
     if need is None:
         need = _grouped_ws_bytes[key] = _backend._C.grouped_workspace_size(*args)
     ws = torch.empty(need + 128, dtype=torch.uint8, device=device)  # the kernel wants a 128-byte aligned start
-    _backend._C.grouped_block_mm(*args, -(-ws.data_ptr() // 128) * 128, need, _backend.current_stream(index))
+    _backend._C.grouped_mm(*args, -(-ws.data_ptr() // 128) * 128, need, _backend.current_stream(index))
 
 
-@torch.library.custom_op("fp8kern::grouped_block_mm_out", mutates_args=("out",))
-def _grouped_block_mm_op(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor,
-                         offsets: torch.Tensor, out: torch.Tensor) -> None:
+@torch.library.custom_op("fp8kern::grouped_mm_out", mutates_args=("out",))
+def _grouped_mm_op(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor,
+                   offsets: torch.Tensor, out: torch.Tensor, block: bool) -> None:
     if a.shape[0]:
-        _grouped_block_mm_impl(a, scale_a, b, scale_b, offsets, out)
+        _grouped_mm_impl(a, scale_a, b, scale_b, offsets, out, block)
 
 
-@_grouped_block_mm_op.register_fake
-def _(a, scale_a, b, scale_b, offsets, out):
+@_grouped_mm_op.register_fake
+def _(a, scale_a, b, scale_b, offsets, out, block):
     return None
 
 

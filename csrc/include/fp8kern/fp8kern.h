@@ -116,20 +116,23 @@ void blockwise_sm90(const BlockGemmProblem& p);
 // to be a multiple of 16 (a partial last block is zero-filled). Also built for sm_90a to test on Hopper.
 void blockwise_sm89(const BlockGemmProblem& p);
 
-// Grouped block-scaled GEMM (mixture-of-experts layers): `groups` GEMMs sharing N and K in one launch. Group g
-// computes rows [offsets[g], offsets[g+1]) of D from the same rows of A and scale_a (rows sorted by group) and its
-// own weights B[g] [n, k] with scales scale_b[g]:
-//   D[r, c] = sum_kb scale_a[r, kb] * scale_b[g, c / 128, kb] * sum_{k in block kb} A[r, k] B[g, c, k]
-// offsets ([groups + 1] int64, non-decreasing) are read on the device only; each range is clamped into [0, rows],
-// and rows outside every range are not written. Scales fp32, K-major, contiguous: scale_a [rows, ceil(k/128)],
-// scale_b [groups, ceil(n/128), ceil(k/128)]; B [groups, n, k] contiguous.
-struct GroupedBlockGemmProblem {
+// Grouped FP8 GEMM (mixture-of-experts layers): `groups` GEMMs sharing N and K in one launch. Group g computes rows
+// [offsets[g], offsets[g+1]) of D from the same rows of A and of scale_a (rows sorted by group) and its own weights
+// B[g] [n, k] with scales scale_b[g]. offsets ([groups + 1] int64, non-decreasing) are read on the device only; each
+// range is clamped into [0, rows], and rows outside every range are not written. B [groups, n, k] contiguous. Scales
+// fp32, contiguous:
+// - block: D[r, c] = sum_kb scale_a[r, kb] * scale_b[g, c / 128, kb] * sum_{k in block kb} A[r, k] B[g, c, k], with
+//   scale_a [rows, ceil(k/128)] and scale_b [groups, ceil(n/128), ceil(k/128)] (K-major);
+// - row/col (block = false): D[r, c] = scale_a[r] * scale_b[g, c] * sum_k A[r, k] B[g, c, k], with scale_a [rows] and
+//   scale_b [groups, n].
+struct GroupedGemmProblem {
   const void* a = nullptr;
   const void* b = nullptr;
   void* d = nullptr;
   const float* scale_a = nullptr;
   const float* scale_b = nullptr;
   const int64_t* offsets = nullptr;  // device memory
+  bool block = true;
   int64_t groups = 0, rows = 0, n = 0, k = 0;
   int64_t lda = 0, ldd = 0;          // elements
   DType d_dtype = DType::kBFloat16;
@@ -138,12 +141,14 @@ struct GroupedBlockGemmProblem {
   cudaStream_t stream = nullptr;
 };
 
-// Hopper (sm_90a): one persistent launch over all groups' 128x128 tiles (plus a one-thread-per-group setup kernel).
-// Needs K >= 128, K and lda multiples of 16, and D rows of a multiple of 16 bytes.
-void grouped_blockwise_sm90(const GroupedBlockGemmProblem& p);
-void validate_grouped(const GroupedBlockGemmProblem& p);
-// Bytes of workspace grouped_blockwise_sm90 needs (depends on groups, the output dtype and the device's SM count).
-size_t grouped_workspace_size(const GroupedBlockGemmProblem& p);
+// Hopper (sm_90a): one persistent launch over all groups' 128x128 tiles (plus a one-thread-per-group setup kernel),
+// partial sums promoted into fp32 every 128 of K. Needs K >= 128, K and lda multiples of 16, and D rows of a
+// multiple of 16 bytes.
+void grouped_gemm_sm90(const GroupedGemmProblem& p);
+void validate_grouped(const GroupedGemmProblem& p);
+// Bytes of workspace grouped_gemm_sm90 needs (depends on groups, the scale kind, the output dtype and the device's SM
+// count).
+size_t grouped_workspace_size(const GroupedGemmProblem& p);
 
 // The checks every launch function runs first, callable on their own (no device needed): they throw InvalidArgument
 // for a problem the named path cannot run. GEMM families: "sm90", "sm89", "sm90_block", "sm89_block"; quantize kinds:
