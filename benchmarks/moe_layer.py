@@ -9,7 +9,7 @@ fp8 side is Fp8Experts (block128 or dynamic_per_token), quantized from the same 
 (softmax weights), the same for both. The bf16 side synchronizes with the host once per call (the per-expert token
 counts), so both run eagerly: the median of CUDA-event timings around each call, after warm-up, is reported with the
 fp8 speedup, the cosine similarity of the outputs and the number of experts that got tokens. Where Fp8Experts runs
-its grouped kernels (block128 on the sm90 family), two more timings: the same layer with one GEMM per expert
+its grouped kernels (the sm90 family), two more timings: the same layer with one GEMM per expert
 (grouped=False, as every other case runs), and the grouped layer captured in a CUDA graph (replay, as decoding
 engines run it; the per-expert path cannot be captured).
 """

@@ -421,11 +421,11 @@ class Fp8Experts(_FixedDtypeBuffers):
         # Rows past offsets[E] are never written by the GEMMs: what they hold is dropped at the end.
         q, s = quantize(ops.as_rows(x), self.gate_up_input_scale, gathered=False)
         gate_up = torch.empty((rows, 2 * Ip), dtype=x.dtype, device=x.device)
-        mm(q, s.contiguous(), self.gate_up_weight, self.gate_up_scale, offsets, gate_up)
+        mm(q, s, self.gate_up_weight, self.gate_up_scale, offsets, gate_up)
         h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
         q, s = quantize(h, self.down_input_scale, gathered=True)
         y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
-        mm(q, s.contiguous(), self.down_weight, self.down_scale, offsets, y)
+        mm(q, s, self.down_weight, self.down_scale, offsets, y)
         weights = top_k_weights.reshape(-1)[order]
         contrib = torch.where(routed[:, None], y * weights[:, None], 0).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, contrib)
