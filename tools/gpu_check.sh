@@ -80,7 +80,11 @@ stage_bench() {
   r=$?; echo "llama_stack: rc=$r"; [ $r -eq 0 ] || rc=1
   python benchmarks/moe_layer.py --backend "$backend" --json "$out/moe_layer.json" > "$out/moe_layer.txt" 2>&1
   r=$?; echo "moe_layer: rc=$r"; [ $r -eq 0 ] || rc=1
-  cat "$out/llama_stack.txt" "$out/moe_layer.txt" "$out/accumulation.txt"
+  # per-channel experts (the grouped row/col kernel), Qwen3-30B-A3B dims
+  python benchmarks/moe_layer.py --backend "$backend" --scheme dynamic_per_token --models qwen3-30b-a3b \
+    --json "$out/moe_layer_channel.json" > "$out/moe_layer_channel.txt" 2>&1
+  r=$?; echo "moe_layer (per-channel): rc=$r"; [ $r -eq 0 ] || rc=1
+  cat "$out/llama_stack.txt" "$out/moe_layer.txt" "$out/moe_layer_channel.txt" "$out/accumulation.txt"
   tail -60 "$out/bench.txt"
 }
 
