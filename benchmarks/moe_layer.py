@@ -16,6 +16,7 @@ engines run it; the per-expert path cannot be captured).
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -23,6 +24,9 @@ import torch
 
 import fp8kern
 from fp8kern.nn import Fp8Experts
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_stack import time_graph  # noqa: E402  (the sibling benchmark's CUDA-graph timing)
 
 # name -> (experts, hidden, intermediate, top_k)
 MODELS = {"qwen3-30b-a3b": (128, 2048, 768, 8), "deepseek-v3": (256, 7168, 2048, 8)}
@@ -93,26 +97,6 @@ def time_eager(fn, reps):
     return statistics.median(times), y
 
 
-def time_graph(fn, reps):
-    """Median us of replaying fn captured in a CUDA graph (after an eager warm-up that sizes the workspaces)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="tiny dims on the CPU (reference path), a smoke test")
@@ -152,7 +136,7 @@ def main(argv=None):
                         fp8.grouped = False
                         t_loop, _ = time_eager(lambda: fp8(x, idx, w), args.reps)
                         fp8.grouped = True
-                        t_graph = time_graph(lambda: fp8(x, idx, w), args.reps)
+                        t_graph, _ = time_graph(lambda _: fp8(x, idx, w), None, args.reps)
                 else:
                     t_bf16 = t_fp8 = t_loop = t_graph = None
                     y_ref, y_fp8 = ref(x, idx, w), fp8(x, idx, w)
