@@ -137,10 +137,16 @@ def main(argv=None):
         fmt = lambda v, f: format(v, f) if v is not None else "-"
         print(f"{r['phase']:<8} {r['batch']:>4} {r['tokens']:>5} {fmt(r['bf16_us'], '9.1f'):>9} "
               f"{fmt(r['fp8_us'], '9.1f'):>9} {fmt(r['speedup'], '8.2f'):>8} {r['cosine']:>8.5f}")
+    return finish(rows, device, args.json)
+
+
+def finish(rows: list, device: str, json_path: str | None) -> int:
+    """The end of a benchmark run (also moe_layer's): the CPU note, the JSON, and the exit status (1 when an fp8 output
+    strays from its bf16 counterpart, cosine <= 0.99)."""
     if device == "cpu":
         print("CPU run: fp8kern's reference path; timings need a GPU.")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
     return 0 if all(r["cosine"] > 0.99 for r in rows) else 1
 
