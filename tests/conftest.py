@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import fp8kern
 from fp8kern import _backend
 
 # (M, N, K): aligned, unaligned N and K (not multiples of 16 or 128), K <= 128, partial blocks, odd everything.

@@ -78,6 +78,46 @@ def test_unknown_family():
         block("sm100")
 
 
+OFFS, WS = 0x60000, 0x70000
+
+
+def grouped(block=True, **kw):
+    args = dict(device=0, block=block, a=A, b=B, d=D, scale_a=SA, scale_b=SB, offsets=OFFS, groups=4, rows=64, n=256,
+                k=256, lda=256, ldd=256, d_dtype=BF16, workspace=WS, workspace_bytes=1 << 20, stream=0)
+    args.update(kw)
+    _backend._C.grouped_mm(**args)
+
+
+@pytest.mark.parametrize("block", [True, False])
+@pytest.mark.parametrize("kw,message", [
+    (dict(groups=0), r"groups=0, expected 1 <= groups < 2\^24"),
+    (dict(k=64, lda=64), r"rows=64 N=256 K=64, expected rows >= 0, N >= 1 and K >= 128"),
+    (dict(rows=-1), r"rows=-1 N=256 K=256, expected rows >= 0"),
+    (dict(n=2**31 - 100, ldd=2**31), r"expected each below 2\^31 - 256"),
+    (dict(offsets=0), r"a, b, d, scale_a, scale_b and offsets must be non-null device pointers"),
+    (dict(lda=128), r"leading dimensions \(128, 256\) must be >= \(K, N\) = \(256, 256\)"),
+    (dict(k=136, lda=136), r"K=136 and A's row stride 136 must be multiples of 16"),
+    (dict(b=B + 8), r"16-byte aligned A and B"),
+    (dict(d_dtype=E4M3), r"output dtype float8_e4m3fn, expected bfloat16, float16 or float32"),
+    (dict(n=100, ldd=104), r"N=100 and the output row stride 104 x 2 bytes must be multiples of 16"),
+    (dict(d=D + 4), r"16-byte aligned pointer"),
+    (dict(offsets=OFFS + 4), r"offsets 8-byte aligned int64"),
+    (dict(scale_b=SB + 2), r"scale pointers must be 4-byte aligned"),
+    (dict(workspace=WS + 64), r"workspace must be 128-byte aligned"),
+])
+def test_grouped_launch_rejects(block, kw, message):
+    what = r"grouped_gemm_sm90 \(block scales\)" if block else r"grouped_gemm_sm90 \(row/col scales\)"
+    with pytest.raises(ValueError, match=what + ": .*" + message):
+        grouped(block, **kw)
+
+
+def test_grouped_workspace_query_validates_first():
+    args = dict(device=0, block=True, a=A, b=B, d=D, scale_a=SA, scale_b=SB, offsets=OFFS, groups=4, rows=64, n=256,
+                k=64, lda=64, ldd=256, d_dtype=BF16)
+    with pytest.raises(ValueError, match=r"grouped_gemm_sm90 \(block scales\): .*K >= 128"):
+        _backend._C.grouped_workspace_size(**args)
+
+
 def quantize(kind="token", **kw):
     args = dict(kind=kind, device=0, x=A, x_dtype=BF16, rows=4, cols=256, x_row_stride=256, q=B, q_row_stride=256,
                 scale=SA, scale_dtype=0, scale_row_stride=1, scale_col_stride=0, group_size=128, scale_ub=0.0,
