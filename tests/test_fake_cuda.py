@@ -119,3 +119,40 @@ def test_gpu_check_scripts_on_a_fake_device(script):
     r = subprocess.run([sys.executable, "-c", _SCRIPT, str(root / "tools"), *script], capture_output=True, text=True,
                        timeout=600, cwd=root)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+_CAPTURE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import fake_cuda
+import torch
+x = torch.arange(6, device="cuda")
+mask, reps = x > 2, torch.full((6,), 2, device="cuda")
+ops = {"item": lambda: x[0].item(), "tolist": lambda: x.tolist(), "bincount": lambda: torch.bincount(x, minlength=8),
+       "unique": lambda: torch.unique(x), "mask index": lambda: x[mask],
+       "mask assign": lambda: x.clone().__setitem__(mask, 0), "nonzero": lambda: x.nonzero(),
+       "repeat_interleave": lambda: torch.repeat_interleave(x, reps)}
+fine = {"gather": lambda: x[reps], "sized repeat_interleave": lambda: torch.repeat_interleave(x, reps, output_size=12),
+        "where": lambda: torch.where(mask, x, 0)}
+for name, op in {**ops, **fine}.items():
+    op()  # all fine eagerly
+for name, op in {**ops, **fine}.items():
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            op()
+    except RuntimeError as e:
+        assert name in ops and "capture" in str(e), (name, str(e))
+    else:
+        assert name in fine, f"{name} was captured, but a real capture fails on its host read"
+print("ok")
+"""
+
+
+def test_capture_refuses_host_reads():
+    """The fake device refuses, inside a graph capture, the operations a real capture fails on (host reads of device
+    data, output sizes taken from data), so a capture test on it can fail the way it would on a GPU."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _CAPTURE, str(root / "tools")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-2000:] + r.stderr[-3000:]

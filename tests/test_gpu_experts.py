@@ -183,6 +183,7 @@ def test_experts_grouped_cuda_graph(sm90_only, scheme, gran, scale_format):
     idx1[5, 0] = 8  # two rows routed nowhere at replay, one at capture
     xs, idxs, ws = x0.cuda(), idx0.cuda(), w0.cuda()
     m(xs, idxs, ws)  # warm-up outside the capture (workspace sizes, quantizer setup)
+    assert m._grouped_runs(xs)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = m(xs, idxs, ws)

@@ -8,9 +8,12 @@ What it emulates (a CUDA H100, sm_90, 132 SMs; FAKE_CAP / FAKE_SMS change that):
   TorchDispatchMode), .cuda() / .to("cuda") / factories with device="cuda" copy and tag, .cpu() copies and untags.
   Tagged tensors report device cuda:0, so library code that follows x.device stays "on the GPU".
 * An op mixing "cuda" and CPU tensors (other than 0-d) raises, as torch does; .numpy() of a "cuda" tensor raises.
+* Uninitialized "cuda" memory (torch.empty and its kin) is filled with NaN (or 0x7f bytes): reads of memory nothing
+  wrote show up as they would on a GPU, where it holds leftovers.
 * CUDA graphs: capture records the aten ops, then poisons every output it allocated (NaN, or 0x7f bytes), and
   replay re-runs the ops into the same buffers, so a test passes only if its results come from replay; host
-  synchronization or host copies during capture raise.
+  synchronization, host copies and ops sized by device data (bincount, unique, boolean-mask indexing, ...) during
+  capture raise.
 * fp8kern's compiled module: every launch (GEMM, block GEMM, quantization, workspace query) goes through the real
   binding's validation, then is emulated from the raw addresses, strides and flags it was given (EmulatedC): the
   reference computes what the kernel's contract says, reading and writing only inside live "cuda" tensors (an
@@ -90,8 +93,25 @@ CAP = _Capture()
 ALLOW_MIX = {torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default, torch.ops.aten.index.Tensor,
              torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default, torch.ops.aten.lift_fresh.default,
              torch.ops.aten.set_.source_Storage_storage_offset, torch.ops.aten.set_.source_Tensor}
+# Ops that read device data on the host (or size their output from it), so a real capture fails on them.
 SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.equal.default,
-            torch.ops.aten.is_nonzero.default, torch.ops.aten.masked_select.default, torch.ops.aten.item.default}
+            torch.ops.aten.is_nonzero.default, torch.ops.aten.masked_select.default, torch.ops.aten.item.default,
+            torch.ops.aten.argwhere.default, torch.ops.aten.bincount.default, torch.ops.aten._unique.default,
+            torch.ops.aten._unique2.default, torch.ops.aten.unique_dim.default,
+            torch.ops.aten.unique_consecutive.default, torch.ops.aten.masked_scatter.default}
+# Indexing with a boolean (or uint8) mask runs nonzero inside the kernel, where this mode does not see it.
+MASK_INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
+                  torch.ops.aten._index_put_impl_.default}
+
+
+def _syncs(func, args, kwargs) -> bool:
+    if func in SYNC_OPS:
+        return True
+    if func in MASK_INDEX_OPS:
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    if func is torch.ops.aten.repeat_interleave.Tensor or func is torch.ops.aten.repeat_interleave.self_Tensor:
+        return kwargs.get("output_size") is None  # its output size is the repeats' sum
+    return False
 
 
 def _in_fp8kern_internal():
@@ -122,7 +142,7 @@ class FakeCudaMode(TorchDispatchMode):
                 LOG.append(msg)
                 raise RuntimeError("Expected all tensors to be on the same device " + msg)
         if CAP.graph is not None and not CAP.replaying:
-            if func in SYNC_OPS and any_tag:
+            if any_tag and _syncs(func, args, kwargs):
                 raise RuntimeError(f"[fakecuda] {func} on a cuda tensor during CUDA graph capture "
                                    "(operation not permitted when stream is capturing)")
         out = func(*args, **kwargs)
@@ -130,6 +150,8 @@ class FakeCudaMode(TorchDispatchMode):
             for o in pytree.tree_leaves(out):
                 if isinstance(o, torch.Tensor):
                     tag(o)
+            if func in _EMPTY_OPS and (CAP.graph is None or CAP.replaying):
+                _poison(out)
         if CAP.graph is not None and not CAP.replaying and (any_tag or make_cuda):
             CAP.graph._record(func, args, kwargs, out)
         return out
@@ -139,6 +161,7 @@ class FakeCudaMode(TorchDispatchMode):
 _orig_to = torch.Tensor.to
 _orig_cpu = torch.Tensor.cpu
 _orig_numpy = torch.Tensor.numpy
+_orig_tolist = torch.Tensor.tolist
 _orig_deepcopy = torch.Tensor.__deepcopy__
 
 
@@ -190,6 +213,12 @@ def _patched_numpy(self, *a, **k):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
                         "host memory first. [fakecuda]")
     return _orig_numpy(self, *a, **k)
+
+
+def _patched_tolist(self):
+    if is_tagged(self):
+        _capture_copy_check("Tensor.tolist (device->host copy)")
+    return _orig_tolist(self)
 
 
 def _patched_deepcopy(self, memo):
@@ -357,6 +386,13 @@ def _graph_ctx(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
                 _poison(o)
 
 
+# Uninitialized CUDA memory holds whatever was there: the fake device fills it with NaN (or 0x7f bytes), so code
+# that reads memory it never wrote fails visibly, eagerly as in a capture.
+_EMPTY_FACTORIES = ("empty", "empty_like", "empty_strided")
+_EMPTY_OPS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default,
+              torch.ops.aten.empty_strided.default, torch.ops.aten.new_empty_strided.default}
+
+
 def _factory(fn):
     @functools.wraps(fn)
     def w(*args, **kwargs):
@@ -365,7 +401,10 @@ def _factory(fn):
             kwargs["device"] = "cpu"
             if fn.__name__ in ("tensor", "as_tensor") and CAP.graph is not None and not CAP.replaying:
                 raise RuntimeError("[fakecuda] torch.tensor(..., device='cuda') during capture (H2D copy)")
-            return tag(fn(*args, **kwargs))
+            t = tag(fn(*args, **kwargs))
+            if fn.__name__ in _EMPTY_FACTORIES and (CAP.graph is None or CAP.replaying):
+                _poison(t)  # (a capture poisons every output anyway)
+            return t
         return fn(*args, **kwargs)
     return w
 
@@ -631,6 +670,7 @@ def install():
     torch.Tensor.cuda = _patched_cuda
     torch.Tensor.cpu = _patched_cpu
     torch.Tensor.numpy = _patched_numpy
+    torch.Tensor.tolist = _patched_tolist
     torch.Tensor.__deepcopy__ = _patched_deepcopy
     torch.Tensor.device = property(_dev)
     torch.Tensor.is_cuda = property(lambda self: is_tagged(self))
