@@ -89,8 +89,8 @@ struct GroupedMm {
     StrideA* stride_a;
     StrideB* stride_b;
     StrideD* stride_d;
-    LayoutSFA* layout_sfa;  // block only
-    LayoutSFB* layout_sfb;
+    LayoutSFA* layout_sfa;  // block only: what the mainloop's arguments take (its collective rebuilds each
+    LayoutSFB* layout_sfb;  // group's scale layouts from the group's shape, the same ones)
     void* cutlass_workspace;
     size_t bytes;  // of the arrays
   };
@@ -197,6 +197,7 @@ __global__ void grouped_prep(GroupedGemmProblem p, typename G::Arrays arr) {
 template <class ElementD, bool kBlock>
 void GroupedMm<ElementD, kBlock>::run(const GroupedGemmProblem& p) {
   using Self = GroupedMm<ElementD, kBlock>;
+  static_assert_fits_smem<Kernel>();
   const Arrays arr = carve(p.workspace, p.groups);
   const auto args = arguments(p, arr);
   const size_t need = arr.bytes + Gemm::get_workspace_size(args);

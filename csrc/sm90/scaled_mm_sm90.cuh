@@ -47,6 +47,14 @@ struct Config {
   using TileScheduler = TileScheduler_;          // void: persistent data-parallel; StreamKScheduler: K split over SMs
 };
 
+// A kernel whose shared storage exceeds the per-block opt-in maximum would compile and then fail at launch: make
+// that a build error (the stage counts are derived from the epilogue's carve-out, so this guards future edits).
+template <class Kernel>
+constexpr void static_assert_fits_smem() {
+  static_assert(Kernel::SharedStorageSize <= cutlass::gemm::collective::detail::sm90_smem_capacity_bytes,
+                "kernel shared storage exceeds Hopper's 227 KB per block");
+}
+
 // Checks that the mainloop can run the arguments and that the caller's workspace suffices (the Python layer sizes it
 // with gemm_workspace_size; only stream-K needs any), then launches on p.stream. The epilogue's own can_implement is not asked: it demands the output's contiguous extent (N) be a
 // multiple of 16 bytes, while its TMA store only needs what the entry validated (a 16-byte aligned base and row
@@ -54,6 +62,7 @@ struct Config {
 template <class Gemm, class Problem>
 void launch(const typename Gemm::Arguments& args, const Problem& p, const char* what) {
   using Kernel = typename Gemm::GemmKernel;
+  static_assert_fits_smem<Kernel>();
   const bool ok = Kernel::CollectiveMainloop::can_implement(args.problem_shape, args.mainloop);
   FP8KERN_CHECK(ok, what, ": the CUTLASS mainloop cannot run M=", p.m, " N=", p.n, " K=", p.k,
                 " (K and the operand row strides must be multiples of 16)");
