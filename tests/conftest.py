@@ -123,3 +123,26 @@ def fp32_gemm_bound(D, S, K, out_dtype, bias=None):
     # fp16 flushes below 2^-24 (subnormal spacing): allow half of that absolute.
     tiny = 2.0**-25 if out_dtype == torch.float16 else (2.0**-134 if out_dtype == torch.bfloat16 else 2.0**-150)
     return fp32_err * (1 + u) + u * np.abs(D) + tiny
+
+
+def compile_recording(fn):
+    """torch.compile(fn, fullgraph=True) through AOT autograd, recording each traced graph's ops as names ('aten.sort.
+    stable', 'fp8kern.quantize.default'; a mutating op under auto_functionalized by its own name) into the returned
+    list, one list per graph. fullgraph alone does not show host reads: it traces a .item() as a scalar output."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(n.args[0] if "auto_functionalized" in str(n.target) else n.target)
+                       for n in gm.graph.nodes if n.op == "call_function"])
+        return make_boxed_func(gm.forward)
+
+    return torch.compile(fn, backend=aot_autograd(fw_compiler=record), fullgraph=True), graphs
+
+
+def host_reads(ops: list) -> list:
+    """The ops of a recorded graph that read device data on the host (each a synchronization; none capturable)."""
+    return [t for t in ops if t.split(".")[:2] in (["aten", "_local_scalar_dense"], ["aten", "nonzero"],
+                                                   ["aten", "bincount"], ["aten", "item"], ["aten", "_unique2"])]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fp8kern
-from conftest import make_operands
+from conftest import compile_recording, host_reads, make_operands
 
 # test_schema is left out: its checker multiplies the outputs, which torch does not implement for fp8 on the CPU.
 CHECKS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
@@ -38,8 +38,26 @@ def test_compiled_linear_matches_eager():
         return fp8kern.scaled_mm(x_q, w_q, x_s, w_s, out_dtype=torch.float32, bias=bias)
 
     x = torch.randn(2, 7, 256, generator=gen)
-    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))  # inductor
+    torch._dynamo.reset()
+    compiled, graphs = compile_recording(f)
     assert torch.equal(compiled(x), f(x))
+    torch._dynamo.reset()
+    assert len(graphs) == 1 and "fp8kern.scaled_mm.default" in graphs[0] and not host_reads(graphs[0]), graphs
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_opcheck_grouped_mm(monkeypatch, block):
+    """The grouped GEMM op (its kernel stood in for by the per-group GEMMs, as off Hopper)."""
+    monkeypatch.setattr(fp8kern.ops, "_grouped_mm_impl", fp8kern.ops._grouped_mm_per_group)
+    gen = torch.Generator().manual_seed(4)
+    a, sa = fp8kern.quantize(torch.randn(9, 256, generator=gen), "group" if block else "token")
+    b, sb = zip(*(fp8kern.quantize_weight(torch.randn(136, 256, generator=gen), "block" if block else "channel")
+                  for _ in range(3)))
+    b, sb = torch.stack(b), torch.stack(sb)
+    out = torch.zeros(9, 136)
+    offsets = torch.tensor([0, 4, 4, 8])
+    torch.library.opcheck(torch.ops.fp8kern.grouped_mm_out, (a, sa, b, sb, offsets, out, block), test_utils=CHECKS)
 
 
 def test_compiled_out_variant():

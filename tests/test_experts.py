@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fp8kern
+from conftest import compile_recording, host_reads
 from experts_oracle import check_experts, deq64, exact_rows, routing
 from fp8kern.nn import Fp8Experts, fused_experts_unsupported, is_fused_experts, quantize_model
 
@@ -573,6 +574,31 @@ def test_grouped_flow_against_float64(monkeypatch, data, scheme, kw):
         grouped = out
 
 
+@pytest.mark.parametrize("scheme,kw", SCHEMES[2:], ids=[s + "-" + "-".join(map(str, k.values())) for s, k in SCHEMES[2:]])
+def test_grouped_flow_compiles(monkeypatch, scheme, kw):
+    """The grouped layer traces whole under torch.compile into one graph without host reads (fullgraph alone would
+    trace a .item() as a scalar output) and the compiled layer gives the eager result. The CPU has no kernel: the op
+    fp8kern::grouped_mm_out runs the per-group GEMMs in its place, so this checks the op's registration (fake
+    implementation included) and the layer's traced data flow."""
+
+    ex = make_experts(dtype=torch.float32)
+    x = torch.randn(7, H, generator=torch.Generator().manual_seed(5))
+    if scheme == "static_per_tensor":
+        kw = {"input_scales": static_scales(ex, x)}
+    m = Fp8Experts.from_experts(ex, scheme, **kw)
+    monkeypatch.setattr(Fp8Experts, "_grouped_runs", lambda self, x: True)
+    monkeypatch.setattr(fp8kern.ops, "grouped_supported", lambda *args: True)
+    monkeypatch.setattr(fp8kern.ops, "_grouped_mm_impl", fp8kern.ops._grouped_mm_per_group)
+    idx, w = routing(7, E, K_TOP, seed=6)
+    eager = m(x, idx, w)
+    torch._dynamo.reset()
+    compiled, graphs = compile_recording(m)
+    assert torch.equal(compiled(x, idx, w), eager)
+    torch._dynamo.reset()
+    assert len(graphs) == 1 and graphs[0].count("fp8kern.grouped_mm_out.default") == 2, graphs
+    assert not host_reads(graphs[0])
+
+
 def test_grouped_flow_bad_index(monkeypatch):
     """Without value checks (a GPU's default) an index outside [0, E] makes its token's row NaN and leaves the others
     as if it were the no-expert index; with them (the CPU's default) it raises."""
@@ -610,21 +636,31 @@ def test_grouped_block_mm_reference_and_errors():
     fp8kern.grouped_block_mm(a1, sa[:1, :1], b1, sb[:1, :, :1], torch.tensor([0, 1]), one)
     assert torch.equal(one, fp8kern.reference.scaled_mm(a1, b1[0], sa[:1, :1], sb[0, :, :1], torch.float32, None,
                                                         fp8kern.ops._BLOCK_LAYOUT))
-    for bad, match in (({"offsets": torch.tensor([0, 5, 4, 10])}, "non-decreasing"),
-                       ({"offsets": torch.tensor([0, 4, 4, 13])}, "non-decreasing"),
-                       ({"offsets": torch.tensor([0, 4, 10], dtype=torch.int64)}, "offsets must be"),
-                       ({"offsets": offsets.int()}, "offsets must be"),
-                       ({"sa": sa[:, :2]}, "scale_a must be"),
-                       ({"sb": sb[:2]}, "scale_b must be"),
-                       ({"a": a.float()}, "a must be"),
-                       ({"out": out[:, :100]}, "out must be"),
-                       ({"out": out.double()}, "out must be"),
-                       ({"b": b[0]}, "b must be a 3-D tensor"),
-                       ({"a": a[None]}, "a must be a 2-D tensor"),
-                       ({"offsets": offsets.tolist()}, "offsets must be a 1-D tensor")):
+    for bad, exc, match in (
+            ({"offsets": torch.tensor([0, 5, 4, 10])}, ValueError, r"offsets must be non-decreasing within \[0, 12\]"),
+            ({"offsets": torch.tensor([0, 4, 4, 13])}, ValueError,
+             r"offsets must be non-decreasing .*got \[0, 4, 4, 13\]"),
+            ({"offsets": torch.tensor([0, 4, 10])}, ValueError,
+             r"offsets has shape \(3,\), .*expected a contiguous \(4,\)"),
+            ({"offsets": offsets.int()}, TypeError, "offsets has .*dtype torch.int32, expected torch.int64"),
+            ({"sa": sa[:, :2]}, ValueError, r"scale_a has shape \(12, 2\), .*expected \(12, 3\)"),
+            ({"sa": sa.double()}, TypeError, "scale_a has .*float64, expected float32, bfloat16"),
+            ({"sb": sb[:2]}, ValueError, r"scale_b has shape \(2, 2, 3\), .*expected \(3, 2, 3\)"),
+            ({"a": a.float()}, TypeError, "a has .*float32, expected torch.float8_e4m3fn"),
+            ({"a": a.t().contiguous().t()}, ValueError, "a has .*non-contiguous strides .*call a.contiguous"),
+            ({"out": out[:, :100]}, ValueError, r"out has shape \(12, 100\), .*expected a contiguous \(12, 200\)"),
+            ({"out": out.double()}, TypeError, "out has .*float64, expected torch.bfloat16"),
+            ({"b": b[0]}, ValueError, r"b has shape \(200, 300\), .*expected a 3-D \[G, N, 300\]"),
+            ({"a": a[None]}, ValueError, r"a has shape \(1, 12, 300\), .*expected a 2-D"),
+            ({"offsets": offsets.tolist()}, TypeError, "offsets has type list, expected a torch.Tensor")):
         args = dict(a=a, sa=sa, b=b, sb=sb, offsets=offsets, out=out) | bad
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(exc, match="grouped_block_mm: " + match):
             fp8kern.grouped_block_mm(args["a"], args["sa"], args["b"], args["sb"], args["offsets"], args["out"])
+    # No group, or no column: nothing to compute, out untouched (as where the kernel runs).
+    out.fill_(3.0)
+    assert fp8kern.grouped_block_mm(a, sa, b[:0], sb[:0], torch.zeros(1, dtype=torch.int64), out) is out
+    assert fp8kern.grouped_block_mm(a, sa, b[:, :0], sb[:, :0], offsets, out[:, :0]).shape == (rows, 0)
+    assert (out == 3.0).all()
 
 
 def test_grouped_scaled_mm_reference_and_errors():
@@ -644,8 +680,11 @@ def test_grouped_scaled_mm_reference_and_errors():
                                                      fp8kern.Layout("token", "channel"))
                 assert torch.equal(out[lo:hi], expect)
         assert (out[10:] == 3.0).all()
-    for bad, match in (({"sa": sa[:5]}, "scale_a must be float32"), ({"sa": sa.double()}, "scale_a must be"),
-                       ({"sb": sb[:, :100]}, "scale_b must be float32"), ({"sb": sb.reshape(-1)}, "scale_b must be a")):
+    for bad, exc, match in (
+            ({"sa": sa[:5]}, ValueError, r"scale_a has shape \(5, 1\), .*expected \(12,\) or \(12, 1\)"),
+            ({"sa": sa.double()}, TypeError, "scale_a has .*float64, expected torch.float32"),
+            ({"sb": sb[:, :100]}, ValueError, r"scale_b has shape \(3, 100, 1\), .*expected \(3, 200\)"),
+            ({"sb": sb.reshape(-1)}, ValueError, r"scale_b has shape \(600,\)")):
         args = dict(sa=sa, sb=sb) | bad
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(exc, match="grouped_scaled_mm: " + match):
             fp8kern.grouped_scaled_mm(a, args["sa"], b, args["sb"], offsets, torch.zeros(rows, N))

@@ -367,6 +367,32 @@ def test_grouped_block_mm_value_checks(sm90_grouped, monkeypatch):
     check_grouped(y.cpu(), a, sa, b, sb, offsets.cpu(), torch.float32, 512)
     with pytest.raises(ValueError, match="scale_a holds 16 non-finite"):
         fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), torch.tensor([0, 3, 12]).cuda(), y)
+    # Offsets are checked too (the kernel would clamp them: wrong rows, silently).
+    with pytest.raises(ValueError, match=r"offsets must be non-decreasing within \[0, 12\], got \[0, 5, 3\]"):
+        fp8kern.ops.grouped_block_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), torch.tensor([0, 5, 3]).cuda(), y)
+
+
+def test_grouped_block_mm_unaligned_views(sm90_grouped):
+    """a, b and out as views whose data does not start on 16 bytes (TMA needs it): a and b are copied, out is
+    computed in a copy and copied back, rows outside every group keeping their contents."""
+    N, K = 256, 384
+    a, sa, b, sb = grouped_operands((5, 9), N, K, extra_rows=3)
+    rows = a.shape[0]
+
+    def shifted(t, by):  # t's values in a view that starts `by` elements into a larger buffer
+        buf = torch.empty(t.numel() + by, dtype=t.dtype, device="cuda")
+        view = buf[by:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    a_v, b_v = shifted(a, 8), shifted(b, 8)
+    y = shifted(torch.full((rows, N), 7.0), 2)  # float32: 8 bytes in
+    assert a_v.data_ptr() % 16 and b_v.data_ptr() % 16 and y.data_ptr() % 16
+    offsets = torch.tensor([0, 5, 14])
+    fp8kern.ops.grouped_block_mm(a_v, sa.cuda(), b_v, sb.cuda(), offsets.cuda(), y)
+    y = y.cpu()
+    check_grouped(y, a, sa, b, sb, offsets, torch.float32, K)
+    assert (y[14:] == 7.0).all(), "rows outside every group were written"
 
 
 def test_grouped_block_mm_cuda_graph(sm90_grouped):

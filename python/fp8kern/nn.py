@@ -403,7 +403,8 @@ class Fp8Experts(_FixedDtypeBuffers):
         token = order // k
         block = self.weight_granularity == "block"
         mm = ops.grouped_block_mm if block else ops.grouped_scaled_mm
-        expert = sorted_key.clamp(max=E - 1)  # static schemes' scale per row (rows routed nowhere: any, dropped)
+        # Static schemes' scale per row (rows routed nowhere: any, dropped).
+        expert = None if self.dynamic else sorted_key.clamp(max=E - 1)
 
         def quantize(h, input_scale, gathered: bool):
             """Activation rows (in sorted order, or per token when not gathered) -> (q, s) in sorted row order, s as
@@ -427,10 +428,11 @@ class Fp8Experts(_FixedDtypeBuffers):
         y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
         mm(q, s, self.down_weight, self.down_scale, offsets, y)
         weights = top_k_weights.reshape(-1)[order]
-        contrib = torch.where(routed[:, None], y * weights[:, None], 0).to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, contrib)
+        # Rows routed nowhere (never computed: they hold anything) are summed into a scratch row T, sliced off.
+        dest = torch.where(routed, token, T)
+        out = x.new_zeros((T + 1, H)).index_add_(0, dest, (y * weights[:, None]).to(x.dtype))[:T]
         # An index outside [0, E] cannot raise here without a host read: its token's row becomes NaN instead.
-        return torch.where((~valid).view(T, k).any(1, keepdim=True), float("nan"), out)
+        return out.masked_fill_((~valid).view(T, k).any(1, keepdim=True), float("nan"))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size="

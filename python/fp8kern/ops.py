@@ -327,8 +327,12 @@ def grouped_supported(device: torch.device, n: int, k: int, out_dtype: torch.dty
     """Whether grouped_block_mm / grouped_scaled_mm run on this device as one grouped kernel launch: the sm90 family is
     in use (verified, or chosen with FP8KERN_BACKEND=sm90), K >= 128 and a multiple of 16, and an output row of N
     elements fills whole 16-byte units (TMA). Otherwise they run the groups one GEMM at a time."""
-    return (_backend.gemm_family(device) == "sm90" and k >= 128 and k % 16 == 0
-            and (n * out_dtype.itemsize) % 16 == 0)
+    if k < 128 or k % 16 or (n * out_dtype.itemsize) % 16:
+        return False
+    try:
+        return _backend.gemm_family(device) == "sm90"
+    except NotImplementedError:  # a GPU no compiled family runs on: the per-group path raises the reason
+        return False
 
 
 # Workspace bytes of the grouped kernels per (device, block?, groups, N, K, out dtype): their per-group argument
@@ -347,7 +351,9 @@ def grouped_block_mm(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, sc
     on each call otherwise). offsets: [G + 1] int64 on a's device, non-decreasing from 0 to at most rows: read by the
     kernel only, never by the host, so the call neither synchronizes nor stops CUDA graph capture (each range is
     clamped into [0, rows] on the device; wrong offsets give wrong rows, never an out-of-bounds access).
-    out: [rows, N] contiguous, bfloat16, float16 or float32.
+    out: [rows, N] contiguous, bfloat16, float16 or float32. A view whose data does not start on 16 bytes (TMA's
+    alignment) is copied for the kernel (out: computed in a copy and copied back).
+    With FP8KERN_CHECK_VALUES=1 the offsets and the scales of the rows in a group are checked on the host.
     Where grouped_supported(...) is false (the CPU, other GPUs, small K), it runs one scaled_mm per non-empty group
     instead, reading the offsets on the host (one synchronization).
     """
@@ -366,54 +372,82 @@ def grouped_scaled_mm(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, s
     return _grouped_mm("grouped_scaled_mm", False, a, scale_a, b, scale_b, offsets, out)
 
 
-def _grouped_mm(what, block, a, scale_a, b, scale_b, offsets, out) -> torch.Tensor:
-    for name, t, ranks in (("a", a, (2,)), ("scale_a", scale_a, (2,) if block else (1, 2)), ("b", b, (3,)),
-                           ("scale_b", scale_b, (3,) if block else (2, 3)), ("offsets", offsets, (1,)),
-                           ("out", out, (2,))):
-        if not isinstance(t, torch.Tensor) or t.dim() not in ranks:
-            got = f"shape {_shape(t)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{what}: {name} must be a {' or '.join(map(str, ranks))}-D tensor, got {got}")
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"type {type(t).__name__}"
+    strides = "" if t.is_contiguous() else f", non-contiguous strides {t.stride()}"
+    return f"shape {_shape(t)}, dtype {t.dtype}{strides}"
+
+
+def _check_grouped(what, block, a, scale_a, b, scale_b, offsets, out) -> None:
+    """Argument checks of the grouped GEMMs that read no tensor data. Cheap on the common path (it runs twice per
+    Fp8Experts forward): each message is built only when its check fails."""
+    def fail(name, t, expected, exc=ValueError):
+        raise exc(f"{what}: {name} has {_describe(t)}, expected {expected}")
+
+    for name, t in (("a", a), ("scale_a", scale_a), ("b", b), ("scale_b", scale_b), ("offsets", offsets),
+                    ("out", out)):
+        if not isinstance(t, torch.Tensor):
+            fail(name, t, "a torch.Tensor", TypeError)
+    if a.dim() != 2:
+        fail("a", a, "a 2-D [rows, K] tensor")
     rows, K = a.shape
+    if b.dim() != 3 or b.shape[2] != K:
+        fail("b", b, f"a 3-D [G, N, {K}] tensor (one [N, K] weight per group)")
     G, N = b.shape[0], b.shape[1]
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype != E4M3:
+            fail(name, t, "torch.float8_e4m3fn", TypeError)
+        if not t.is_contiguous():
+            fail(name, t, f"a contiguous tensor; call {name}.contiguous()")
     kb, nb = -(-K // BLOCK), -(-N // BLOCK)
     if block:
-        scale_checks = ((tuple(scale_a.shape) == (rows, kb) and scale_a.dtype in BLOCK_SCALE_DTYPES,
-                         f"scale_a must be [{rows}, {kb}] of {BLOCK_SCALE_DTYPES}"),
-                        (tuple(scale_b.shape) == (G, nb, kb) and scale_b.dtype in BLOCK_SCALE_DTYPES,
-                         f"scale_b must be [{G}, {nb}, {kb}] of {BLOCK_SCALE_DTYPES}"))
+        if _shape(scale_a) != (rows, kb):
+            fail("scale_a", scale_a, f"({rows}, {kb}): one scale per row and 128 of K")
+        if _shape(scale_b) != (G, nb, kb):
+            fail("scale_b", scale_b, f"({G}, {nb}, {kb}): one scale per group and 128x128 block")
+        for name, t in (("scale_a", scale_a), ("scale_b", scale_b)):
+            if t.dtype not in BLOCK_SCALE_DTYPES:
+                fail(name, t, "float32, bfloat16, float16 or float8_e8m0fnu", TypeError)
     else:
-        scale_checks = ((tuple(scale_a.shape) in ((rows,), (rows, 1)) and scale_a.dtype == torch.float32,
-                         f"scale_a must be float32 [{rows}] or [{rows}, 1]"),
-                        (tuple(scale_b.shape) in ((G, N), (G, N, 1)) and scale_b.dtype == torch.float32,
-                         f"scale_b must be float32 [{G}, {N}] or [{G}, {N}, 1]"))
-    checks = ((a.dtype == E4M3 and a.is_contiguous(), "a must be a contiguous [rows, K] e4m3 tensor"),
-              (b.dtype == E4M3 and b.shape[2] == K and b.is_contiguous(),
-               f"b must be a contiguous [G, N, {K}] e4m3 tensor"),
-              *scale_checks,
-              (offsets.dtype == torch.int64 and tuple(offsets.shape) == (G + 1,) and offsets.is_contiguous(),
-               f"offsets must be a contiguous int64 tensor of shape ({G + 1},)"),
-              (out.dtype in OUT_DTYPES and tuple(out.shape) == (rows, N) and out.is_contiguous(),
-               f"out must be a contiguous [{rows}, {N}] bfloat16, float16 or float32 tensor"))
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(f"{what}: {msg}")
-    tensors = (a, scale_a, b, scale_b, offsets, out)
-    if any(t.device != a.device for t in tensors):
-        raise ValueError(f"{what}: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
-    if rows == 0:
+        if _shape(scale_a) not in ((rows,), (rows, 1)):
+            fail("scale_a", scale_a, f"({rows},) or ({rows}, 1): one scale per row (repeat a per-tensor scale: "
+                                     f"scale.expand({rows}))")
+        if _shape(scale_b) not in ((G, N), (G, N, 1)):
+            fail("scale_b", scale_b, f"({G}, {N}) or ({G}, {N}, 1): one scale per group and weight row")
+        for name, t in (("scale_a", scale_a), ("scale_b", scale_b)):
+            if t.dtype is not torch.float32:
+                fail(name, t, f"torch.float32; call {name}.float()", TypeError)
+    if _shape(offsets) != (G + 1,) or not offsets.is_contiguous():
+        fail("offsets", offsets, f"a contiguous ({G + 1},) tensor: group g is rows offsets[g]:offsets[g+1]")
+    if offsets.dtype is not torch.int64:
+        fail("offsets", offsets, "torch.int64", TypeError)
+    if _shape(out) != (rows, N) or not out.is_contiguous():
+        fail("out", out, f"a contiguous ({rows}, {N}) tensor")
+    if out.dtype not in OUT_DTYPES:
+        fail("out", out, "torch.bfloat16, torch.float16 or torch.float32", TypeError)
+    device = a.device
+    if (scale_a.device != device or b.device != device or scale_b.device != device or offsets.device != device
+            or out.device != device):
+        for name, t in (("scale_a", scale_a), ("b", b), ("scale_b", scale_b), ("offsets", offsets), ("out", out)):
+            if t.device != device:
+                raise ValueError(f"{what}: {name} is on {t.device} but a is on {device}; all tensors must be on "
+                                 "one device")
+
+
+def _check_offsets(what: str, offs: list, rows: int) -> None:
+    if offs[0] < 0 or offs[-1] > rows or any(lo > hi for lo, hi in zip(offs, offs[1:])):
+        raise ValueError(f"{what}: offsets must be non-decreasing within [0, {rows}], got {offs}")
+
+
+def _grouped_mm(what, block, a, scale_a, b, scale_b, offsets, out) -> torch.Tensor:
+    _check_grouped(what, block, a, scale_a, b, scale_b, offsets, out)
+    rows, K = a.shape
+    G, N = b.shape[0], b.shape[1]
+    if rows == 0 or G == 0 or N == 0:  # no group has a row or a column to compute
         return out
     if not grouped_supported(a.device, N, K, out.dtype):
-        # One scaled_mm per non-empty group (the reference on the CPU): reads the offsets on the host.
-        offs = offsets.tolist()
-        if any(lo > hi for lo, hi in zip(offs, offs[1:])) or offs[0] < 0 or offs[-1] > rows:
-            raise ValueError(f"{what}: offsets must be non-decreasing within [0, {rows}], got {offs}")
-        # The layout is stated, not inferred: a one-row slice's scale would also fit per-tensor.
-        layout = _BLOCK_LAYOUT if block else Layout("token", "channel")
-        sa = scale_a if block else scale_a.reshape(rows, 1)
-        sb = scale_b if block else scale_b.reshape(G, N, 1)
-        for g, (lo, hi) in enumerate(zip(offs, offs[1:])):
-            if hi > lo:
-                _scaled_mm_impl(a[lo:hi], b[g], sa[lo:hi], sb[g], out.dtype, None, layout, False, out[lo:hi])
+        _grouped_mm_per_group(a, scale_a, b, scale_b, offsets, out, block)
         return out
     if torch.compiler.is_compiling():
         torch.ops.fp8kern.grouped_mm_out(a, scale_a, b, scale_b, offsets, out, block)
@@ -422,36 +456,59 @@ def _grouped_mm(what, block, a, scale_a, b, scale_b, offsets, out) -> torch.Tens
     return out
 
 
+def _grouped_mm_per_group(a, scale_a, b, scale_b, offsets, out, block: bool) -> None:
+    """The grouped GEMM as one scaled_mm per non-empty group (the reference on the CPU); reads the offsets on the
+    host."""
+    rows = a.shape[0]
+    G, N = b.shape[0], b.shape[1]
+    offs = offsets.tolist()
+    _check_offsets("grouped_block_mm" if block else "grouped_scaled_mm", offs, rows)
+    # The layout is stated, not inferred: a one-row slice's scale would also fit per-tensor.
+    layout = _BLOCK_LAYOUT if block else Layout("token", "channel")
+    sa = scale_a if block else scale_a.reshape(rows, 1)
+    sb = scale_b if block else scale_b.reshape(G, N, 1)
+    for g, (lo, hi) in enumerate(zip(offs, offs[1:])):
+        if hi > lo:
+            _scaled_mm_impl(a[lo:hi], b[g], sa[lo:hi], sb[g], out.dtype, None, layout, False, out[lo:hi])
+
+
 def _grouped_mm_impl(a, scale_a, b, scale_b, offsets, out, block: bool) -> None:
     device = a.device
     rows, K = a.shape
     G, N = b.shape[0], b.shape[1]
     if _backend.value_checks_on(device):
+        offs = offsets.tolist()
+        _check_offsets("grouped_block_mm" if block else "grouped_scaled_mm", offs, rows)
         # Only rows inside a group are read: the others may hold anything (Fp8Experts' rows routed to no expert).
-        end = min(max(int(offsets[-1]), 0), rows)
-        _check_values(scale_a[:end], "scale_a")
+        _check_values(scale_a[:offs[-1]], "scale_a")
         _check_values(scale_b, "scale_b")
     if _backend._state["print_config"]:
         _backend.note_path("grouped_mm", (block, G, rows, N, K, str(out.dtype)),
                            f"sm90 grouped 128x128x128 ({'block' if block else 'row/col'} scales)")
+    # TMA needs 16-byte aligned bases: a view that starts elsewhere is copied (out: computed in a copy, copied back).
+    a = a if a.data_ptr() % 16 == 0 else a.clone()
+    b = b if b.data_ptr() % 16 == 0 else b.clone()
+    d = out if out.data_ptr() % 16 == 0 else out.clone()
     sa = scale_a if scale_a.dtype is torch.float32 and scale_a.is_contiguous() else scale_a.float().contiguous()
     sb = scale_b if scale_b.dtype is torch.float32 and scale_b.is_contiguous() else scale_b.float().contiguous()
     index = device.index
-    args = (index, block, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(), sb.data_ptr(),
-            offsets.data_ptr(), G, rows, N, K, a.stride(0) if rows > 1 else K, out.stride(0) if rows > 1 else N,
-            _DTYPE_CODE[out.dtype])
-    key = (index, block, G, N, K, out.dtype)
+    args = (index, block, a.data_ptr(), b.data_ptr(), d.data_ptr(), sa.data_ptr(), sb.data_ptr(),
+            offsets.data_ptr(), G, rows, N, K, a.stride(0) if rows > 1 else K, d.stride(0) if rows > 1 else N,
+            _DTYPE_CODE[d.dtype])
+    key = (index, block, G, N, K, d.dtype)
     need = _grouped_ws_bytes.get(key)
     if need is None:
         need = _grouped_ws_bytes[key] = _backend._C.grouped_workspace_size(*args)
     ws = torch.empty(need + 128, dtype=torch.uint8, device=device)  # the kernel wants a 128-byte aligned start
     _backend._C.grouped_mm(*args, -(-ws.data_ptr() // 128) * 128, need, _backend.current_stream(index))
+    if d is not out:
+        out.copy_(d)
 
 
 @torch.library.custom_op("fp8kern::grouped_mm_out", mutates_args=("out",))
 def _grouped_mm_op(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor,
                    offsets: torch.Tensor, out: torch.Tensor, block: bool) -> None:
-    if a.shape[0]:
+    if a.shape[0] and b.shape[0] and b.shape[1]:
         _grouped_mm_impl(a, scale_a, b, scale_b, offsets, out, block)
 
 
