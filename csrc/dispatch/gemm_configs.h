@@ -17,7 +17,7 @@ namespace sm90 {
 enum Config : int {
   kSwap64x32 = 0,     // M <= 32: swap A/B so the tiny M is the MMA's N (kernel tile 64 x 32 x 128, pingpong)
   kSwap64x64 = 1,     // M in (32, 64]: swapped, kernel tile 64 x 64 x 128, pingpong
-  kStreamK128x128 = 2,// M > 64, at most kStreamKMaxTiles 128x128 tiles and K > kStreamKMinK: stream-K
+  kStreamK128x128 = 2,// M > 64, 128x128 tiles filling under half the SMs and K > kStreamKMinK: stream-K
   kTile128x128 = 3,   // M > 64 otherwise: 128 x 128 x 128 cooperative, cluster 1x2
   kNumConfigs = 4,
 };

@@ -38,6 +38,9 @@ struct BlockScaledMm {
   // Scales K-major for both operands: activation scales [M, ceil(K/128)] and weight scales [ceil(N/128),
   // ceil(K/128)] row-major, the layouts fp8kern.quantize(granularity='group') and the checkpoints produce, so no
   // conversion is needed. Kernel A's scales come per 1 row (activations) or, swapped, per 128 rows (weights).
+  // CUTLASS documents MN-major scales for sm90 (its TMA scale load needs them); K-major ones take the collective's
+  // element-wise cp.async path, which addresses them through these layouts (any M, no padding). The GPU tests with
+  // partial N and K blocks pin that behaviour across CUTLASS upgrades.
   using ScaleConfig = cute::conditional_t<
       kSwap, cutlass::detail::Sm90BlockwiseScaleConfig<128, 1, 128, cute::GMMA::Major::K, cute::GMMA::Major::K>,
       cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::K, cute::GMMA::Major::K>>;

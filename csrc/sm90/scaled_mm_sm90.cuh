@@ -55,17 +55,21 @@ constexpr void static_assert_fits_smem() {
                 "kernel shared storage exceeds Hopper's 227 KB per block");
 }
 
-// Checks that the mainloop can run the arguments and that the caller's workspace suffices (the Python layer sizes it
-// with gemm_workspace_size; only stream-K needs any), then launches on p.stream. The epilogue's own can_implement is not asked: it demands the output's contiguous extent (N) be a
-// multiple of 16 bytes, while its TMA store only needs what the entry validated (a 16-byte aligned base and row
-// stride); TMA clips the ragged last tile itself, so any N is written in bounds.
+// Checks that the mainloop and the tile scheduler can run the arguments and that the caller's workspace suffices
+// (the Python layer sizes it with gemm_workspace_size; only stream-K needs any), then launches on p.stream. The
+// epilogue's own can_implement is not asked: it demands the output's contiguous extent (N) be a multiple of 16
+// bytes, while its TMA store only needs what the entry validated (a 16-byte aligned base and row stride); TMA clips
+// the ragged last tile itself, so any N is written in bounds. (The mainloop's check sees K only; the operands' row
+// strides are validated by the entry, validate_gemm.)
 template <class Gemm, class Problem>
 void launch(const typename Gemm::Arguments& args, const Problem& p, const char* what) {
   using Kernel = typename Gemm::GemmKernel;
   static_assert_fits_smem<Kernel>();
   const bool ok = Kernel::CollectiveMainloop::can_implement(args.problem_shape, args.mainloop);
   FP8KERN_CHECK(ok, what, ": the CUTLASS mainloop cannot run M=", p.m, " N=", p.n, " K=", p.k,
-                " (K and the operand row strides must be multiples of 16)");
+                " (K must be a multiple of 16)");
+  FP8KERN_CHECK(Kernel::TileScheduler::can_implement(args.scheduler), what,
+                ": the CUTLASS tile scheduler rejects its arguments");
   const size_t ws = Gemm::get_workspace_size(args);
   FP8KERN_CHECK(ws <= p.workspace_bytes, what, ": needs ", ws, " bytes of workspace, got ", p.workspace_bytes);
   Gemm gemm;
