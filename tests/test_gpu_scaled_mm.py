@@ -174,6 +174,18 @@ def test_cuda_graph_capture(family, M, N, K):
     capture_and_replay(M, N, K, "token_channel")
 
 
+def test_value_checks_refuse_capture(family, monkeypatch):
+    """Value checks read scales on the host: inside a capture they raise a clear error before touching the stream
+    (eagerly they run)."""
+    monkeypatch.setitem(_backend._state, "check_values", True)
+    a, b, sa, sb = (t.cuda() for t in make_operands(4, 256, 256, "token_channel", torch.Generator().manual_seed(6)))
+    fp8kern.scaled_mm(a, b, sa, sb)
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"call fp8kern.set_value_checks\(False\) before capturing"):
+        with torch.cuda.graph(g):
+            fp8kern.scaled_mm(a, b, sa, sb)
+
+
 # Block-scaled (1x128 x 128x128): both kernels promote every 128 of K, so the promoted-mode bound applies.
 
 @pytest.mark.parametrize("K", [1024, 2048])  # sm90 splits K = 2048 with stream-K (2 x tiles < SMs, K > 1024)

@@ -53,7 +53,15 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def value_checks_on(device: torch.device) -> bool:
-    return device.type == "cpu" or _state["check_values"]
+    """Whether a call on `device` checks values (reading them on the host). CUDA checks cannot run inside a CUDA
+    graph capture (a host read fails it): there they raise, saying so, instead of the capture's own error."""
+    if device.type == "cpu":
+        return True
+    if _state["check_values"] and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fp8kern: value checks (FP8KERN_CHECK_VALUES=1 / set_value_checks(True)) read values on "
+                           "the host, which a CUDA graph capture does not allow; call fp8kern.set_value_checks(False) "
+                           "before capturing")
+    return _state["check_values"]
 
 
 def compiled_archs() -> list[str]:

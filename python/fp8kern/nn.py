@@ -390,7 +390,7 @@ class Fp8Experts(_FixedDtypeBuffers):
         E, H, I, Ip = self.num_experts, self.hidden_size, self.intermediate_size, self.padded_intermediate
         T, rows = x.shape[0], flat.numel()
         valid = (flat >= 0) & (flat <= E)
-        if _backend.value_checks_on(x.device) and not torch.compiler.is_compiling():  # FP8KERN_CHECK_VALUES=1
+        if not torch.compiler.is_compiling() and _backend.value_checks_on(x.device):  # FP8KERN_CHECK_VALUES=1
             bad = int((~valid).sum())
             if bad:
                 raise ValueError(f"Fp8Experts: top_k_index holds {bad} value(s) outside [0, {E}] (num_experts={E}; "

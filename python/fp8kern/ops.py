@@ -613,7 +613,8 @@ def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOC
     Dynamic (scale=None): scale = amax / 448 over the segment (amax first clamped to scale_ub if given), at least
     2**-126 so an all-zero row gets a finite scale; scale_format='ue8m0' rounds it up to a power of two and
     returns float8_e8m0fnu scales. Static: pass fp32 `scale` in the shape above (or (M,) for token).
-    x_fp8 = saturate(round(x / scale)) to +-448, round to nearest even; never NaN from overflow.
+    x_fp8 = saturate(round(x * (1 / scale))) to +-448 (the reciprocal rounded to fp32 once), round to nearest
+    even; never NaN from overflow.
     On CUDA (sm_89 and newer) this is one fused kernel; elsewhere the reference (fp8kern.reference.quantize).
     Under CUDA graph capture pass a static `scale` as a CUDA tensor (a Python float would need a host copy).
     """
