@@ -138,6 +138,14 @@ def quantize(kind="token", **kw):
     ("group", dict(group_size=0), r"quantize_per_group: group_size=0, expected >= 1"),
     ("static", dict(group_size=0), r"quantize_static: group_size=0, expected >= 1"),
     ("tensor", dict(workspace=0), r"quantize_per_tensor: workspace is null"),
+    ("tensor", dict(workspace=SB + 2), r"quantize_per_tensor: workspace must be 4-byte aligned"),
+    ("token", dict(scale=SA + 2), r"quantize_per_token: fp32 scale pointer is not 4-byte aligned"),
+    ("token", dict(scale_row_stride=0), r"quantize_per_token: scale row stride 0 with rows=4, expected >= 1"),
+    ("group", dict(scale_col_stride=0), r"quantize_per_group: scale column stride 0 with 2 groups per row"),
+    ("group", dict(scale_row_stride=1, scale_col_stride=1),
+     r"quantize_per_group: scale strides \(1, 1\) for 4 rows x 2 groups: expected rows a whole row of scales apart "
+     r"\(row-major, e.g. \(2, 1\)\) or groups a whole column apart \(column-major, e.g. \(1, 4\)\)"),
+    ("group", dict(scale_row_stride=2, scale_col_stride=3), r"quantize_per_group: scale strides \(2, 3\) for 4 rows"),
 ])
 def test_quantize_launch_rejects(kind, kw, message):
     with pytest.raises(ValueError, match=message):

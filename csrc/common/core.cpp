@@ -1,6 +1,7 @@
 // Host-side helpers of the compiled core: dtype names, argument validation, device queries.
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -96,8 +97,28 @@ void validate_quantize(const QuantProblem& p, const char* kind) {
   quant::validate(p, what.c_str(), k != "static");
   if (k == "group" || k == "static")
     FP8KERN_CHECK(p.group_size >= 1, what, ": group_size=", p.group_size, ", expected >= 1");
-  if (k == "tensor")
+  if (k == "tensor") {
     FP8KERN_CHECK(p.workspace != nullptr, what, ": workspace is null, expected 4 bytes of device memory");
+    FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.workspace) % 4 == 0, what,
+                  ": workspace must be 4-byte aligned (an atomic max on 32 bits)");
+  }
+  if (p.scale_dtype == DType::kFloat32 || k == "static")
+    FP8KERN_CHECK(reinterpret_cast<uintptr_t>(p.scale) % 4 == 0, what, ": fp32 scale pointer is not 4-byte aligned");
+  // Dynamic scales are written, one per row (token) or per (row, group): distinct ones must not share an address.
+  if (k == "token")
+    FP8KERN_CHECK(p.rows <= 1 || p.scale_row_stride >= 1, what, ": scale row stride ", p.scale_row_stride,
+                  " with rows=", p.rows, ", expected >= 1 (rows would write one scale)");
+  if (k == "group") {
+    const int64_t groups = (p.cols + p.group_size - 1) / p.group_size;
+    const int64_t row_extent = (groups - 1) * p.scale_col_stride + 1;  // a row's scales span this many elements
+    FP8KERN_CHECK(groups <= 1 || p.scale_col_stride >= 1, what, ": scale column stride ", p.scale_col_stride,
+                  " with ", groups, " groups per row, expected >= 1 (groups would write one scale)");
+    FP8KERN_CHECK(p.rows <= 1 || p.scale_row_stride >= row_extent || (p.scale_row_stride >= 1 &&
+                  p.scale_col_stride >= (p.rows - 1) * p.scale_row_stride + 1), what, ": scale strides (",
+                  p.scale_row_stride, ", ", p.scale_col_stride, ") for ", p.rows, " rows x ", groups,
+                  " groups: expected rows a whole row of scales apart (row-major, e.g. (", groups,
+                  ", 1)) or groups a whole column apart (column-major, e.g. (1, ", p.rows, ")), so no two share one");
+  }
 }
 
 }  // namespace fp8kern

@@ -54,7 +54,7 @@ struct QuantProblem {
   int64_t scale_row_stride = 0;  // elements; group scales are scale[row * row_stride + g * col_stride]
   int64_t scale_col_stride = 0;
   int group_size = 128;          // group granularity only
-  float scale_ub = 0.0f;         // > 0: clamp amax to this before computing the scale (token granularity)
+  float scale_ub = 0.0f;         // > 0: clamp amax to this before computing the scale (dynamic kinds)
   void* workspace = nullptr;     // per-tensor dynamic: 4 bytes of device memory
   cudaStream_t stream = nullptr;
 };
@@ -67,7 +67,7 @@ void quantize_per_group(const QuantProblem& p);
 // rows == 0 nothing is written, the scale included: the caller picks the scale of an empty tensor.
 void quantize_per_tensor(const QuantProblem& p);
 // Static: scales are inputs (fp32), read as scale[row * scale_row_stride + (col / group_size) * scale_col_stride].
-// Per-tensor: both strides 0; per-token: col stride 0 and group_size = cols.
+// Per-tensor: both strides 0; per-token: col stride 0 (group_size then selects nothing).
 void quantize_static(const QuantProblem& p);
 
 // One FP8 GEMM with the dequantization fused into the epilogue:
