@@ -49,7 +49,7 @@ def test_compiled_linear_matches_eager():
 @pytest.mark.parametrize("block", [True, False])
 def test_opcheck_grouped_mm(monkeypatch, block):
     """The grouped GEMM op (its kernel stood in for by the per-group GEMMs, as off Hopper)."""
-    monkeypatch.setattr(fp8kern.ops, "_grouped_mm_impl", fp8kern.ops._grouped_mm_per_group)
+    monkeypatch.setattr(fp8kern.ops.grouped, "_grouped_mm_impl", fp8kern.ops.grouped._grouped_mm_per_group)
     gen = torch.Generator().manual_seed(4)
     a, sa = fp8kern.quantize(torch.randn(9, 256, generator=gen), "group" if block else "token")
     b, sb = zip(*(fp8kern.quantize_weight(torch.randn(136, 256, generator=gen), "block" if block else "channel")

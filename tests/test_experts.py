@@ -587,8 +587,8 @@ def test_grouped_flow_compiles(monkeypatch, scheme, kw):
         kw = {"input_scales": static_scales(ex, x)}
     m = Fp8Experts.from_experts(ex, scheme, **kw)
     monkeypatch.setattr(Fp8Experts, "_grouped_runs", lambda self, x: True)
-    monkeypatch.setattr(fp8kern.ops, "grouped_supported", lambda *args: True)
-    monkeypatch.setattr(fp8kern.ops, "_grouped_mm_impl", fp8kern.ops._grouped_mm_per_group)
+    monkeypatch.setattr(fp8kern.ops.grouped, "grouped_supported", lambda *args: True)
+    monkeypatch.setattr(fp8kern.ops.grouped, "_grouped_mm_impl", fp8kern.ops.grouped._grouped_mm_per_group)
     idx, w = routing(7, E, K_TOP, seed=6)
     eager = m(x, idx, w)
     torch._dynamo.reset()

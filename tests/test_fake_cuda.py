@@ -19,7 +19,8 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import fake_cuda
 import torch, fp8kern
-from fp8kern import _backend, ops
+from fp8kern import _backend
+from fp8kern.ops import gemm_launch
 fp8kern.set_backend("sm90")
 torch.manual_seed(0)
 a = torch.randn(5, 64, device="cuda").to(torch.float8_e4m3fn)
@@ -56,10 +57,10 @@ d3 = fp8kern.scaled_mm(a3, b3, ga, gb)
 assert torch.equal(d3.cpu(), fp8kern.reference.scaled_mm(a3.cpu(), b3.cpu(), ga.cpu(), gb.cpu()))
 a4 = torch.randn(256, 2048, device="cuda").to(torch.float8_e4m3fn)
 s4 = torch.ones(256, device="cuda")
-assert "streamk" in ops._config_label("sm90", False, 256, 256, 2048, a4.device)
+assert "streamk" in gemm_launch.config_label("sm90", False, 256, 256, 2048, a4.device)
 d4 = fp8kern.scaled_mm(a4, a4, s4, s4)
 assert torch.equal(d4.cpu(), fp8kern.reference.scaled_mm(a4.cpu(), a4.cpu(), s4.cpu(), s4.cpu()))
-assert fake_cuda.STREAMK_WORKSPACE in ops._ws_bytes.values()
+assert fake_cuda.STREAMK_WORKSPACE in gemm_launch._ws_bytes.values()
 x = torch.randn(4, 300, device="cuda", dtype=torch.bfloat16)
 q, s = fp8kern.quantize(x, "group")
 rq, rs = fp8kern.reference.quantize(x.cpu(), "group")

@@ -253,7 +253,7 @@ def test_every_config(monkeypatch, query, config, M, N, K):
     family = query.split("_")[0]
     prev = _use(family)
     try:
-        monkeypatch.setitem(fp8kern.ops._config_override, query, config)
+        monkeypatch.setitem(fp8kern.ops.gemm_launch._config_override, query, config)
         run_and_check(M, N, K, "block" if query.endswith("_block") else "token_channel", bias=True)
     finally:
         fp8kern.set_backend(prev)

@@ -115,3 +115,28 @@ def test_dequantize_matches_expand():
     assert np.array_equal(d.numpy(), expected)
     with pytest.raises(ValueError, match="block_size"):
         fp8kern.reference.dequantize(q, s)
+
+
+def test_reference_stands_alone():
+    """The oracle imports nothing of fp8kern but its constants: it must not depend on the code it judges."""
+    import ast
+
+    tree = ast.parse(open(fp8kern.reference.__file__, encoding="utf-8").read())
+    imported = {(n.level, n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {(0, a.name) for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    ours = {(level, mod) for level, mod in imported if level > 0 or (mod or "").startswith("fp8kern")}
+    assert ours == {(1, "_constants")}, ours
+
+
+def test_reference_reads_the_layout_from_scale_shapes():
+    """Without a layout the oracle reads each scale's block from its shape, as infer_layout does, and refuses a
+    shape that fits none (here a 1x128-group scale given for b, whose blocks are 128x128)."""
+    gen = torch.Generator().manual_seed(3)
+    for layout in LAYOUTS:
+        a, b, sa, sb = make_operands(5, 136, 200, layout, gen)
+        assert torch.equal(fp8kern.reference.scaled_mm(a, b, sa, sb, torch.float32),
+                           fp8kern.reference.scaled_mm(a, b, sa, sb, torch.float32,
+                                                       layout=fp8kern.infer_layout(a, b, sa, sb)))
+    a, b, sa, _ = make_operands(5, 136, 200, "block", gen)
+    with pytest.raises(ValueError, match=r"scale_b of shape \(136, 2\) fits no layout for b"):
+        fp8kern.reference.scaled_mm(a, b, sa, torch.ones(136, 2), torch.float32)

@@ -13,7 +13,8 @@ import types
 import torch
 
 import fp8kern
-from fp8kern import _backend, ops
+from fp8kern import _backend
+from fp8kern.ops import gemm_launch
 
 
 def stub_launches():
@@ -27,7 +28,7 @@ def stub_launches():
                                         gemm_workspace_size=lambda *a: 0, block_workspace_size=lambda *a: 0,
                                         grouped_mm=lambda *a: None, grouped_workspace_size=lambda *a: 0,
                                         quantize=lambda *a: None)
-    ops._workspace = lambda index: ws
+    gemm_launch._workspace = lambda index: ws
 
 
 def main(argv=None) -> int:

@@ -46,13 +46,13 @@ for family in families:
             query = family + "_block" if act == "group" else family
             bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
             for config in range(len(_backend._C.gemm_configs(query))):
-                fp8kern.ops._config_override[query] = config
+                fp8kern.ops.gemm_launch._config_override[query] = config
                 try:
                     fp8kern.scaled_mm(xq, wq, xs, ws, bias=bias)
                     if act == "token":
                         fp8kern.scaled_mm(xq, wq, xs, ws, fast_accum=True)
                 finally:
-                    fp8kern.ops._config_override.pop(query, None)
+                    fp8kern.ops.gemm_launch._config_override.pop(query, None)
 if "sm90" in families:  # the grouped MoE kernels: empty groups, ragged tiles, offsets past the rows (clamped)
     fp8kern.set_backend("sm90")
     G, N, K = 5, 264, 400

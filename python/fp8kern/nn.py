@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import _backend, ops
-from .reference import BLOCK, E4M3, E8M0
+from ._constants import BLOCK, E4M3, E8M0, INPUT_DTYPES, OUT_DTYPES
+from .ops.gemm import scaled_mm_impl
 
 # scheme -> (activation granularity, dynamic activations?, default weight granularity, allowed weight granularities)
 SCHEMES = {
@@ -35,7 +36,7 @@ def _check_scheme(scheme: str, weight_granularity: str | None, scale_format: str
         raise ValueError(f"scale_format={scale_format!r}, expected 'fp32' or 'ue8m0'")
     if scale_format == "ue8m0" and scheme != "block128":
         raise ValueError("scale_format='ue8m0' applies to scheme='block128'")
-    if dtype not in ops.OUT_DTYPES:
+    if dtype not in OUT_DTYPES:
         raise TypeError(f"dtype={dtype}, expected torch.bfloat16, torch.float16 or torch.float32")
     return act, dynamic, weight_granularity
 
@@ -104,10 +105,10 @@ class Fp8Linear(_FixedDtypeBuffers):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        dtype = w.dtype if w.dtype in ops.OUT_DTYPES else torch.bfloat16
+        dtype = w.dtype if w.dtype in OUT_DTYPES else torch.bfloat16
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, device=w.device, dtype=dtype,
                 **kwargs)
-        q, s = ops.quantize_weight(w if w.dtype in ops.INPUT_DTYPES else w.float(), m.weight_granularity,
+        q, s = ops.quantize_weight(w if w.dtype in INPUT_DTYPES else w.float(), m.weight_granularity,
                                    scale_format=m.scale_format)
         m.weight.copy_(q)
         m.weight_scale.copy_(s.reshape(m.weight_scale.shape))
@@ -125,7 +126,7 @@ class Fp8Linear(_FixedDtypeBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Fp8Linear: input has {x.shape[-1]} features in the last dim, expected {self.in_features}")
-        if x.dtype not in ops.OUT_DTYPES:
+        if x.dtype not in OUT_DTYPES:
             raise TypeError(f"Fp8Linear: input dtype {x.dtype}, expected bfloat16, float16 or float32")
         weight, weight_scale, bias = self.weight, self.weight_scale, self.bias  # each a Module.__getattr__ lookup
         if self.scheme == "block128":
@@ -270,14 +271,14 @@ class Fp8Experts(_FixedDtypeBuffers):
         gu = experts.gate_up_proj.detach()
         E, two_i, H = gu.shape
         I = two_i // 2
-        dtype = gu.dtype if gu.dtype in ops.OUT_DTYPES else torch.bfloat16
+        dtype = gu.dtype if gu.dtype in OUT_DTYPES else torch.bfloat16
         m = cls(E, H, I, scheme, act_fn=experts.act_fn, device=gu.device, dtype=dtype, **kwargs)
         down = experts.down_proj.detach()
         wgran = m.weight_granularity
         with torch.no_grad():
             for e in range(E):
                 for role, w in (("gate", gu[e, :I]), ("up", gu[e, I:]), ("down", down[e])):
-                    q, s = ops.quantize_weight(w if w.dtype in ops.INPUT_DTYPES else w.float(), wgran,
+                    q, s = ops.quantize_weight(w if w.dtype in INPUT_DTYPES else w.float(), wgran,
                                                scale_format=m.scale_format)
                     wq, ws = m.projection(e, role)
                     wq.copy_(q)
@@ -316,7 +317,7 @@ class Fp8Experts(_FixedDtypeBuffers):
                     ops.scaled_mm(a, weight[e], sa, scale[e], out_dtype=out.dtype, out=d, fast_accum=self.fast_accum)
                     first = False
                 else:
-                    ops._scaled_mm_impl(a, weight[e], sa, scale[e], out.dtype, None, layout, self.fast_accum, d)
+                    scaled_mm_impl(a, weight[e], sa, scale[e], out.dtype, None, layout, self.fast_accum, d)
             r += c
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -326,7 +327,7 @@ class Fp8Experts(_FixedDtypeBuffers):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"Fp8Experts: hidden_states has shape {got}, expected [tokens, {H}]")
-        if x.dtype not in ops.OUT_DTYPES:
+        if x.dtype not in OUT_DTYPES:
             raise TypeError(f"Fp8Experts: hidden_states dtype {x.dtype}, expected bfloat16, float16 or float32")
         T = x.shape[0]
         for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
@@ -458,7 +459,7 @@ def _skip_reason(name: str, weight: torch.Tensor, skip) -> str | None:
             return f"matches skip pattern {pattern!r}"
     if weight.device.type == "meta":
         return "weight is on the meta device (load the weights first)"
-    if weight.dtype not in ops.INPUT_DTYPES:
+    if weight.dtype not in INPUT_DTYPES:
         return f"weight dtype {weight.dtype} is not bfloat16, float16 or float32"
     return None
 

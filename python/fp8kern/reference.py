@@ -10,12 +10,8 @@ import math
 
 import torch
 
-E4M3 = torch.float8_e4m3fn
-E8M0 = torch.float8_e8m0fnu
-E4M3_MAX = 448.0
-# Floor of dynamic scales (2**-126, the smallest normal fp32): an all-zero segment gets a finite positive scale.
-MIN_SCALE = 2.0**-126
-BLOCK = 128  # block edge of the block-scaled GEMM layout (1x128 activations, 128x128 weights)
+# The oracle stands alone: it imports nothing of fp8kern but these constants, never the code it judges.
+from ._constants import BLOCK, E4M3, E4M3_MAX, E8M0, MIN_SCALE
 
 __all__ = [
     "E4M3_MAX", "MIN_SCALE", "scale_from_amax", "quantize", "quantize_weight", "dequantize", "expand_scale",
@@ -149,20 +145,38 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block_size=None) -> torch.T
     return q.float() * expand_scale(scale, R, C, br, bc)
 
 
+def _block_from_shape(scale: torch.Tensor, rows: int, K: int, name: str) -> tuple:
+    """(row, col) edge of the block one scale covers in operand `name` ('a' [M, K] or 'b' [N, K]), read from the
+    scale's shape: one scale, one per row, or one per 1x128 group of a / 128x128 block of b. A shape that fits two
+    readings (one row, or K <= 128) gives the same numbers under both."""
+    if scale.numel() == 1:
+        return rows, K
+    if tuple(scale.shape) in ((rows,), (rows, 1)):
+        return 1, K
+    block = (1, BLOCK) if name == "a" else (BLOCK, BLOCK)
+    if tuple(scale.shape) == (math.ceil(rows / block[0]), math.ceil(K / BLOCK)):
+        return block
+    raise ValueError(f"reference.scaled_mm: scale_{name} of shape {tuple(scale.shape)} fits no layout for {name} of "
+                     f"shape ({rows}, {K})")
+
+
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
               out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None, layout=None) -> torch.Tensor:
     """D = (a * scale_a) @ (b * scale_b).T (+ bias), dequantized operands multiplied with fp32 accumulation.
 
-    a [M, K] and b [N, K] are e4m3. The layout (see fp8kern.ops.infer_layout) says how each scale broadcasts;
-    without one it is inferred from the shapes.
+    a [M, K] and b [N, K] are e4m3. layout (an fp8kern.Layout, or anything with the attributes a in 'tensor' |
+    'token' | 'group' and b in 'tensor' | 'channel' | 'block') says how each scale broadcasts; without one each
+    scale's block is read from its shape.
     """
-    if layout is None:
-        from .ops import infer_layout
-        layout = infer_layout(a, b, scale_a, scale_b)
     M, K = a.shape
     N = b.shape[0]
-    a_deq = a.float() * expand_scale(scale_a, M, K, *layout.a_block(M, K))
-    b_deq = b.float() * expand_scale(scale_b, N, K, *layout.b_block(N, K))
+    if layout is None:
+        a_block, b_block = _block_from_shape(scale_a, M, K, "a"), _block_from_shape(scale_b, N, K, "b")
+    else:
+        a_block = {"tensor": (M, K), "token": (1, K), "group": (1, BLOCK)}[layout.a]
+        b_block = {"tensor": (N, K), "channel": (1, K), "block": (BLOCK, BLOCK)}[layout.b]
+    a_deq = a.float() * expand_scale(scale_a, M, K, *a_block)
+    b_deq = b.float() * expand_scale(scale_b, N, K, *b_block)
     d = a_deq @ b_deq.t()
     if bias is not None:
         d = d + bias.float()

@@ -266,7 +266,7 @@ def time_problem(args, timer, peaks, gpu, suite, layout, M, N, K, w, b, sb, out_
         del y
         family = _backend.gemm_family(a.device)
         ours = dict(diff_vs_reference=diff, ok=diff < MAX_DIFF,
-                    config=family and fp8kern.ops._config_label(family, layout == "block", M, N, K, a.device))
+                    config=family and fp8kern.ops.gemm_launch.config_label(family, layout == "block", M, N, K, a.device))
         if ours["ok"]:
             fns[args.label] = lambda: fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
         else:

@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from ..reference import BLOCK, E8M0, dequantize
+from .._constants import BLOCK, E8M0
+from ..reference import dequantize
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"

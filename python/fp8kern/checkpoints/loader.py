@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..nn import Fp8Experts, Fp8Linear, fused_experts_unsupported, is_fused_experts
-from ..reference import E4M3
+from .._constants import E4M3
 from .common import (CheckpointFormat, LayerSpec, TensorInfo, fp8_modules, progress, read_config, read_header,
                      require)
 from .compressed_tensors import CompressedTensors
