@@ -99,8 +99,9 @@ def test_unknown_family_is_an_error():
 
 
 def test_unverified_family_not_used_by_auto(monkeypatch):
-    """Backend 'auto' runs a compiled family only once it is in VERIFIED_FAMILIES; naming it runs it with a warning.
-    The GPU is simulated (an sm_90 device), so this checks the selection logic on the CPU."""
+    """Backend 'auto' runs a compiled family only once it is in VERIFIED_FAMILIES (until then the call takes another
+    path: tests/test_gemm_paths.py); naming it runs it with a warning. The GPU is simulated (an sm_90 device), so this
+    checks the selection logic on the CPU."""
     monkeypatch.setattr(_backend, "device_arch", lambda device: 90)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "simulated H100")
     monkeypatch.setattr(_backend, "VERIFIED_FAMILIES", frozenset())
@@ -108,21 +109,20 @@ def test_unverified_family_not_used_by_auto(monkeypatch):
     prev = fp8kern.get_backend()
     try:
         fp8kern.set_backend("auto")
-        with pytest.raises(NotImplementedError, match=r"simulated H100 \(sm_90\).*not yet verified.*FP8KERN_BACKEND=sm90"):
-            _backend.gemm_family(dev)
+        assert _backend.compiled_family(dev) is None
         fp8kern.set_backend("sm90")
         with pytest.warns(RuntimeWarning, match="not been verified"):
             _backend._state["warned"].discard("unverified-sm90")
-            assert _backend.gemm_family(dev) == "sm90"
+            assert _backend.compiled_family(dev) == "sm90"
         fp8kern.set_backend("sm89")  # Ada kernels run on Hopper too (arch >= 89)
         _backend._state["warned"].discard("unverified-sm89")
         with pytest.warns(RuntimeWarning, match="sm89 GEMM kernels have not been verified"):
-            assert _backend.gemm_family(dev) == "sm89"
+            assert _backend.compiled_family(dev) == "sm89"
         monkeypatch.setattr(_backend, "VERIFIED_FAMILIES", frozenset({"sm90"}))
         fp8kern.set_backend("auto")
-        assert _backend.gemm_family(dev) == "sm90"
+        assert _backend.compiled_family(dev) == "sm90"
         fp8kern.set_backend("reference")
-        assert _backend.gemm_family(dev) is None
+        assert _backend.compiled_family(dev) is None
     finally:
         fp8kern.set_backend(prev)
 

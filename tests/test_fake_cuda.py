@@ -3,6 +3,7 @@ can fail (a launch whose addresses leave the tensors it was given is refused, an
 still runs), and dry-run the GPU-check scripts on it. In subprocesses, since the fake device patches torch
 globally."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -156,4 +157,39 @@ def test_capture_refuses_host_reads():
     root = pathlib.Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", _CAPTURE, str(root / "tools")], capture_output=True, text=True,
                        timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-2000:] + r.stderr[-3000:]
+
+
+_PATHS = """
+import sys
+import warnings
+sys.path[:0] = sys.argv[1:3]
+import fake_cuda
+import torch, fp8kern
+from conftest import fp32_gemm_bound, make_operands
+from test_gemm_paths import check, dequant_bound
+expected = dict(zip(("tensor", "token_channel", "block"), sys.argv[3].split(",")))
+paths = fp8kern.info()["gemm_paths"]
+for layout, want in expected.items():
+    assert paths[layout].startswith({"torch": "torch._scaled_mm", "dequant": "dequantize + GEMM"}[want]), paths
+    a, b, sa, sb = make_operands(7, 130, 200, layout, torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = fp8kern.scaled_mm(a.cuda(), b.cuda(), sa.cuda(), sb.cuda(), out_dtype=torch.float32)
+    check(y.cpu(), a, b, sa, sb, torch.float32, bound=dequant_bound if want == "dequant" else fp32_gemm_bound)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("cap,expected", [("8,0", "dequant,dequant,dequant"), ("8,9", "torch,torch,dequant"),
+                                          ("9,0", "torch,torch,dequant"), ("10,0", "torch,torch,dequant"),
+                                          ("12,0", "torch,torch,dequant")])
+def test_default_path_on_simulated_gpus(cap, expected):
+    """With no fp8kern family verified, a simulated sm_80 dequantizes every layout; sm_89 and newer run per-tensor and
+    per-channel layouts on torch's FP8 GEMM, and block-scaled ones dequantized (torch's block-wise GEMM is sm_90
+    only, needs CUDA >= 12.9, and fp8kern's glue to it waits for a GPU run). Results checked against the oracle."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FAKE_CAP=cap, FP8KERN_BACKEND="auto")
+    r = subprocess.run([sys.executable, "-c", _PATHS, str(root / "tools"), str(root / "tests"), expected],
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-2000:] + r.stderr[-3000:]

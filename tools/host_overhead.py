@@ -20,7 +20,7 @@ from fp8kern.ops import gemm_launch
 def stub_launches():
     """Make the kernel path run on CPU tensors, ending in no-op launches."""
     ws = torch.empty(1 << 20, dtype=torch.uint8)
-    _backend.gemm_family = lambda device: "sm90"
+    _backend.compiled_family = lambda device: "sm90"
     _backend.value_checks_on = lambda device: False
     _backend.quant_kernels_available = lambda device: True
     _backend.current_stream = lambda index: 0

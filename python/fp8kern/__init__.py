@@ -6,7 +6,7 @@
     y = fp8kern.scaled_mm(x_fp8, w_fp8, x_scale, w_scale, out_dtype=torch.bfloat16)
 """
 
-from . import nn, reference
+from . import nn, ops, reference
 from ._backend import get_backend, set_backend, set_value_checks
 from .checkpoints import detect_format, from_pretrained
 from .nn import Fp8Experts, Fp8Linear, quantize_model
@@ -24,7 +24,8 @@ __all__ = [
 
 
 def info() -> dict:
-    """What this install can run: version, compiled archs, GEMM families, backend, and the CUDA device if any."""
+    """What this install can run: version, compiled archs, GEMM families, backend, the CUDA device if any, and the
+    path scaled_mm takes for each layout there (gemm_paths)."""
     import torch
 
     from . import _backend
@@ -40,7 +41,10 @@ def info() -> dict:
     }
     if _backend._C is None:
         d["compiled_error"] = str(_backend._C_ERROR)
-    if torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())
-        d["cuda_device"] = f"{torch.cuda.get_device_name(dev)} (sm_{_backend.device_arch(dev)})"
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        d["cuda_device"] = _backend.device_label(dev)
+    # The path scaled_mm takes for each layout (bfloat16 output) on this device, and why: fp8kern's verified
+    # kernels, torch's FP8 GEMM, the dequantizing GEMM or the reference.
+    d["gemm_paths"] = ops.gemm.describe_paths(dev)
     return d

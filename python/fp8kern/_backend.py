@@ -1,7 +1,9 @@
-"""Which implementation runs: the compiled module fp8kern._C (when built and the GPU is supported) or the reference.
+"""Which implementation runs: the backend setting, the compiled module fp8kern._C and its kernel families, the
+families verified on a GPU, and the per-process switches (value checks, printing the path taken).
 
-FP8KERN_BACKEND=auto|reference|sm89|sm90 picks a family at import (fp8kern.set_backend changes it later);
-FP8KERN_PRINT_CONFIG=1 prints the path taken for each new problem shape.
+FP8KERN_BACKEND=auto|reference|sm89|sm90|torch|dequant picks at import (fp8kern.set_backend changes it later);
+FP8KERN_PRINT_CONFIG=1 prints the path taken for each new problem shape. The GEMM path for a call (a compiled
+family, torch's FP8 GEMM, the dequantizing GEMM or the reference) is decided in ops/gemm.py: gemm_path.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ except ImportError as e:  # pure-Python install, or the module failed to load
     _C = None
     _C_ERROR = e
 
-BACKENDS = ("auto", "reference", "sm89", "sm90")
+# auto: the best verified path for the device; reference: the pure-PyTorch oracle; sm89 / sm90: a compiled kernel
+# family, verified or not; torch: torch's own FP8 GEMM (torch._scaled_mm); dequant: dequantize, then the ordinary GEMM.
+BACKENDS = ("auto", "reference", "sm89", "sm90", "torch", "dequant")
 # Compiled targets, listed in errors: the GEMM families and the GPUs they serve.
 SUPPORTED = "sm_89 (Ada: L4, L40S, RTX 4090) and sm_90a (Hopper: H100, H200)"
 
@@ -36,7 +40,8 @@ _state = {"backend": _env_backend(), "print_config": os.environ.get("FP8KERN_PRI
 
 
 def set_backend(name: str) -> None:
-    """Force a kernel family for CUDA tensors: 'auto' (default), 'reference', 'sm89' or 'sm90'."""
+    """Force a GEMM path: 'auto' (default), 'reference', 'sm89', 'sm90' (CUDA tensors), 'torch' or 'dequant' (any
+    device)."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}, expected one of {BACKENDS}")
     _state["backend"] = name
@@ -125,32 +130,36 @@ def compiled_families() -> list[str]:
     return list(_families())
 
 
-def gemm_family(device: torch.device) -> str | None:
-    """The compiled scaled_mm family for this device, None for the reference path; raises if there is none."""
+def compiled_family(device: torch.device) -> str | None:
+    """The compiled scaled_mm family that runs on this device: under 'auto' a verified family for its arch (sm_90 ->
+    sm90, sm_89 -> sm89), under 'sm90' / 'sm89' that family even unverified (with a warning once; an error naming the
+    reason where it cannot run here), else None (the CPU, other backends, or no verified family for this GPU)."""
     backend = _state["backend"]
-    if device.type != "cuda" or backend == "reference":
+    if device.type != "cuda" or backend not in ("auto", "sm90", "sm89"):
         return None
     arch = device_arch(device)
     families = _families()
     want = ("sm90" if arch == 90 else "sm89" if arch == 89 else None) if backend == "auto" else backend
     usable = want in families and (arch == FAMILY_ARCH[want] if want == "sm90" else arch >= FAMILY_ARCH.get(want, 99))
-    if usable and (backend != "auto" or want in VERIFIED_FAMILIES):
+    if backend == "auto":
+        return want if usable and want in VERIFIED_FAMILIES else None
+    if usable:
         if want not in VERIFIED_FAMILIES:
             warn_once(f"unverified-{want}", f"fp8kern: the {want} GEMM kernels have not been verified on a GPU yet "
                                             "(running them because FP8KERN_BACKEND selects them)")
         return want
     name = torch.cuda.get_device_name(device)
-    if _C is None:
-        why = f"fp8kern._C is not built ({_C_ERROR})"
-    elif usable:
-        why = (f"the {want} kernels are compiled but not yet verified on a GPU; set FP8KERN_BACKEND={want} to run "
-               "them anyway")
-    else:
-        why = f"compiled GEMM families: {', '.join(families) or 'none'}"
+    why = (f"fp8kern._C is not built ({_C_ERROR})" if _C is None
+           else f"compiled GEMM families: {', '.join(families) or 'none'}; {want} needs sm_{FAMILY_ARCH[want]}"
+                + ("" if want == "sm90" else " or newer"))
     raise NotImplementedError(
-        f"fp8kern.scaled_mm has no CUDA kernel for {name} (sm_{arch}) with backend={backend!r}; {why}. "
-        f"Supported targets: {SUPPORTED}. Set FP8KERN_BACKEND=reference (or fp8kern.set_backend('reference')) "
-        "to run the pure-PyTorch reference on the GPU, which is correct but slow.")
+        f"FP8KERN_BACKEND={backend}: fp8kern's {backend} kernels cannot run on {name} (sm_{arch}): {why}. Supported "
+        f"targets: {SUPPORTED}. Unset FP8KERN_BACKEND (or fp8kern.set_backend('auto')) for the best path this GPU has.")
+
+
+def device_label(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3 (sm_90)': a CUDA device as messages name it."""
+    return f"{torch.cuda.get_device_name(device)} (sm_{device_arch(device)})"
 
 
 def config_name(family: str, M: int, N: int, K: int, sm_count: int) -> str:

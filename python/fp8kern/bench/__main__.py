@@ -264,7 +264,7 @@ def time_problem(args, timer, peaks, gpu, suite, layout, M, N, K, w, b, sb, out_
         y = fp8kern.scaled_mm(a, b, sa, sb, out_dtype=out_dtype)
         diff = calc_diff(y, fp8kern.reference.scaled_mm(a, b, sa, sb, out_dtype))
         del y
-        family = _backend.gemm_family(a.device)
+        family = _backend.compiled_family(a.device)
         ours = dict(diff_vs_reference=diff, ok=diff < MAX_DIFF,
                     config=family and fp8kern.ops.gemm_launch.config_label(family, layout == "block", M, N, K, a.device))
         if ours["ok"]:
@@ -473,9 +473,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
     p.add_argument("--cpu", action="store_true", help="run the CPU reference check even when a GPU is present")
     p.add_argument("--no-peers", action="store_true", help="time fp8kern only (e.g. a second backend's run)")
-    p.add_argument("--backend", default=None, choices=["auto", "reference", "sm89", "sm90"],
-                   help="fp8kern kernel family to time (default: FP8KERN_BACKEND or auto); sm89 rows are labelled "
-                        "fp8kern-sm89")
+    p.add_argument("--backend", default=None, choices=["auto", "reference", "sm89", "sm90", "torch", "dequant"],
+                   help="fp8kern path to time (default: FP8KERN_BACKEND or auto, which times the GPU's compiled "
+                        "family even unverified); rows of sm89, torch and dequant are labelled fp8kern-<name>")
     args = p.parse_args(argv)
     suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
     bad = [s for s in suites if s not in SUITES]
@@ -493,12 +493,10 @@ def parse_args(argv=None):
 def _unverified_family() -> str | None:
     """The compiled family backend 'auto' would run on this GPU if it were verified (None if 'auto' runs one)."""
     device = torch.device("cuda", torch.cuda.current_device())
-    try:
-        _backend.gemm_family(device)
+    if _backend.compiled_family(device) is not None:
         return None
-    except NotImplementedError:
-        want = {90: "sm90", 89: "sm89"}.get(_backend.device_arch(device))  # the arches 'auto' serves
-        return want if want in _backend.compiled_families() else None
+    want = {90: "sm90", 89: "sm89"}.get(_backend.device_arch(device))  # the arches 'auto' serves
+    return want if want in _backend.compiled_families() else None
 
 
 def main(argv=None) -> int:
@@ -506,6 +504,14 @@ def main(argv=None) -> int:
     if args.backend:
         fp8kern.set_backend(args.backend)
     on_gpu = torch.cuda.is_available() and not args.cpu
+    auto_paths = None
+    if on_gpu:  # what a user's call takes on this GPU by default, whatever this run times
+        backend, device = fp8kern.get_backend(), torch.device("cuda", torch.cuda.current_device())
+        fp8kern.set_backend("auto")
+        auto_paths = fp8kern.ops.gemm.describe_paths(device)
+        fp8kern.set_backend(backend)
+        print("fp8kern-bench: by default scaled_mm on this GPU takes "
+              + "; ".join(f"{layout}: {path}" for layout, path in auto_paths.items()), file=sys.stderr)
     if on_gpu and fp8kern.get_backend() == "auto":
         unverified = _unverified_family()
         if unverified:
@@ -515,9 +521,11 @@ def main(argv=None) -> int:
             fp8kern.set_backend(unverified)
             args.backend = unverified
     backend = fp8kern.get_backend()
-    args.label = {"sm89": "fp8kern-sm89", "reference": "fp8kern-reference"}.get(backend, "fp8kern")
+    args.label = {"sm89": "fp8kern-sm89", "reference": "fp8kern-reference", "torch": "fp8kern-torch",
+                  "dequant": "fp8kern-dequant"}.get(backend, "fp8kern")
     meta = {"fp8kern": fp8kern.info(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "auto_paths": auto_paths,
             "command": "fp8kern-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
 

@@ -1,12 +1,14 @@
-"""fp8kern.scaled_mm: the API, then validation (ops/validation.py), then dispatch to the reference or a compiled
-family (ops/gemm_launch.py). Registered with torch.library so it traces under torch.compile; eager calls skip the
-dispatcher to keep host overhead low."""
+"""fp8kern.scaled_mm: the API, then validation (ops/validation.py), then the path (gemm_path): a compiled family
+(ops/gemm_launch.py), torch's FP8 GEMM (ops/torch_gemm.py), the dequantizing GEMM (ops/dequant_gemm.py) or the
+reference. Registered with torch.library so it traces under torch.compile; eager calls skip the dispatcher to keep
+host overhead low."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import _backend, reference
+from . import dequant_gemm, torch_gemm
 from .gemm_launch import config_label, run_gemm
 from .layout import _BLOCK_LAYOUT, Layout, infer_layout
 from .validation import as_scale, check_values, validate_scaled_mm
@@ -70,21 +72,107 @@ def _(a, b, scale_a, scale_b, out_dtype, bias, fast_accum, out):
 
 
 def scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fast_accum: bool = False,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Validated, non-empty problem -> result (written into `out` when given)."""
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Validated, non-empty problem -> result (written into `out` when given), on the path gemm_path picks."""
     # Value checks live here, not in validation, because they read data (a host sync, and untraceable).
     device = a.device
     if _backend.value_checks_on(device):
         check_values(scale_a, "scale_a")
         check_values(scale_b, "scale_b")
-    family = _backend.gemm_family(device)
+    block = layout is _BLOCK_LAYOUT
+    path = gemm_path(device, block, out_dtype, bias is not None)
     if _backend._state["print_config"]:
         M, K = a.shape
         N = b.shape[0]
-        what = (f"{family} {config_label(family, layout is _BLOCK_LAYOUT, M, N, K, device)}" if family
-                else f"reference ({device.type})")
-        _backend.note_path("scaled_mm", (M, N, K, layout.name, str(out_dtype)), what)
-    if family is None:
+        _backend.note_path("scaled_mm", (M, N, K, layout.name, str(out_dtype)),
+                           path_label(path, device, block, out_dtype, bias is not None, M, N, K))
+    if path is None:
         result = reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, layout)
         return out.copy_(result) if out is not None else result
-    return run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out)
+    if path == "torch":
+        try:
+            return torch_gemm.run(a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:  # torch's limits vary by version and GPU
+            if _backend._state["backend"] == "torch":
+                raise RuntimeError(f"FP8KERN_BACKEND=torch: torch's FP8 GEMM refused this problem ({e}); unset "
+                                   "FP8KERN_BACKEND for the best path this GPU has") from e
+            torch_gemm.refuse(device, block, out_dtype, bias is not None, e)
+            path = "dequant"
+    if path == "dequant":
+        if device.type == "cuda" and _backend._state["backend"] == "auto":
+            _warn_dequant_once(device, block, out_dtype, bias is not None)
+        return dequant_gemm.run(a, b, scale_a, scale_b, out_dtype, bias, layout, out)
+    return run_gemm(path, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out)
+
+
+def gemm_path(device: torch.device, block: bool, out_dtype: torch.dtype, has_bias: bool) -> str | None:
+    """The path a scaled_mm problem takes: 'sm90' / 'sm89' (a compiled family), 'torch' (torch's FP8 GEMM),
+    'dequant' (dequantize, then the ordinary GEMM) or None (the reference).
+
+    Backend 'auto' prefers, on a CUDA device: a verified fp8kern family for it, else torch's FP8 GEMM where it runs
+    this layout (torch_gemm.unsupported_reason), else the dequantizing path (warned once, naming the cost); on the CPU
+    the reference. 'reference', 'sm90', 'sm89' take what they name (a family that cannot run here is an error), the
+    CPU then taking the reference; 'torch' and 'dequant' take their path on any device ('torch' raises for a layout
+    torch does not run here)."""
+    backend = _backend._state["backend"]
+    if backend == "dequant":
+        return "dequant"
+    if backend == "torch":
+        why = torch_gemm.unsupported_reason(device, block, out_dtype, has_bias, forced=True)
+        if why is not None:
+            raise NotImplementedError(f"FP8KERN_BACKEND=torch: {why}. Unset FP8KERN_BACKEND (or "
+                                      "fp8kern.set_backend('auto')) for the best path this device has")
+        if block and not torch_gemm.BLOCKWISE_GLUE_VERIFIED and device.type == "cuda":
+            _backend.warn_once("torch-blockwise-unverified", "fp8kern: the arguments fp8kern builds for torch's "
+                               "block-wise FP8 GEMM have not been run on a GPU yet (running them because "
+                               "FP8KERN_BACKEND=torch)")
+        return "torch"
+    family = _backend.compiled_family(device)
+    if family is not None or backend != "auto" or device.type != "cuda":
+        return family
+    return "torch" if torch_gemm.unsupported_reason(device, block, out_dtype, has_bias) is None else "dequant"
+
+
+def _warn_dequant_once(device: torch.device, block: bool, out_dtype: torch.dtype, has_bias: bool) -> None:
+    """Backend 'auto' put a GPU on the dequantizing path: say so once per kind of layout, with the reason and cost."""
+    key = f"dequant-{block}"
+    if key in _backend._state["warned"]:
+        return
+    why = torch_gemm.unsupported_reason(device, block, out_dtype, has_bias)
+    _backend.warn_once(key, f"fp8kern: {_backend.device_label(device)} runs "
+                       f"{'block-scaled' if block else 'per-tensor / per-channel'} FP8 GEMMs by dequantizing the weight "
+                       f"on each call ({why}): the FP8 weight stays in memory, each call makes a dequantized copy in "
+                       "slices and runs the GPU's 16-bit (or fp32) GEMM, so expect about bf16 GEMM speed plus a pass "
+                       "over the weight, not FP8 speed, and a bf16 GEMM's rounding (docs/layouts.md)")
+
+
+def describe_paths(device: torch.device, out_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """{layout: the path scaled_mm takes for it on device under the current backend, and why}, for fp8kern.info()
+    and the benchmark. Asks without warning (the warnings a call would give stay due)."""
+    warned = set(_backend._state["warned"])
+    paths = {}
+    try:
+        for name, block in (("tensor", False), ("token_channel", False), ("block", True)):
+            try:
+                path = gemm_path(device, block, out_dtype, False)
+                paths[name] = path_label(path, device, block, out_dtype, False, 4096, 4096, 4096)
+            except NotImplementedError as e:
+                paths[name] = f"error: {e}"
+    finally:
+        _backend._state["warned"] = warned
+    return paths
+
+
+def path_label(path, device, block, out_dtype, has_bias, M, N, K) -> str:
+    """What FP8KERN_PRINT_CONFIG=1 and fp8kern.info() say a path is."""
+    if path is None:
+        return f"reference ({device.type})"
+    if path == "torch":
+        return "torch.nn.functional.scaled_mm (block-wise)" if block else "torch._scaled_mm"
+    if path == "dequant":
+        why = (torch_gemm.unsupported_reason(device, block, out_dtype, has_bias)
+               if _backend._state["backend"] == "auto" else None)
+        return "dequantize + GEMM" + (f" ({why})" if why else "")
+    return f"{path} {config_label(path, block, M, N, K, device)}"

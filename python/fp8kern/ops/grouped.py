@@ -52,8 +52,8 @@ def grouped_supported(device: torch.device, n: int, k: int, out_dtype: torch.dty
     if k < 128 or k % 16 or (n * out_dtype.itemsize) % 16:
         return False
     try:
-        return _backend.gemm_family(device) == "sm90"
-    except NotImplementedError:  # a GPU no compiled family runs on: the per-group path raises the reason
+        return _backend.compiled_family(device) == "sm90"
+    except NotImplementedError:  # FP8KERN_BACKEND names a family this GPU cannot run: the per-group path says why
         return False
 
 
