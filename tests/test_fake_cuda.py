@@ -113,7 +113,10 @@ runpy.run_path(script, run_name="__main__")
      "--reps", "2"],
     ["benchmarks/moe_layer.py", "--backend", "sm90", "--models", "qwen3-30b-a3b", "--tokens", "1", "9",
      "--reps", "2"],
-], ids=["sanitize_smoke", "accumulation", "llama_stack", "moe_layer"])
+    ["tools/gpu_sweep.py", "--backend", "sm90", "--cases", "6", "--json", os.devnull],
+    ["tools/gpu_sweep.py", "--backend", "torch", "--cases", "6", "--json", os.devnull],
+    ["tools/gpu_sweep.py", "--backend", "dequant", "--cases", "6", "--json", os.devnull],
+], ids=["sanitize_smoke", "accumulation", "llama_stack", "moe_layer", "sweep_sm90", "sweep_torch", "sweep_dequant"])
 def test_gpu_check_scripts_on_a_fake_device(script):
     """The scripts tools/gpu_check.sh runs on a GPU (besides the bench, which test_bench covers) run through on the
     fake device, kernel launches emulated, so a mistake in them costs no device time. Their numbers mean nothing."""

@@ -1,101 +1,149 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call, for a GPU machine without network: build, all tests (GPU ones included),
-# compute-sanitizer on small problems, the quick benchmark, the accumulation-mode error/speed figures, the
-# Llama-8B-shaped stack (fp8 vs bf16, CUDA graphs), MoE experts layers (Fp8Experts vs bf16, eager).
-# Logs, JSON and a summary go to DIR.
-#   bash tools/gpu_check.sh DIR [STAGE...]      stages: build test sanitize bench (default: all, in order)
-# A device command may run 10 minutes: on a cold machine run `build test`, then `sanitize`, then `bench`, one call
-# each (the build stays in the working tree between calls on a warm machine; later stages rebuild nothing).
-# Needs torch (CUDA), pybind11, cmake, ninja, pytest, nvcc there, and in .whl/ (ignored by git; name it in the
-# device tool's carry) the wheels it lacks, prepared here with (the second line: matplotlib for the bench plot,
-# for the device's Python 3.12; about 30 MB in all):
-#   pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0 nvidia-cuda-cuobjdump==13.2.86
-#   pip download --no-deps -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any matplotlib contourpy \
-#     cycler fonttools kiwisolver pillow pyparsing python-dateutil six packaging
+# The whole GPU check in one command, for the lent GPU machine (no network, nothing compiled there, a 10-minute
+# command limit, at most 8 files back). It installs the prebuilt wheel (tools/build_wheel.sh, carried in .whl/),
+# then runs, most valuable first, each step cut at its own time budget so the rest still runs:
+#   tests     the GPU tests of each family: quantization kernels, sm90 and sm89 scaled_mm (block-scaled and grouped
+#             included), the MoE experts, torch's FP8 GEMM and the dequantizing paths (JUnit XML per file)
+#   sweep     tools/gpu_sweep.py: random shapes against the float64 oracle on sm90, sm89, torch and dequant
+#   sanitize  compute-sanitizer memcheck over tools/sanitize_smoke.py (a refusal of the device is recorded)
+#   bench     fp8kern-bench --quick on Llama-3.1-8B, Llama-3.3-70B and DeepSeek-V3 shapes, against torch._scaled_mm
+#             and bf16, ending with the goal figures
+# Everything is packed into OUT: summary.txt (the table, printed last too), info.json, bench.json, sweep.json and
+# logs.tar.gz (every log, JUnit XML and JSON).
+#   bash tools/gpu_check.sh OUT                       on the GPU machine, from the repository root
+#   STEPS="tests bench" bash tools/gpu_check.sh OUT   a shorter rerun (steps: tests sweep sanitize bench, and
+#                                                     extras: accumulation modes, the Llama-8B stack and MoE layer
+#                                                     benchmarks, fp8kern-bench of the torch and dequant paths;
+#                                                     about 6 minutes, for a second command)
+#   bash tools/gpu_check.sh OUT --dry-run             rehearsal here: the same steps on the fake CUDA device
+#                                                     (tools/fake_cuda.py), with a wheel for this machine's Python
+#                                                     (PYTHON=.venv/bin/python bash tools/build_wheel.sh), so the
+#                                                     GPU run can fail on nothing but the kernels; sanitize and
+#                                                     bench are skipped there (no device; the bench's GPU path is
+#                                                     rehearsed by tests/test_bench.py)
+# Device call: run(command="bash tools/gpu_check.sh $OUT", carry=[".whl"], timeout_s=540).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash tools/gpu_check.sh DIR [build|test|sanitize|bench ...]}
-shift
-stages=${*:-build test sanitize bench}
+out=${1:?usage: bash tools/gpu_check.sh OUT [--dry-run]}
+dry=0
+[ "${2:-}" = "--dry-run" ] && dry=1
+steps=${STEPS:-tests sweep sanitize bench}
 mkdir -p "$out"
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} FP8KERN_REQUIRE_CUDA=1
-export PATH="/usr/local/cuda/bin:$PATH"
+out=$(cd "$out" && pwd)
+work=$(mktemp -d)
+py=${PYTHON:-$( [ $dry = 1 ] && echo "${FP8KERN_VENV:-.venv}/bin/python" || echo python3 )}
+start=$(date +%s)
+
+# Seconds per step, stated once: about 7.5 minutes in all, inside the 10-minute command limit with room for the
+# install and the packing.
+declare -A BUDGET=([tests_quant]=40 [tests_gemm]=100 [tests_experts]=45 [tests_paths]=35 [sweep_sm90]=25
+                   [sweep_sm89]=15 [sweep_torch]=15 [sweep_dequant]=15 [sanitize]=60 [bench]=100
+                   [extras_accumulation]=80 [extras_llama_stack]=80 [extras_moe_layer]=80 [extras_bench_torch]=60
+                   [extras_bench_dequant]=60)
+
+note() { echo "[$(($(date +%s) - start))s] $*" | tee -a "$work/steps.log"; }
+
+# run NAME CMD...: the command under its budget; its output in $work/NAME.log; exit status noted (124: cut).
+run() {
+  local name=$1 rc
+  shift
+  timeout -s INT -k 15 "${BUDGET[$name]}" "$@" > "$work/$name.log" 2>&1
+  rc=$?
+  [ $rc -eq 124 ] && note "$name: CUT at its ${BUDGET[$name]} s budget" || note "$name: exit $rc"
+  echo "$name $rc" >> "$work/status.txt"
+}
+
+# $pyrun: Python with the installed wheel first on the path and, in a dry run, the fake CUDA device loaded first.
+site="$work/site"
+export PYTHONPATH="$site"
+pyrun=("$py")
+pytest_fake=()
+if [ $dry = 1 ]; then
+  export PYTHONPATH="$site:$PWD/tools"
+  pyrun=("$py" "$PWD/tools/fake_run.py")
+  pytest_fake=(-p fake_cuda)
+fi
+
 {
   date -u +"date: %Y-%m-%d %H:%M:%S UTC"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  nvcc --version | tail -1
-  echo "stages: $stages"
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
-cuobj=$(python -c "import glob, sys; print(next((p for d in sys.path for p in glob.glob(d + '/nvidia/cu*/bin')), ''))")
-if [ -n "$cuobj" ]; then export PATH="$PATH:$cuobj"; fi
-rc=0
+  [ $dry = 1 ] && echo "DRY RUN on the fake CUDA device (tools/fake_cuda.py): no kernel ran"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -2
+  "$py" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "command: bash tools/gpu_check.sh $* (steps: $steps)"
+  git log -1 --format='commit %H %s' 2>/dev/null
+} > "$work/env.txt" 2>&1
+cat "$work/env.txt"
 
-stage_build() {
-  pip install -q --no-deps --no-index .whl/nvidia_*.whl
-  # The plot's dependencies only where the device lacks them; without them the bench just skips its PNG.
-  pip install -q --no-index --find-links .whl matplotlib > "$out/plot_deps.log" 2>&1 \
-    || echo "matplotlib not installed (bench PNG skipped): see plot_deps.log"
-  pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
-  python -c "import fp8kern, json; print(json.dumps(fp8kern.info()))" | tee "$out/info.json"
-}
+tag=$("$py" -c "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')")
+whl=$(ls .whl/fp8kern-*-cp"$tag"-*.whl 2>/dev/null | head -1)
+if [ -z "$whl" ]; then
+  echo "gpu_check: no .whl/fp8kern-*-cp$tag-*.whl: build it first (bash tools/build_wheel.sh, PYTHON=... for cp$tag)"
+  exit 2
+fi
+"$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$whl" > "$work/install.log" 2>&1 \
+  || { cat "$work/install.log"; exit 2; }
+"${pyrun[@]}" -c "import fp8kern, json; i = fp8kern.info(); i['file'] = fp8kern.__file__; print(json.dumps(i))" \
+  > "$work/info.json" 2> "$work/info.err"
+grep -q "\"file\": \"$site" "$work/info.json" \
+  || { echo "gpu_check: fp8kern was not imported from the wheel:"; cat "$work/info.json" "$work/info.err"; exit 2; }
+grep -q '"compiled": true' "$work/info.json" || { echo "gpu_check: the wheel's _C does not load:"; cat "$work/info.json"; exit 2; }
+note "installed $whl"
 
-stage_test() {
-  # GPU tests first: should the device call's time limit end the stage, their results are already in the logs.
-  python -m pytest -ra -q -m gpu --durations=15 --junitxml="$out/pytest_gpu.xml" > "$out/pytest_gpu.log" 2>&1 || rc=1
-  tail -5 "$out/pytest_gpu.log"
-  grep -qE "[0-9]+ passed" "$out/pytest_gpu.log" || { echo "no GPU test passed (all skipped?): see pytest_gpu.log"; rc=1; }
-  python -m pytest -ra -q -m "not gpu" --junitxml="$out/pytest.xml" > "$out/pytest.log" 2>&1 || rc=1
-  tail -3 "$out/pytest.log"
-}
-
-stage_sanitize() {
-  local san
-  san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-  if [ -z "$san" ]; then echo "compute-sanitizer: not found" | tee "$out/sanitizer_memcheck.log"; return; fi
-  for tool in memcheck racecheck; do
-    "$san" --tool "$tool" --error-exitcode 9 python tools/sanitize_smoke.py > "$out/sanitizer_$tool.log" 2>&1 || rc=1
-    echo "compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
-  done
-}
-
-stage_bench() {
-  # Hopper: time the sm90 kernels even before they are marked verified (the tests are what verifies them).
-  # Main run: the suites the speed goals are stated on (Llama rowwise, DeepSeek block-scaled), M from decode to
-  # large prefill; it prints the goal figures last. Then the sm89 kernels (fp8kern only), the accumulation modes,
-  # the Llama-8B-shaped stack and the MoE experts layers.
-  local backend r
-  backend=$(python -c "import torch; print('sm90' if torch.cuda.get_device_capability() == (9, 0) else 'auto')")
-  python -m fp8kern.bench --suite llama8b,llama70b,deepseek --m 1,16,128,4096,16384 --reps 20 \
-    --backend "$backend" --json "$out/bench.json" > "$out/bench.txt" 2>&1
-  r=$?; echo "bench: rc=$r"; [ $r -eq 0 ] || rc=1
-  python -m fp8kern.bench --quick --no-peers --backend sm89 --json "$out/bench_sm89.json" > "$out/bench_sm89.txt" 2>&1
-  r=$?; echo "bench sm89 (fp8kern-sm89 rows): rc=$r"; [ $r -eq 0 ] || rc=1
-  python benchmarks/accumulation.py --json "$out/accumulation.json" > "$out/accumulation.txt" 2>&1
-  r=$?; echo "accumulation (promoted vs fast, K=4096/16384): rc=$r"; [ $r -eq 0 ] || rc=1
-  python benchmarks/llama_stack.py --backend "$backend" --json "$out/llama_stack.json" \
-    > "$out/llama_stack.txt" 2>&1
-  r=$?; echo "llama_stack: rc=$r"; [ $r -eq 0 ] || rc=1
-  python benchmarks/moe_layer.py --backend "$backend" --json "$out/moe_layer.json" > "$out/moe_layer.txt" 2>&1
-  r=$?; echo "moe_layer: rc=$r"; [ $r -eq 0 ] || rc=1
-  # per-channel experts (the grouped row/col kernel), Qwen3-30B-A3B dims
-  python benchmarks/moe_layer.py --backend "$backend" --scheme dynamic_per_token --models qwen3-30b-a3b \
-    --json "$out/moe_layer_channel.json" > "$out/moe_layer_channel.txt" 2>&1
-  r=$?; echo "moe_layer (per-channel): rc=$r"; [ $r -eq 0 ] || rc=1
-  cat "$out/llama_stack.txt" "$out/moe_layer.txt" "$out/moe_layer_channel.txt" "$out/accumulation.txt"
-  tail -60 "$out/bench.txt"
-}
-
-case " $stages " in
-  *" build "*) ;;
-  *) python -c "import fp8kern._C" 2>/dev/null || { echo "fp8kern._C not built here: building first"; stages="build $stages"; } ;;
-esac
-for stage in $stages; do
-  case $stage in
-    build|test|sanitize|bench) echo "== $stage"; "stage_$stage" ;;
-    *) echo "unknown stage '$stage', expected build, test, sanitize or bench"; exit 2 ;;
+# The compiled family the benchmarks time: Hopper's on an sm_90 GPU (verified or not: every result is checked first).
+backend=$("$py" -c "import torch; print('sm90' if torch.cuda.get_device_capability() == (9, 0) else 'auto')" \
+          2>/dev/null || echo auto)
+[ $dry = 1 ] && backend=sm90
+for step in $steps; do
+  case $step in
+    tests)
+      for part in quant:test_gpu_quant.py gemm:test_gpu_scaled_mm.py experts:test_gpu_experts.py \
+                  paths:test_gpu_paths.py; do
+        run "tests_${part%%:*}" "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_fake[@]}" "tests/${part#*:}" \
+          --junitxml="$work/junit_${part%%:*}.xml"
+      done ;;
+    sweep)
+      for path in sm90 sm89 torch dequant; do
+        run "sweep_$path" "${pyrun[@]}" tools/gpu_sweep.py --backend "$path" --seconds "$((BUDGET[sweep_$path] - 8))" \
+          --json "$work/sweep_$path.json"
+      done ;;
+    sanitize)
+      san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+      if [ $dry = 1 ] || [ -z "$san" ]; then
+        note "sanitize: skipped ($([ $dry = 1 ] && echo 'dry run: no device' || echo 'compute-sanitizer not found'))"
+        echo "sanitize skipped" >> "$work/status.txt"
+      else
+        run sanitize "$san" --tool memcheck --error-exitcode 9 "$py" tools/sanitize_smoke.py
+      fi ;;
+    bench)
+      if [ $dry = 1 ]; then  # its peak measurement alone is minutes of CPU emulation
+        note "bench: skipped (dry run: the fake device computes every GEMM on the CPU; tests/test_bench.py runs the
+  benchmark's GPU path on the fake device with small shapes)"
+        echo "bench skipped" >> "$work/status.txt"
+      else  # the layouts the goals are stated on (per-token x per-channel, block-scaled)
+        run bench "${pyrun[@]}" -m fp8kern.bench --quick --suite llama8b,llama70b,deepseek \
+          --layouts token_channel,block --backend "$backend" --json "$work/bench.json"
+      fi ;;
+    extras)
+      run extras_accumulation "${pyrun[@]}" benchmarks/accumulation.py --json "$work/accumulation.json"
+      run extras_llama_stack "${pyrun[@]}" benchmarks/llama_stack.py --backend "$backend" --json "$work/llama_stack.json"
+      run extras_moe_layer "${pyrun[@]}" benchmarks/moe_layer.py --backend "$backend" --json "$work/moe_layer.json"
+      for path in torch dequant; do
+        run "extras_bench_$path" "${pyrun[@]}" -m fp8kern.bench --quick --no-peers --backend "$path" \
+          --json "$work/bench_$path.json"
+      done ;;
+    *) note "unknown step '$step' (expected tests, sweep, sanitize, bench, extras)" ;;
   esac
 done
-exit $rc
+
+"$py" tools/gpu_check_summary.py "$work" > "$work/summary.txt" 2>&1
+cp "$work/summary.txt" "$work/info.json" "$out/"
+[ -f "$work/bench.json" ] && cp "$work/bench.json" "$out/"
+"$py" - "$work" "$out/sweep.json" <<'EOF'
+import glob, json, os, sys
+runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(sys.argv[1], "sweep_*.json")))]
+json.dump(runs, open(sys.argv[2], "w"), indent=1)
+EOF
+tar -czf "$out/logs.tar.gz" -C "$work" --exclude=./site . 2>/dev/null
+note "packed $(ls "$out" | wc -l) files into $out"
+cat "$work/summary.txt"
+grep -q "^RESULT: PASS" "$work/summary.txt"
