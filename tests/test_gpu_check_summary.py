@@ -20,7 +20,8 @@ def junit(cases: list[tuple[str, str]]) -> str:
     return f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
 
 
-def make_work(tmp_path, gemm_fail=False, mismatches=0, sanitizer="========= ERROR SUMMARY: 0 errors", cut=False):
+def make_work(tmp_path, gemm_fail=False, mismatches=0, sanitizer="========= ERROR SUMMARY: 0 errors", cut=False,
+              no_bench=False):
     (tmp_path / "env.txt").write_text("date: now\n")
     (tmp_path / "junit_quant.xml").write_text(junit([("test_m_sweep[1]", "pass"), ("test_m_sweep[2]", "pass")]))
     (tmp_path / "junit_gemm.xml").write_text(junit([
@@ -37,7 +38,8 @@ def make_work(tmp_path, gemm_fail=False, mismatches=0, sanitizer="========= ERRO
                  summary=dict(rowwise_vs_scaled_mm=dict(geomean=1.234, min=0.97), wrong_results=0),
                  rows=[dict(suite="deepseek", M=4096, N=16384, K=7168, layout="block", backend="fp8kern",
                             tflops=1012.4)])
-    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    if not no_bench:
+        (tmp_path / "bench.json").write_text(json.dumps(bench))
     return tmp_path
 
 
@@ -62,7 +64,8 @@ def test_counts_per_family_and_pass(tmp_path):
 @pytest.mark.parametrize("kw,result", [
     (dict(gemm_fail=True), "FAIL"), (dict(mismatches=2), "FAIL"),
     (dict(sanitizer="========= ERROR SUMMARY: 3 errors"), "FAIL"), (dict(cut=True), "INCOMPLETE"),
-    (dict(sanitizer="========= Device not supported", cut=True), "INCOMPLETE")])
+    (dict(sanitizer="========= Device not supported", cut=True), "INCOMPLETE"),
+    (dict(sanitizer="========= Device not supported"), "PASS"), (dict(no_bench=True), "INCOMPLETE")])
 def test_result_line(tmp_path, kw, result):
     out = summary(make_work(tmp_path, **kw))
     assert out.rstrip().endswith(f"RESULT: {result}"), out

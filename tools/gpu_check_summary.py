@@ -1,7 +1,7 @@
 """The table tools/gpu_check.sh prints last and packs as summary.txt: per family the GPU tests passed / failed /
 skipped (from the JUnit XML), per path the sweep's cases and mismatches, the sanitizer's errors, each step cut at its
 budget, and per speed goal the figure the benchmark measured. The last line is RESULT: PASS (every step ran to its
-end and nothing failed), FAIL or INCOMPLETE (a step was cut or did not run, nothing failed).
+end, every step ran, and nothing failed), FAIL or INCOMPLETE (a step was cut or did not run, nothing failed).
 
     python tools/gpu_check_summary.py WORKDIR
 """
@@ -116,7 +116,13 @@ def main(work: str) -> int:
     print(f"\nsteps cut at their budget: {', '.join(cut) or 'none'}; steps that exited non-zero: "
           f"{', '.join(errored) or 'none'}")
     bad = failed or any(sw["mismatches"] for sw in sweeps) or re.match(r"[1-9]", sanitizer(work)) or errored
-    result = "FAIL" if bad else ("INCOMPLETE" if cut or not status else "PASS")
+    missing = [what for what, ran in (
+        ("tests", any(c[0] for c in counts.values())), ("sweep", any(sw["cases"] for sw in sweeps)),
+        ("sanitize", sanitizer(work) != "did not run"), ("bench", os.path.exists(os.path.join(work, "bench.json"))))
+        if not ran]
+    if missing:
+        print(f"did not run: {', '.join(missing)}")
+    result = "FAIL" if bad else ("INCOMPLETE" if cut or missing else "PASS")
     print(f"RESULT: {result}")
     return 0
 
