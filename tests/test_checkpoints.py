@@ -510,7 +510,7 @@ def test_quark_int4_rejected(ckpt, tmp_path):
 def test_missing_tensor(ckpt, tmp_path):
     scale = f"{QUANT[4]}.weight_scale_inv"
     d = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "noscale", edit_tensors=lambda t: t.pop(scale))
-    with pytest.raises(ValueError, match=f"lacks 1 tensor.*{QUANT[4]}.weight_scale \\(checkpoint tensor {scale}\\)"):
+    with pytest.raises(ValueError, match=f"quantized weights without their scale tensor\\(s\\): \\['{scale}'\\]"):
         from_pretrained(d)
     d2 = copy_ckpt(ckpt("fp8-block-bf16"), tmp_path / "nonorm", edit_tensors=lambda t: t.pop("model.norm.weight"))
     with pytest.raises(ValueError, match="lacks 1 tensor.*'model.norm.weight'"):
@@ -604,6 +604,69 @@ def test_kv_cache_scales(ckpt, tmp_path):
     undeclared = copy_ckpt(ckpt("quark-ptpc"), tmp_path / "kv2", edit_tensors=add)
     with pytest.raises(ValueError, match=f"fit nothing.*{kv}"):
         from_pretrained(undeclared)
+
+
+_W, _WS, _IS = f"{QUANT[2]}.weight", f"{QUANT[2]}.weight_scale", f"{QUANT[2]}.input_scale"
+# name -> (variant, tensor, its new value from the stored one (None: removed), error pattern). Each damage a real
+# download or a broken quantizer can produce.
+DAMAGE = {
+    "nan-scale": ("quark-ptpc", _WS, lambda s: s.index_fill(0, torch.tensor([3]), float("nan")),
+                  rf"'{_WS}' in model.safetensors holds 1 of 80 scale value\(s\) that are not finite and > 0 "
+                  r"\(first at flat index 3: nan\)"),
+    "zero-scale": ("quark-static", _WS, lambda s: torch.zeros_like(s), rf"'{_WS}' in model.safetensors .*index 0: 0.0"),
+    "negative-scale": ("quark-ptpc", _WS, lambda s: -s, rf"'{_WS}' in model.safetensors holds 80 of 80"),
+    "inf-input-scale": ("quark-static", _IS, lambda s: torch.full_like(s, float("inf")),
+                        rf"'{_IS}' in model.safetensors .*inf"),
+    "int-scale": ("quark-ptpc", _WS, lambda s: s.to(torch.int32),
+                  rf"'{_WS}' in model.safetensors has dtype torch.int32; a scale must be stored as"),
+    "wrong-shape-scale": ("quark-ptpc", _WS, lambda s: s[:40],
+                          rf"'{_WS}' has shape \(40,\), expected \(80, 1\) for a channel scale of a \[80, 160\]"),
+    "missing-scale": ("quark-ptpc", _WS, None, rf"without their scale tensor\(s\): \['{_WS}'\]"),
+    "e5m2-weight": ("quark-ptpc", _W, lambda w: w.float().to(torch.float8_e5m2),
+                    rf"'{_W}' has dtype torch.float8_e5m2, expected torch.float8_e4m3fn"),
+    "wrong-shape-weight": ("quark-ptpc", _W, lambda w: w[:, :80].contiguous(),
+                           rf"{_W} has shape \(80, 80\), expected \(80, 160\)"),
+    "tiny-inverse-scale": ("grok2", f"{_W}.scale", lambda s: s.index_fill(0, torch.tensor([0]), 1e-39),
+                           rf"'{_W}.scale' in its converted form .*inf"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint(ckpt, tmp_path, damage):
+    """A damaged tensor is a ValueError naming it (and its file, for values), from the loader and from
+    fp8kern-dequantize alike, and no model is returned."""
+    from fp8kern.dequantize import dequantize_checkpoint
+
+    variant, key, edit, pattern = DAMAGE[damage]
+    d = str(tmp_path / "damaged")
+    shutil.copytree(ckpt(variant), d)
+    for shard in [os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors")]:
+        t = load_file(shard)
+        if key in t:
+            if edit is None:
+                del t[key]
+            else:
+                t[key] = edit(t[key])
+            save_file(t, shard)
+    with pytest.raises(ValueError, match=pattern):
+        from_pretrained(d)
+    if damage not in ("wrong-shape-weight", "inf-input-scale"):  # the CLI has no model to compare shapes with,
+        with pytest.raises(ValueError, match=pattern.split(" in ")[0]):  # and drops activation scales
+            dequantize_checkpoint(d, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("cut", ["header", "data"])
+def test_truncated_shard(ckpt, tmp_path, cut):
+    """An interrupted download: the error names the shard, before any tensor is loaded."""
+    d = str(tmp_path / "cut")
+    shutil.copytree(ckpt("fp8-block-fp32-sharded"), d)
+    shard = os.path.join(d, "model-00002-of-00003.safetensors")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(20 if cut == "header" else size - 100)
+    for call in (lambda: detect_format(d), lambda: from_pretrained(d)):
+        with pytest.raises(ValueError, match=f"shard '{shard}' cannot be read .*truncated or corrupt"):
+            call()
 
 
 def test_static_scale_for_dynamic_layer(ckpt, tmp_path):

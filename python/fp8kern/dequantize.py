@@ -22,42 +22,20 @@ import sys
 
 import torch
 
-from .checkpoints.common import CONFIG_NAME, INDEX_NAME, fp8_modules, progress, read_header, require, shard_files
+from .checkpoints.common import (CONFIG_NAME, INDEX_NAME, open_shard, progress, read_header, read_weight_scales,
+                                 require, shard_files)
 from .checkpoints.loader import open_format
-
-
-def _scales(path: str, header, fmt, quantized) -> tuple[dict, set]:
-    """(module -> stored weight scale, every scale tensor name): read up front, since a module's weight and scale
-    may sit in different shards."""
-    safe_open = require("safetensors").safe_open
-    scale_keys, by_shard = set(), {}
-    for key, info in header.items():
-        hit = fmt.split(key)
-        if fmt.kv_cache_scale(key):
-            scale_keys.add(key)
-        elif hit is not None and hit[0] in quantized and hit[1] != "weight":
-            scale_keys.add(key)
-            if hit[1] == "weight_scale":
-                by_shard.setdefault(info.shard, []).append((key, hit[0]))
-    scales = {}
-    for shard, keys in by_shard.items():
-        with safe_open(os.path.join(path, shard), framework="pt") as f:
-            for key, module in keys:
-                scales[module] = f.get_tensor(key)
-    missing = sorted(m for m in quantized if m not in scales)
-    if missing:
-        keys = [fmt.checkpoint_key(m, "weight_scale") for m in missing]
-        raise ValueError(f"checkpoint {path!r} has FP8 weights without their scale tensor: {keys}")
-    return scales, scale_keys
 
 
 def dequantize_checkpoint(src: str, dst: str, format: str = "auto") -> list[str]:
     """Write the BF16 version of checkpoint src to dst; returns the shard names written."""
-    safetensors = require("safetensors")
     save_file = require("safetensors.torch", "safetensors").save_file
     config, header, fmt = open_format(src, format)
-    quantized = fp8_modules(header)
-    scales, scale_keys = _scales(src, header, fmt, quantized)
+    quantized = fmt.quantized_modules()
+    scales = read_weight_scales(src, fmt, quantized)
+    # Dropped: every scale of a quantized module, and KV-cache scales (the output has no quantized KV cache).
+    scale_keys = {k for k in header if fmt.kv_cache_scale(k) or ((hit := fmt.split(k)) is not None
+                                                                 and hit[0] in quantized and hit[1] != "weight")}
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"--output {dst!r} is the --input directory; pass a new directory")
     os.makedirs(dst, exist_ok=True)
@@ -65,15 +43,16 @@ def dequantize_checkpoint(src: str, dst: str, format: str = "auto") -> list[str]
     shards = shard_files(src)
     for shard in progress(shards, desc=f"Dequantizing {fmt.name} checkpoint"):
         out = {}
-        with safetensors.safe_open(os.path.join(src, shard), framework="pt") as f:
+        with open_shard(src, shard) as f:
             metadata = f.metadata() or {}
             for key in f.keys():
                 if key in scale_keys:
                     continue
                 t = f.get_tensor(key)
-                module = key[: -len(".weight")] if key.endswith(".weight") else None
-                if module in quantized:
-                    t = fmt.dequantize_weight(module, t, scales[module]).to(torch.bfloat16)
+                hit = fmt.split(key)
+                if hit is not None and hit[0] in quantized and hit[1] == "weight":
+                    key = f"{hit[0]}.weight"  # the unquantized model's name (e.g. for torchao's _weight_qdata)
+                    t = fmt.dequantize_weight(hit[0], t, scales[hit[0]]).to(torch.bfloat16)
                 out[key] = t
                 weight_map[key] = shard
                 total += t.numel() * t.element_size()

@@ -9,6 +9,7 @@ dequantize CLI both go through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from .._constants import BLOCK, E8M0
+from .._constants import BLOCK, E4M3, E8M0
 from ..reference import dequantize
 
 CONFIG_NAME = "config.json"
@@ -83,12 +84,27 @@ class TensorInfo:
     shard: str
 
 
+@contextlib.contextmanager
+def open_shard(path: str, shard: str):
+    """safetensors' safe_open on one shard of checkpoint directory path, on the CPU. A shard safetensors cannot read
+    (truncated by an interrupted download, or not a safetensors file) is a ValueError naming the file; safetensors
+    checks at open that the header is whole and that every tensor's bytes lie inside the file."""
+    safetensors = require("safetensors")
+    file = os.path.join(path, shard)
+    try:
+        handle = safetensors.safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError is not exported under a stable name across safetensors releases
+        raise ValueError(f"checkpoint shard {file!r} cannot be read ({e}); it is truncated or corrupt: download it "
+                         "again") from e
+    with handle as f:
+        yield f
+
+
 def read_header(path: str) -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint by name, from the safetensors headers only (no tensor data is read)."""
-    safe_open = require("safetensors").safe_open
     header = {}
     for shard in shard_files(path):
-        with safe_open(os.path.join(path, shard), framework="pt") as f:
+        with open_shard(path, shard) as f:
             for key in f.keys():
                 sl = f.get_slice(key)
                 header[key] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()), shard)
@@ -122,6 +138,26 @@ def reshape_scale(raw: torch.Tensor, granularity: str, n: int, k: int, key: str)
     return raw.reshape(want)
 
 
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, E8M0)
+
+
+def check_scale(value: torch.Tensor, key: str, shard: str) -> torch.Tensor:
+    """A scale tensor as stored, checked once at load: a floating-point dtype a scale is stored in, and every value
+    finite and > 0 (a NaN, infinite, zero or negative scale poisons or flips the layer's output). The error names
+    the tensor and its file. Returns value."""
+    if value.dtype not in SCALE_DTYPES:
+        raise ValueError(f"checkpoint tensor {key!r} in {shard} has dtype {value.dtype}; a scale must be stored as "
+                         f"one of {[str(d).replace('torch.', '') for d in SCALE_DTYPES]}")
+    v = value.float().reshape(-1)
+    bad = ~(torch.isfinite(v) & (v > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"checkpoint tensor {key!r} in {shard} holds {int(bad.sum())} of {v.numel()} scale value(s) "
+                         f"that are not finite and > 0 (first at flat index {i}: {float(v[i])}); the checkpoint is "
+                         "damaged or was written by a broken quantizer")
+    return value
+
+
 def as_e8m0(scale: torch.Tensor, key: str) -> torch.Tensor:
     """scale as float8_e8m0fnu, which holds only powers of two: an error names the tensor when one is not."""
     if scale.dtype == E8M0:
@@ -135,11 +171,13 @@ def as_e8m0(scale: torch.Tensor, key: str) -> torch.Tensor:
 
 class CheckpointFormat:
     """One FP8 checkpoint format. A subclass sets `name`, `suffixes` and either `quant_method` (the
-    quantization_config value that identifies it) or its own `matches`; it implements `layer_spec` and (when its
-    convention differs from real = fp8 * scale) `weight_scale`.
+    quantization_config value that identifies it) or its own `matches`; it implements `layer_spec` and, where
+    it stores things otherwise than e4m3 '<module>.weight' with one scale tensor whose values multiply, the hooks
+    that say how: `quantized_modules` (which modules, their logical shape), `weight` (stored weight -> e4m3),
+    `weight_scale_keys` / `join_weight_scale` (a scale stored in parts) and `weight_scale` (the convention).
 
     suffixes: checkpoint tensor name after '<module>.' -> Fp8Linear buffer ('weight', 'weight_scale',
-    'input_scale') for the modules whose weight is stored as float8_e4m3fn.
+    'input_scale') for the modules whose weight is stored quantized.
     """
 
     name: ClassVar[str]
@@ -168,6 +206,11 @@ class CheckpointFormat:
         high precision, so these are skipped with a warning rather than rejected as unexpected."""
         return False
 
+    def quantized_modules(self) -> dict[str, tuple]:
+        """module name -> logical (N, K) of every module whose weight this format stores quantized: by default the
+        2-D '<module>.weight' tensors stored as float8_e4m3fn."""
+        return fp8_modules(self.header)
+
     def split(self, key: str) -> tuple[str, str] | None:
         """'<module>.<suffix>' -> (module, Fp8Linear buffer) for a suffix of this format, longest suffix first."""
         for suffix in sorted(self.suffixes, key=len, reverse=True):
@@ -180,10 +223,37 @@ class CheckpointFormat:
         suffix = next((s for s, b in self.suffixes.items() if b == buffer), buffer)  # e.g. bias: stored as named
         return f"{module}.{suffix}"
 
+    def weight_scale_keys(self, module: str) -> tuple[str, ...]:
+        """The checkpoint tensors whose values make module's weight scale: one, unless the format stores the
+        scale in parts (join_weight_scale combines them). Where the format knows several names for it, the one the
+        checkpoint holds; two of them for one module is an error (which one wins must not hang on order)."""
+        names = [f"{module}.{s}" for s, b in self.suffixes.items() if b == "weight_scale"]
+        held = [k for k in names if k in self.header]
+        if len(held) > 1:
+            raise ValueError(f"checkpoint holds two tensors for the weight scale of {module}: {held}")
+        return (held[0] if held else names[0],)
+
+    def join_weight_scale(self, module: str, raws: tuple) -> torch.Tensor:
+        """The stored parts of module's weight scale (in weight_scale_keys' order) as one stored scale."""
+        return raws[0]
+
+    def weight(self, raw: torch.Tensor, module: str, key: str) -> torch.Tensor:
+        """Stored weight -> Fp8Linear.weight, float8_e4m3fn [N, K]."""
+        if raw.dtype != E4M3:
+            raise ValueError(f"checkpoint tensor {key!r} has dtype {raw.dtype}, expected torch.float8_e4m3fn")
+        return raw
+
     def weight_scale(self, raw: torch.Tensor, spec: LayerSpec, n: int, k: int, key: str) -> torch.Tensor:
         """Stored scale -> Fp8Linear.weight_scale (real = fp8 * scale; float32, or float8_e8m0fnu for 'ue8m0')."""
         s = reshape_scale(raw, spec.weight_granularity, n, k, key)
         return as_e8m0(s, key) if spec.scale_format == "ue8m0" else s.float()
+
+    def checked_weight_scale(self, module: str, raw: torch.Tensor, spec: LayerSpec, n: int, k: int) -> torch.Tensor:
+        """weight_scale of module's stored scale (parts joined), its values checked again after the conversion
+        (e.g. an inverse scale so small that its reciprocal overflows)."""
+        keys = self.weight_scale_keys(module)
+        value = self.weight_scale(raw, spec, n, k, keys[0])
+        return check_scale(value, " * ".join(keys) if len(keys) > 1 else keys[0], "its converted form")
 
     def input_scale(self, raw: torch.Tensor, key: str) -> torch.Tensor:
         """Stored static activation scale -> Fp8Linear.input_scale, float32 of shape (1,)."""
@@ -192,20 +262,45 @@ class CheckpointFormat:
                              "per-tensor activation scale)")
         return raw.float().reshape(1)
 
-    def dequantize_weight(self, module: str, q: torch.Tensor, raw_scale: torch.Tensor) -> torch.Tensor:
-        """fp32 value of module's stored FP8 weight q [N, K] with its stored scale."""
+    def dequantize_weight(self, module: str, raw_weight: torch.Tensor, raw_scale: torch.Tensor) -> torch.Tensor:
+        """fp32 value of module's stored weight with its stored scale (as join_weight_scale returns it)."""
+        q = self.weight(raw_weight, module, f"{module}.weight")
         n, k = q.shape
         spec = self.layer_spec(module)
         if spec is None:
-            raise ValueError(f"{module}.weight is stored as float8_e4m3fn but quantization_config excludes {module}")
-        ws = self.weight_scale(raw_scale, spec, n, k, self.checkpoint_key(module, "weight_scale"))
+            raise ValueError(f"{module}.weight is stored quantized but quantization_config excludes {module}")
+        ws = self.checked_weight_scale(module, raw_scale, spec, n, k)
         return dequantize(q, ws, block_size=(BLOCK, BLOCK) if spec.weight_granularity == "block" else None)
 
 
+def read_weight_scales(path: str, fmt: CheckpointFormat, modules) -> dict[str, torch.Tensor]:
+    """module -> its stored weight scale (parts joined by the format), for every module in modules, each part
+    checked by check_scale. Scales are small, so they are read up front: a module's weight and its scale may sit in
+    different shards. A missing scale is a ValueError naming the tensors."""
+    wanted = {m: fmt.weight_scale_keys(m) for m in modules}
+    missing = sorted(k for keys in wanted.values() for k in keys if k not in fmt.header)
+    if missing:
+        raise ValueError(f"checkpoint {path!r} has quantized weights without their scale tensor(s): {missing}")
+    by_shard: dict[str, list] = {}
+    for keys in wanted.values():
+        for k in keys:
+            by_shard.setdefault(fmt.header[k].shard, []).append(k)
+    raw = {}
+    for shard, keys in sorted(by_shard.items()):
+        with open_shard(path, shard) as f:
+            for k in keys:
+                raw[k] = check_scale(f.get_tensor(k), k, shard)
+    return {m: fmt.join_weight_scale(m, tuple(raw[k] for k in keys)) for m, keys in wanted.items()}
+
+
+FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
 def fp8_modules(header: dict[str, TensorInfo]) -> dict[str, tuple]:
-    """module name -> (N, K) for every 2-D '<module>.weight' stored as float8_e4m3fn."""
+    """module name -> (N, K) for every 2-D '<module>.weight' stored in FP8 (e5m2 included, so that the loader
+    names its dtype as wrong rather than the module as unexpected)."""
     return {key[: -len(".weight")]: info.shape for key, info in header.items()
-            if key.endswith(".weight") and info.dtype == "F8_E4M3" and len(info.shape) == 2}
+            if key.endswith(".weight") and info.dtype in FP8_HEADER_DTYPES and len(info.shape) == 2}
 
 
 def unsupported(what: str, found, fix: str = "") -> ValueError:

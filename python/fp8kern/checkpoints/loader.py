@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from ..nn import Fp8Experts, Fp8Linear, fused_experts_unsupported, is_fused_experts
-from .._constants import E4M3
-from .common import (CheckpointFormat, LayerSpec, TensorInfo, fp8_modules, progress, read_config, read_header,
-                     require)
+from .common import (CheckpointFormat, LayerSpec, TensorInfo, check_scale, open_shard, progress, read_config,
+                     read_header, read_weight_scales, require)
 from .compressed_tensors import CompressedTensors
 from .fp8_block import Fp8Block
 from .grok2 import Grok2
@@ -240,20 +239,19 @@ def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tens
 
 
 def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str, buffer: str, raw: torch.Tensor,
-                   key: str) -> None:
-    """Copy a stored tensor of one expert's projection into its Fp8Experts (converted like an Fp8Linear's)."""
+                   key: str, shard: str) -> None:
+    """Copy a stored tensor of one expert's projection into its Fp8Experts (converted like an Fp8Linear's; a weight
+    scale arrives already converted, from _weight_scale)."""
     if (e, role, buffer) in load.filled:
         raise ValueError(f"checkpoint holds {key!r} twice")
     fp8, spec = load.module, load.spec
     weight, scale = fp8.projection(e, role)
     if buffer == "weight":
-        if raw.dtype != E4M3:
-            raise ValueError(f"checkpoint tensor {key!r} has dtype {raw.dtype}, expected torch.float8_e4m3fn")
-        weight.copy_(raw)
+        weight.copy_(fmt.weight(raw, load.names[e, role], key))
     elif buffer == "weight_scale":
-        s = fmt.weight_scale(raw, spec, weight.shape[0], weight.shape[1], key)
-        scale.copy_(s.reshape(-1, 1).expand(scale.shape) if spec.weight_granularity == "tensor" else s)
+        scale.copy_(raw.reshape(-1, 1).expand(scale.shape) if spec.weight_granularity == "tensor" else raw)
     else:
+        check_scale(raw, key, shard)
         if fp8.dynamic:
             raise ValueError(f"checkpoint tensor {key!r} is a static activation scale, but its experts load as "
                              f"scheme {fp8.scheme!r} (dynamic activations) per the quantization_config")
@@ -292,7 +290,6 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     Raises ValueError for unsupported formats, and for missing or unexpected tensors, naming them.
     """
     transformers = require("transformers")
-    safe_open = require("safetensors").safe_open
     config, header, fmt = open_format(path, format)
     device = torch.device(device if device is not None else "cpu")
 
@@ -314,7 +311,7 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     rename = _key_renamer(model)
     module_name = _module_renamer(rename)
     stored, ckpt_of = {}, {}  # FP8 weights by model module name; their checkpoint module names
-    for ckpt, shape in fp8_modules(header).items():
+    for ckpt, shape in fmt.quantized_modules().items():
         if not any(p.search(f"{ckpt}.weight") or p.search(f"{module_name(ckpt)}.weight") for p in ignore):
             stored[module_name(ckpt)] = shape
             ckpt_of[module_name(ckpt)] = ckpt
@@ -335,19 +332,38 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     expected = set(model.state_dict().keys())
     loaded, unexpected, kv_scales, ignored = set(), [], [], []
     sources: dict[str, str] = {}  # model key -> the checkpoint tensor that filled it
+
+    # Weight scales first (small; a weight and its scale may sit in different shards), checked once here.
+    scale_keys = set()
+    raw_scales = read_weight_scales(path, fmt, [ckpt_of[m] for m in swapped] + list(slots))
+    for module, (layer, spec) in swapped.items():
+        ckpt = ckpt_of[module]
+        value = fmt.checked_weight_scale(ckpt, raw_scales[ckpt], spec, layer.out_features, layer.in_features)
+        _assign(model, f"{module}.weight_scale", value.to(device))
+        loaded.add(f"{module}.weight_scale")
+        scale_keys.update(fmt.weight_scale_keys(ckpt))
+    for ckpt, (name, e, role) in slots.items():
+        keys = fmt.weight_scale_keys(ckpt)
+        n, k = experts[name].module.projection(e, role)[0].shape
+        value = fmt.checked_weight_scale(ckpt, raw_scales[ckpt], experts[name].spec, n, k)
+        _expert_tensor(fmt, experts[name], e, role, "weight_scale", value, keys[0], header[keys[0]].shard)
+        scale_keys.update(keys)
+
     for shard in progress(sorted({i.shard for i in header.values()}), desc=f"Loading {fmt.name} checkpoint"):
-        with safe_open(os.path.join(path, shard), framework="pt", device="cpu") as f:
+        with open_shard(path, shard) as f:
             for key in f.keys():
+                if key in scale_keys:
+                    continue
                 hit = fmt.split(key)
                 if hit is not None and hit[0] in slots:
                     name, e, role = slots[hit[0]]
-                    _expert_tensor(fmt, experts[name], e, role, hit[1], f.get_tensor(key), key)
+                    _expert_tensor(fmt, experts[name], e, role, hit[1], f.get_tensor(key), key, shard)
                     continue
                 module = module_name(hit[0]) if hit is not None else None
                 mkey = rename(key)
                 if module in swapped and ckpt_of[module] == hit[0]:
                     target = f"{module}.{hit[1]}"
-                    value = _fp8_tensor(fmt, *swapped[module], hit[1], f.get_tensor(key), key)
+                    value = _fp8_tensor(fmt, *swapped[module], hit[1], f.get_tensor(key), key, shard)
                 elif mkey in expected:
                     target, value = mkey, f.get_tensor(key)
                     if value.dtype in _FP8_DTYPES:
@@ -414,14 +430,13 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
 
 
 def _fp8_tensor(fmt: CheckpointFormat, layer: Fp8Linear, spec: LayerSpec, buffer: str, raw: torch.Tensor,
-                key: str) -> torch.Tensor:
-    """A stored tensor of a quantized module, as the Fp8Linear buffer it fills."""
+                key: str, shard: str) -> torch.Tensor:
+    """A stored weight or input scale of a quantized module, as the Fp8Linear buffer it fills."""
     if buffer == "weight":
-        if raw.dtype != E4M3:
-            raise ValueError(f"checkpoint tensor {key!r} has dtype {raw.dtype}, expected torch.float8_e4m3fn")
-        return raw
-    if buffer == "weight_scale":
-        return fmt.weight_scale(raw, spec, layer.out_features, layer.in_features, key)
+        return fmt.weight(raw, fmt.split(key)[0], key)
+    if buffer == "weight_scale":  # read up front by read_weight_scales; a second copy is a contradiction
+        raise ValueError(f"checkpoint holds a second weight scale {key!r} for one layer")
+    check_scale(raw, key, shard)
     if layer.dynamic:
         raise ValueError(f"checkpoint tensor {key!r} is a static activation scale, but its layer loads as scheme "
                          f"{layer.scheme!r} (dynamic activations) per the quantization_config")
