@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import fp8kern  # noqa: E402
 from conftest import dynamic_scale_bound  # noqa: E402
+from int4_fp8_writer import (QUARK_FP8_TENSOR, QUARK_INT4_CHANNEL, REORDER, int4_fp8_quantize,  # noqa: E402
+                             pack_int4)
 from fp8kern.checkpoints import detect_format, from_pretrained  # noqa: E402
 from fp8kern.nn import Fp8Linear  # noqa: E402
 
@@ -200,6 +202,40 @@ def write_grok2(src, dst) -> None:
         t[f"{n}.weight"], t[f"{n}.weight.scale"] = q, torch.reciprocal(s.reshape(-1))
     save_sharded(t, dst, 2)
     write_config(src, dst, None)
+
+
+def int4_fp8_layers():
+    """Which layers the INT4-FP8 test checkpoints hold in INT4-FP8 (the MLPs, as the published W4A8 models do for
+    their experts) and which in plain FP8 per tensor (attention, through a layer_quant_config pattern)."""
+    return [n for n in QUANT if ".mlp." in n], [n for n in QUANT if ".self_attn." in n]
+
+
+def write_quark_int4_fp8(src, dst, ids, channel_name: str = "weight_scale_2", static: bool = False,
+                         pack_method: str = "reorder") -> None:
+    """AMD Quark INT4-FP8 (W4A8): '<m>.weight' int32 [N, K/8], '<m>.weight_scale' the per-tensor FP8 scale,
+    '<m>.<channel_name>' the per-channel INT4 scale [N] (weight_scale1 in the Grok-1 export); attention in plain
+    FP8 per tensor; activations FP8 per tensor, dynamic, or static with calibrated input_scale."""
+    t = read_tensors(src)
+    calib = calibration_scales(src, ids) if static else {}
+    int4, fp8 = int4_fp8_layers()
+    for n in int4:
+        q, s_t, s_ch = int4_fp8_quantize(t[f"{n}.weight"])
+        t[f"{n}.weight"] = pack_int4(q, REORDER if pack_method == "reorder" else list(range(8)))
+        t[f"{n}.weight_scale"], t[f"{n}.{channel_name}"] = s_t.reshape(()), s_ch
+    for n in fp8:
+        q, s = fp8kern.quantize_weight(t[f"{n}.weight"].float(), "tensor")
+        t[f"{n}.weight"], t[f"{n}.weight_scale"] = q, s.reshape(())
+    for n in calib:
+        t[f"{n}.input_scale"] = torch.tensor(calib[n], dtype=torch.float32)
+    save_sharded(t, dst, 2)
+    act = {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": not static, "symmetric": True,
+           "ch_axis": None, "group_size": None, "round_method": "half_even", "scale_type": "float"}
+    q = quark_qconfig("per_tensor", act)
+    q["global_quant_config"]["weight"] = [QUARK_FP8_TENSOR, QUARK_INT4_CHANNEL]
+    q["layer_quant_config"] = {"*self_attn*": {"weight": QUARK_FP8_TENSOR, "input_tensors": act,
+                                               "output_tensors": None, "bias": None}}
+    q["export"]["pack_method"] = pack_method
+    write_config(src, dst, q)
 
 
 # variant -> (tied embeddings, writer, format name, scheme, weight granularity, scale_format)
@@ -453,6 +489,77 @@ def test_from_pretrained_dtype_and_format_override(ckpt):
         from_pretrained(ckpt("quark-ptpc"), format="bogus")
 
 
+INT4_FP8_CASES = {  # case -> (per-channel scale name, static activations, pack_method)
+    "quark": ("weight_scale_2", False, "reorder"),
+    "grok1-names-static": ("weight_scale1", True, "reorder"),
+    "pack-method-order": ("weight_scale_2", False, "order"),
+}
+
+
+@pytest.mark.parametrize("case", list(INT4_FP8_CASES))
+def test_quark_int4_fp8(ckpt, ids, tmp_path, case):
+    """INT4-FP8 loads exactly: each weight is its INT4 values in e4m3, each scale fp32(s_channel * s_tensor), bit
+    for bit; layers match float64 within the derived bound, and logits the formula int4 * s_channel * s_tensor
+    applied in float64 in a plain transformers model."""
+    from fp8kern.dequantize import dequantize_checkpoint
+
+    channel_name, static, pack_method = INT4_FP8_CASES[case]
+    src, d = ckpt("bf16"), str(tmp_path / case)
+    write_quark_int4_fp8(src, d, ids, channel_name, static, pack_method)
+    assert detect_format(d) == "quark"
+    model = from_pretrained(d)
+    original, stored = read_tensors(src), read_tensors(d)
+    int4, fp8 = int4_fp8_layers()
+    weights, formula = {}, {}
+    for n in int4:
+        q, s_t, s_ch = int4_fp8_quantize(original[f"{n}.weight"])  # the values the writer packed
+        layer = model.get_submodule(n)
+        scheme = "static_per_tensor" if static else "dynamic_per_tensor"
+        assert (layer.scheme, layer.weight_granularity, layer.scale_format) == (scheme, "channel", "fp32"), n
+        assert layer.weight.dtype == E4M3 and torch.equal(layer.weight.float(), q), n
+        want = (stored[f"{n}.{channel_name}"].float() * stored[f"{n}.weight_scale"].float()).reshape(-1, 1)
+        assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, want), n
+        weights[n] = q.double() * want.double()
+        formula[n] = q.double() * s_ch.double()[:, None] * s_t.double()
+    for n in fp8:
+        layer = model.get_submodule(n)
+        assert layer.weight_granularity == "tensor", n
+        weights[n] = formula[n] = deq64(stored[f"{n}.weight"], stored[f"{n}.weight_scale"].float().reshape(1))
+    if static:
+        for n in QUANT:
+            assert torch.equal(model.get_submodule(n).input_scale, stored[f"{n}.input_scale"].reshape(1)), n
+    check_layers_against_float64(model, ids, weights)
+
+    plain = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for n in QUANT:
+            plain.get_submodule(n).weight.copy_(formula[n].to(torch.bfloat16))
+        got, ref = model(ids).logits, plain(ids).logits
+    assert bool(torch.isfinite(got).all()) and cosine(got, ref) > 0.99
+
+    # fp8kern-dequantize reads the same format: bf16 of fp32 q * scale, scales dropped.
+    out = str(tmp_path / "bf16")
+    dequantize_checkpoint(d, out)
+    written = read_tensors(out)
+    assert set(written) == set(original)
+    for n in int4:
+        want = (model.get_submodule(n).weight.float() * model.get_submodule(n).weight_scale).to(torch.bfloat16)
+        assert torch.equal(written[f"{n}.weight"], want), n
+
+
+def test_int4_packing_matches_quark():
+    """The packing the tests write and fp8kern's unpacking agree with AMD Quark's own packer (amd-quark is not a
+    dependency: it brings ~0.7 GB of packages; this runs where it is installed)."""
+    pack_mod = pytest.importorskip("quark.torch.utils.pack")
+    from fp8kern.checkpoints.int4_fp8 import unpack
+
+    q = torch.randint(-8, 8, (24, 64), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    for reorder, order in ((True, REORDER), (False, list(range(8)))):
+        theirs = pack_mod.Pack_4_bits("per_channel", "int4").pack(q.clone(), reorder=reorder)
+        assert theirs.dtype == torch.int32 and torch.equal(theirs, pack_int4(q, order))
+        assert torch.equal(unpack(theirs, tuple(order)).float(), q.float())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 
@@ -483,28 +590,40 @@ def test_unknown_format(ckpt, tmp_path):
         from_pretrained(ckpt("bf16"))
 
 
-def test_quark_int4_rejected(ckpt, tmp_path):
+def test_quark_int4_refusals(ckpt, tmp_path):
+    """INT4 layouts other than INT4-FP8, and configs that disagree with the tensors, are refused by name."""
     src = ckpt("quark-ptpc")
     d = copy_ckpt(src, tmp_path / "int4", edit_config=lambda c: c.__setitem__(
         "quantization_config", quark_qconfig("per_group", {"dtype": "fp8_e4m3", "qscheme": "per_tensor",
                                                            "is_dynamic": False}, weight_dtype="uint4")))
-    with pytest.raises(ValueError, match="'uint4'.*INT4 W4A8"):
+    with pytest.raises(ValueError, match="weight.dtype is 'uint4'; INT4 without the FP8 stage"):
         from_pretrained(d)
 
-    # W4A8 as Quark exports it: two quantizers chained on the weight (fp8 per-tensor, then int4 per-channel).
-    w4a8 = quark_qconfig("per_tensor", None)
-    w4a8["global_quant_config"]["weight"] = [{"dtype": "fp8_e4m3", "qscheme": "per_tensor"},
-                                             {"dtype": "int4", "qscheme": "per_channel", "ch_axis": 0}]
-    d1 = copy_ckpt(src, tmp_path / "w4a8", edit_config=lambda c: c.__setitem__("quantization_config", w4a8))
-    with pytest.raises(ValueError, match=r"\['fp8_e4m3', 'int4'\].*multi-stage quantization"):
-        from_pretrained(d1)
+    def chain(weight):
+        q = quark_qconfig("per_tensor", None)
+        q["global_quant_config"]["weight"] = weight
+        return lambda c: c.__setitem__("quantization_config", q)
 
-    def pack(t):  # INT4 weights as Quark exports them: int32 words holding 8 nibbles
-        t[f"{QUANT[0]}.weight"] = torch.zeros(160, 20, dtype=torch.int32)
+    # A chain other than fp8 per tensor -> int4 per channel (here the other way round, and per group).
+    for i, weight in enumerate([[QUARK_INT4_CHANNEL, QUARK_FP8_TENSOR],
+                                [QUARK_FP8_TENSOR, {**QUARK_INT4_CHANNEL, "qscheme": "per_group", "group_size": 32}]]):
+        d1 = copy_ckpt(src, tmp_path / f"chain{i}", edit_config=chain(weight))
+        with pytest.raises(ValueError, match=r"weight is \[.*\]; the only multi-stage weight quantization"):
+            from_pretrained(d1)
 
-    d2 = copy_ckpt(src, tmp_path / "packed", edit_tensors=pack)
-    with pytest.raises(ValueError, match=f"int32-packed weights \\({QUANT[0]}.weight"):
+    # The config says INT4-FP8, the tensors are FP8.
+    d2 = copy_ckpt(src, tmp_path / "disagree", edit_config=chain([QUARK_FP8_TENSOR, QUARK_INT4_CHANNEL]))
+    with pytest.raises(ValueError, match=f"says {QUANT[0]} is INT4-FP8 .* stores {QUANT[0]}.weight as F8_E4M3"):
         from_pretrained(d2)
+
+    # int32-packed weights under an FP8 config.
+    d3 = copy_ckpt(src, tmp_path / "packed", edit_tensors=lambda t: t.__setitem__(
+        f"{QUANT[0]}.weight", torch.zeros(160, 20, dtype=torch.int32)))
+    with pytest.raises(ValueError, match=f"says {QUANT[0]} is FP8, but .* stores {QUANT[0]}.weight as I32"):
+        from_pretrained(d3)
+    d4 = copy_ckpt(d3, tmp_path / "excluded", edit_config=lambda c: c["quantization_config"].update(exclude=[QUANT[0]]))
+    with pytest.raises(ValueError, match=f"stores {QUANT[0]}.weight INT4-packed but its quantization_config excludes"):
+        from_pretrained(d4)
 
 
 def test_missing_tensor(ckpt, tmp_path):

@@ -234,6 +234,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fp8kern.checkpoints import detect_format, from_pretrained  # noqa: E402
 from fp8kern.dequantize import dequantize_checkpoint  # noqa: E402
+from int4_fp8_writer import QUARK_FP8_TENSOR, QUARK_INT4_CHANNEL, REORDER, int4_fp8_quantize, pack_int4  # noqa: E402
 
 # Quantized: every 2-D weight of attention and MLP modules (dense, shared experts, routed experts under Qwen/DeepSeek
 # names or Mixtral's w1/w3/w2) except the router's ('mlp.gate', 'block_sparse_moe.gate'), as real checkpoints do.
@@ -326,7 +327,14 @@ def write_moe(root, variant: str, ids, keep: str | None = None) -> tuple[str, st
             out[key] = v
             continue
         mod = key[: -len(".weight")]
-        if fmt == "fp8-tensor-static":  # AutoFP8 (e.g. Mixtral-8x7B-Instruct-FP8): scalar scales
+        if fmt == "quark-int4-fp8" and ".experts." in key:  # W4A8: INT4-FP8 experts
+            q, s_t, s_ch = int4_fp8_quantize(v)
+            out[key] = pack_int4(q, REORDER)
+            out[f"{mod}.weight_scale"], out[f"{mod}.weight_scale_2"] = s_t.reshape(()), s_ch
+        elif fmt == "quark-int4-fp8":  # ... and FP8 per-tensor elsewhere
+            q, s = fp8kern.quantize_weight(v.float(), "tensor")
+            out[key], out[f"{mod}.weight_scale"] = q, s.reshape(())
+        elif fmt == "fp8-tensor-static":  # AutoFP8 (e.g. Mixtral-8x7B-Instruct-FP8): scalar scales
             q, s = fp8kern.quantize_weight(v.float(), "tensor")
             out[key], out[f"{mod}.weight_scale"] = q, s.reshape(())
             out[f"{mod}.input_scale"] = static_input_scale(model, inputs, mod).reshape(())
@@ -353,7 +361,14 @@ def write_moe(root, variant: str, ids, keep: str | None = None) -> tuple[str, st
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
-    if fmt == "fp8-tensor-static":
+    if fmt == "quark-int4-fp8":
+        act = {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": True}
+        cfg["quantization_config"] = {
+            "quant_method": "quark", "exclude": ["lm_head", "*mlp.gate"], "export": {"pack_method": "reorder"},
+            "global_quant_config": {"weight": QUARK_FP8_TENSOR, "input_tensors": act},
+            "layer_quant_config": {"*.experts.*": {"weight": [QUARK_FP8_TENSOR, QUARK_INT4_CHANNEL],
+                                                   "input_tensors": act}}}
+    elif fmt == "fp8-tensor-static":
         cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
     elif fmt.startswith("fp8"):
         cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
@@ -398,6 +413,7 @@ MOE_VARIANTS = {  # variant -> (detected format, scheme, weight granularity, sca
     "qwen3-ct-fp8-dynamic": ("compressed-tensors", "dynamic_per_token", "channel", "fp32"),
     "mixtral-ct-fp8-static": ("compressed-tensors", "static_per_tensor", "tensor", "fp32"),
     "mixtral-fp8-tensor-static": ("fp8", "static_per_tensor", "tensor", "fp32"),
+    "qwen3-quark-int4-fp8": ("quark", "dynamic_per_tensor", "channel", "fp32"),
 }
 
 
@@ -416,6 +432,7 @@ def test_from_pretrained_moe(tmp_path, moe_ids, variant):
     for f in os.listdir(d):
         if f.endswith(".safetensors"):
             stored.update(load_file(os.path.join(d, f)))
+    bf16 = load_file(os.path.join(src, "model.safetensors"))
     prefix = "block_sparse_moe" if variant.startswith("mixtral") else "mlp"
     names = ("w1", "w3", "w2") if variant.startswith("mixtral") else ("gate_proj", "up_proj", "down_proj")
     scale_suffix = "weight_scale_inv" if fmt == "fp8" and gran == "block" else "weight_scale"
@@ -428,6 +445,12 @@ def test_from_pretrained_moe(tmp_path, moe_ids, variant):
             for role, proj in zip(("gate", "up", "down"), names):
                 key = f"{base}.{e}.{proj}"
                 w, s = m.projection(e, role)
+                if variant.endswith("int4-fp8"):  # the INT4 values the writer packed, as e4m3; scale s_ch * s_t
+                    q, _, _ = int4_fp8_quantize(bf16[f"{key}.weight"])
+                    assert torch.equal(w.float(), q), key
+                    raw = stored[f"{key}.weight_scale_2"].float() * stored[f"{key}.weight_scale"].float()
+                    assert torch.equal(s, raw.reshape(s.shape)), key
+                    continue
                 assert torch.equal(w.view(torch.uint8), stored[f"{key}.weight"].view(torch.uint8)), key
                 raw = stored[f"{key}.{scale_suffix}"]
                 want = raw.reshape(-1, 1).expand(s.shape) if gran == "tensor" else raw.reshape(s.shape)

@@ -138,6 +138,17 @@ def reshape_scale(raw: torch.Tensor, granularity: str, n: int, k: int, key: str)
     return raw.reshape(want)
 
 
+ZERO_POINT = "zero_point"  # the buffer name a format's split gives to stored zero points of symmetric quantizers
+
+
+def check_zero_point(value: torch.Tensor, key: str, shard: str) -> None:
+    """A stored zero point of a layer fp8kern loads: symmetric quantization stores zeros, which carry nothing and
+    are dropped; any other value means asymmetric quantization, which fp8kern does not run."""
+    if bool((value.float() != 0).any()):  # NaN included
+        raise ValueError(f"checkpoint tensor {key!r} in {shard} holds non-zero zero points: asymmetric quantization "
+                         "is not supported (fp8kern runs symmetric FP8 and INT4-FP8 weights)")
+
+
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, E8M0)
 
 

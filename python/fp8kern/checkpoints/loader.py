@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..nn import Fp8Experts, Fp8Linear, fused_experts_unsupported, is_fused_experts
-from .common import (CheckpointFormat, LayerSpec, TensorInfo, check_scale, open_shard, progress, read_config,
-                     read_header, read_weight_scales, require)
+from .common import (ZERO_POINT, CheckpointFormat, LayerSpec, TensorInfo, check_scale, check_zero_point, open_shard,
+                     progress, read_config, read_header, read_weight_scales, require)
 from .compressed_tensors import CompressedTensors
 from .fp8_block import Fp8Block
 from .grok2 import Grok2
@@ -355,6 +355,9 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                 if key in scale_keys:
                     continue
                 hit = fmt.split(key)
+                if hit is not None and hit[1] == ZERO_POINT and (hit[0] in slots or module_name(hit[0]) in swapped):
+                    check_zero_point(f.get_tensor(key), key, shard)
+                    continue
                 if hit is not None and hit[0] in slots:
                     name, e, role = slots[hit[0]]
                     _expert_tensor(fmt, experts[name], e, role, hit[1], f.get_tensor(key), key, shard)
