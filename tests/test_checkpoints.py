@@ -211,10 +211,11 @@ def int4_fp8_layers():
 
 
 def write_quark_int4_fp8(src, dst, ids, channel_name: str = "weight_scale_2", static: bool = False,
-                         pack_method: str = "reorder") -> None:
+                         pack_method: str = "reorder", config: str = "quark") -> None:
     """AMD Quark INT4-FP8 (W4A8): '<m>.weight' int32 [N, K/8], '<m>.weight_scale' the per-tensor FP8 scale,
     '<m>.<channel_name>' the per-channel INT4 scale [N] (weight_scale1 in the Grok-1 export); attention in plain
-    FP8 per tensor; activations FP8 per tensor, dynamic, or static with calibrated input_scale."""
+    FP8 per tensor; activations FP8 per tensor, dynamic, or static with calibrated input_scale. config 'fp8': the
+    quantization_config SGLang serves the Grok-1 INT4-FP8 export with (quant_method 'fp8', per tensor)."""
     t = read_tensors(src)
     calib = calibration_scales(src, ids) if static else {}
     int4, fp8 = int4_fp8_layers()
@@ -235,7 +236,28 @@ def write_quark_int4_fp8(src, dst, ids, channel_name: str = "weight_scale_2", st
     q["layer_quant_config"] = {"*self_attn*": {"weight": QUARK_FP8_TENSOR, "input_tensors": act,
                                                "output_tensors": None, "bias": None}}
     q["export"]["pack_method"] = pack_method
+    if config == "fp8":
+        q = {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic", "ignored_layers": ["lm_head"]}
     write_config(src, dst, q)
+
+
+def write_torchao(src, dst, granularity: str) -> None:
+    """torchao Float8 as transformers saves it: TorchAoConfig(Float8DynamicActivationFloat8WeightConfig) applied
+    by torchao itself at load, then save_pretrained (safetensors). granularity: 'row', 'tensor' or 'block'."""
+    pytest.importorskip("torchao")
+    import torchao.quantization.quant_api as quant_api
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerBlock, PerRow, PerTensor
+
+    gran = {"row": PerRow(), "tensor": PerTensor(), "block": [PerBlock([1, 128]), PerBlock([128, 128])]}[granularity]
+    config = transformers.TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=gran))
+    # torchao refuses to quantize without an sm_89+ GPU; that check is about running its kernels, and the tensors
+    # it writes are the same on the CPU.
+    check, quant_api._check_hardware_support = quant_api._check_hardware_support, lambda granularity: None
+    try:
+        model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16, quantization_config=config)
+    finally:
+        quant_api._check_hardware_support = check
+    model.save_pretrained(dst)
 
 
 # variant -> (tied embeddings, writer, format name, scheme, weight granularity, scale_format)
@@ -489,10 +511,11 @@ def test_from_pretrained_dtype_and_format_override(ckpt):
         from_pretrained(ckpt("quark-ptpc"), format="bogus")
 
 
-INT4_FP8_CASES = {  # case -> (per-channel scale name, static activations, pack_method)
-    "quark": ("weight_scale_2", False, "reorder"),
-    "grok1-names-static": ("weight_scale1", True, "reorder"),
-    "pack-method-order": ("weight_scale_2", False, "order"),
+INT4_FP8_CASES = {  # case -> (per-channel scale name, static activations, pack_method, config format)
+    "quark": ("weight_scale_2", False, "reorder", "quark"),
+    "grok1-names-static": ("weight_scale1", True, "reorder", "quark"),
+    "pack-method-order": ("weight_scale_2", False, "order", "quark"),
+    "grok1-fp8-config": ("weight_scale1", True, "reorder", "fp8"),
 }
 
 
@@ -503,10 +526,10 @@ def test_quark_int4_fp8(ckpt, ids, tmp_path, case):
     applied in float64 in a plain transformers model."""
     from fp8kern.dequantize import dequantize_checkpoint
 
-    channel_name, static, pack_method = INT4_FP8_CASES[case]
+    channel_name, static, pack_method, config = INT4_FP8_CASES[case]
     src, d = ckpt("bf16"), str(tmp_path / case)
-    write_quark_int4_fp8(src, d, ids, channel_name, static, pack_method)
-    assert detect_format(d) == "quark"
+    write_quark_int4_fp8(src, d, ids, channel_name, static, pack_method, config)
+    assert detect_format(d) == config
     model = from_pretrained(d)
     original, stored = read_tensors(src), read_tensors(d)
     int4, fp8 = int4_fp8_layers()
@@ -558,6 +581,53 @@ def test_int4_packing_matches_quark():
         theirs = pack_mod.Pack_4_bits("per_channel", "int4").pack(q.clone(), reorder=reorder)
         assert theirs.dtype == torch.int32 and torch.equal(theirs, pack_int4(q, order))
         assert torch.equal(unpack(theirs, tuple(order)).float(), q.float())
+
+
+TORCHAO_CASES = {"row": ("dynamic_per_token", "channel"), "tensor": ("dynamic_per_tensor", "tensor"),
+                 "block": ("block128", "block")}
+
+
+@pytest.mark.parametrize("granularity", list(TORCHAO_CASES))
+def test_torchao_float8(ckpt, ids, tmp_path, granularity):
+    """A checkpoint torchao writes: every quantized Linear holds the stored bytes and scales, layers match float64
+    within the derived bound, logits a plain transformers model with the weights dequantized here."""
+    scheme, gran = TORCHAO_CASES[granularity]
+    if granularity == "block":  # torchao's PerBlock needs every dimension a multiple of 128
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                       max_position_embeddings=64, tie_word_embeddings=False)
+        src = str(tmp_path / "bf16")
+        transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src)
+    else:
+        src = ckpt("bf16")
+    d = str(tmp_path / "torchao")
+    write_torchao(src, d, granularity)
+    assert detect_format(d) == "torchao"
+    model = from_pretrained(d)
+    stored = read_tensors(d)
+    quantized = sorted(k[: -len("._weight_qdata")] for k in stored if k.endswith("._weight_qdata"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    assert quantized and sorted(layers) == quantized and type(model.lm_head) is nn.Linear
+    weights = {}
+    for n, layer in layers.items():
+        q, s = stored[f"{n}._weight_qdata"], stored[f"{n}._weight_scale"]
+        assert (layer.scheme, layer.weight_granularity) == (scheme, gran), n
+        assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)), n
+        assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale.flatten(), s.flatten()), n
+        weights[n] = deq64(q, layer.weight_scale if gran == "block" else s.reshape(-1, 1) if gran == "channel"
+                           else s.reshape(1))
+    check_layers_against_float64(model, ids, weights)
+    plain = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for n in layers:
+            plain.get_submodule(n).weight.copy_(weights[n].to(torch.bfloat16))
+        got, want = model(ids).logits, plain(ids).logits
+    assert bool(torch.isfinite(got).all()) and cosine(got, want) > 0.99
+    if granularity != "block":  # torchao's own runtime on the same file (torchao 0.18 cannot reload PerBlock)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(d)
+        with torch.no_grad():
+            assert cosine(got, theirs(ids).logits) > 0.99
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -624,6 +694,82 @@ def test_quark_int4_refusals(ckpt, tmp_path):
     d4 = copy_ckpt(d3, tmp_path / "excluded", edit_config=lambda c: c["quantization_config"].update(exclude=[QUANT[0]]))
     with pytest.raises(ValueError, match=f"stores {QUANT[0]}.weight INT4-packed but its quantization_config excludes"):
         from_pretrained(d4)
+
+
+REFUSED = {  # name -> (variant to edit, quantization_config edit, what the error names)
+    "awq": ("fp8-block-bf16", lambda q: q.update(quant_method="awq"), "quant_method is 'awq'"),
+    "gptq": ("fp8-block-bf16", lambda q: q.update(quant_method="gptq"), "quant_method is 'gptq'"),
+    "bitsandbytes": ("fp8-block-bf16", lambda q: q.update(quant_method="bitsandbytes"), "'bitsandbytes'"),
+    "mxfp4": ("fp8-block-bf16", lambda q: q.update(quant_method="mxfp4"), "quant_method is 'mxfp4'"),
+    "nvfp4-modelopt": ("fp8-block-bf16", lambda q: q.update(quant_method="modelopt", quant_algo="NVFP4"),
+                       "quant_method is 'modelopt'"),
+    "ct-nvfp4": ("ct-fp8-dynamic", lambda q: [g.update(format="nvfp4-pack-quantized")
+                                              for g in [q, *q["config_groups"].values()]],
+                 "format is 'nvfp4-pack-quantized'"),
+    "ct-int4": ("ct-fp8-dynamic", lambda q: q["config_groups"]["group_0"]["weights"].update(type="int", num_bits=4),
+                r"type/num_bits is \('int', 4\)"),
+    "fp8-mx-block": ("fp8-block-bf16", lambda q: q.update(weight_block_size=[1, 32]), r"weight_block_size is \[1, 32\]"),
+    "quark-mxfp4": ("quark-ptpc", lambda q: q["global_quant_config"]["weight"].update(dtype="fp4", qscheme="per_group",
+                                                                                     group_size=32),
+                    "weight.dtype is 'fp4'"),
+    "torchao-int4": ("fp8-block-bf16", lambda q: q.clear() or q.update(
+        quant_method="torchao", quant_type={"default": {"_type": "Int4WeightOnlyConfig", "_data": {}}}),
+                     "quant_type is 'Int4WeightOnlyConfig'"),
+    "torchao-mx": ("fp8-block-bf16", lambda q: q.clear() or q.update(
+        quant_method="torchao", quant_type={"default": {"_type": "Float8DynamicActivationFloat8WeightConfig", "_data": {
+            "granularity": [{"_type": "PerBlock", "_data": {"block_size": [1, 32]}},
+                            {"_type": "PerBlock", "_data": {"block_size": [1, 32]}}]}}}),
+                   "activation granularity"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_other_formats_refused(ckpt, tmp_path, name):
+    """Formats fp8kern does not run keep a refusal naming what was found, from the loader and the CLI."""
+    from fp8kern.dequantize import dequantize_checkpoint
+
+    variant, edit, pattern = REFUSED[name]
+    d = copy_ckpt(ckpt(variant), tmp_path / name, edit_config=lambda c: edit(c["quantization_config"]))
+    for call in (lambda: from_pretrained(d), lambda: dequantize_checkpoint(d, str(tmp_path / "out"))):
+        with pytest.raises(ValueError, match=pattern):
+            call()
+
+
+def test_torchao_checks(ckpt, tmp_path):
+    """torchao: the metadata must describe Float8Tensor weights; torchao < 0.15's tensor names are refused;
+    fp8kern-dequantize writes the weights under the unquantized model's names."""
+    from fp8kern.dequantize import dequantize_checkpoint
+
+    src = str(tmp_path / "torchao")
+    write_torchao(ckpt("bf16"), src, "row")
+    shard = os.path.join(src, "model.safetensors")
+    n = QUANT[3]
+
+    with safetensors.safe_open(shard, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(shard)
+    d = str(tmp_path / "meta")
+    shutil.copytree(src, d)
+    bad = json.loads(metadata[f"{n}.weight"])
+    bad["_type"] = "Int4Tensor"
+    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={**metadata, f"{n}.weight": json.dumps(bad)})
+    with pytest.raises(ValueError, match=f"torchao metadata of {n}.weight in model.safetensors is 'Int4Tensor'"):
+        from_pretrained(d)
+
+    d2 = str(tmp_path / "old")
+    shutil.copytree(src, d2)
+    old = {k.replace("._weight_qdata", ".weight:qdata").replace("._weight_scale", ".weight:scale"): v
+           for k, v in tensors.items()}
+    save_file(old, os.path.join(d2, "model.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="naming of torchao < 0.15"):
+        from_pretrained(d2)
+
+    out = str(tmp_path / "bf16")
+    dequantize_checkpoint(src, out)
+    written, original = read_tensors(out), read_tensors(ckpt("bf16"))
+    assert set(written) == set(original)
+    q, s = tensors[f"{n}._weight_qdata"], tensors[f"{n}._weight_scale"]
+    assert torch.equal(written[f"{n}.weight"], (q.float() * s).to(torch.bfloat16))
 
 
 def test_missing_tensor(ckpt, tmp_path):
@@ -708,84 +854,38 @@ def test_config_and_tensors_disagree(ckpt, tmp_path):
         from_pretrained(d)
 
 
-def test_kv_cache_scales(ckpt, tmp_path):
-    """Quark FP8-KV output_scale tensors load (ignored, with a warning) only where the config declares them."""
-    kv = f"{QUANT[1]}.output_scale"
-
-    def add(t):
-        t[kv] = torch.tensor(0.25)
-
-    declared = copy_ckpt(ckpt("quark-ptpc"), tmp_path / "kv", edit_tensors=add, edit_config=lambda c: c[
-        "quantization_config"]["export"].update(kv_cache_group=["*k_proj", "*v_proj"]))
-    with pytest.warns(UserWarning, match=f"ignored 1 KV-cache scale.*{kv}"):
-        model = from_pretrained(declared)
-    assert isinstance(model.get_submodule(QUANT[1]), Fp8Linear)
-    undeclared = copy_ckpt(ckpt("quark-ptpc"), tmp_path / "kv2", edit_tensors=add)
-    with pytest.raises(ValueError, match=f"fit nothing.*{kv}"):
-        from_pretrained(undeclared)
-
-
-_W, _WS, _IS = f"{QUANT[2]}.weight", f"{QUANT[2]}.weight_scale", f"{QUANT[2]}.input_scale"
-# name -> (variant, tensor, its new value from the stored one (None: removed), error pattern). Each damage a real
-# download or a broken quantizer can produce.
-DAMAGE = {
-    "nan-scale": ("quark-ptpc", _WS, lambda s: s.index_fill(0, torch.tensor([3]), float("nan")),
-                  rf"'{_WS}' in model.safetensors holds 1 of 80 scale value\(s\) that are not finite and > 0 "
-                  r"\(first at flat index 3: nan\)"),
-    "zero-scale": ("quark-static", _WS, lambda s: torch.zeros_like(s), rf"'{_WS}' in model.safetensors .*index 0: 0.0"),
-    "negative-scale": ("quark-ptpc", _WS, lambda s: -s, rf"'{_WS}' in model.safetensors holds 80 of 80"),
-    "inf-input-scale": ("quark-static", _IS, lambda s: torch.full_like(s, float("inf")),
-                        rf"'{_IS}' in model.safetensors .*inf"),
-    "int-scale": ("quark-ptpc", _WS, lambda s: s.to(torch.int32),
-                  rf"'{_WS}' in model.safetensors has dtype torch.int32; a scale must be stored as"),
-    "wrong-shape-scale": ("quark-ptpc", _WS, lambda s: s[:40],
-                          rf"'{_WS}' has shape \(40,\), expected \(80, 1\) for a channel scale of a \[80, 160\]"),
-    "missing-scale": ("quark-ptpc", _WS, None, rf"without their scale tensor\(s\): \['{_WS}'\]"),
-    "e5m2-weight": ("quark-ptpc", _W, lambda w: w.float().to(torch.float8_e5m2),
-                    rf"'{_W}' has dtype torch.float8_e5m2, expected torch.float8_e4m3fn"),
-    "wrong-shape-weight": ("quark-ptpc", _W, lambda w: w[:, :80].contiguous(),
-                           rf"{_W} has shape \(80, 80\), expected \(80, 160\)"),
-    "tiny-inverse-scale": ("grok2", f"{_W}.scale", lambda s: s.index_fill(0, torch.tensor([0]), 1e-39),
-                           rf"'{_W}.scale' in its converted form .*inf"),
+_KV_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+KV_CASES = {  # case -> (variant, the KV-cache scale tensors, how its config declares an FP8 KV cache)
+    "quark-output-scale": ("quark-ptpc", [f"{QUANT[1]}.output_scale", f"{QUANT[2]}.output_scale"],
+                           lambda q: q["export"].update(kv_cache_group=["*k_proj", "*v_proj"])),
+    "quark-k-v-scale": ("quark-static", ["model.layers.0.self_attn.k_scale", "model.layers.1.self_attn.v_scale"],
+                        lambda q: q["export"].update(kv_cache_group=["*k_proj", "*v_proj"])),
+    "compressed-tensors": ("ct-fp8-dynamic", ["model.layers.0.self_attn.k_scale", "model.layers.0.self_attn.v_scale"],
+                           lambda q: q.update(kv_cache_scheme=_KV_SCHEME)),
+    "fp8": ("fp8-tensor-static", ["model.layers.1.self_attn.k_scale", "model.layers.1.self_attn.v_scale"],
+            lambda q: q.update(kv_cache_scheme=_KV_SCHEME)),
 }
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_checkpoint(ckpt, tmp_path, damage):
-    """A damaged tensor is a ValueError naming it (and its file, for values), from the loader and from
-    fp8kern-dequantize alike, and no model is returned."""
-    from fp8kern.dequantize import dequantize_checkpoint
+@pytest.mark.parametrize("case", list(KV_CASES))
+def test_kv_cache_scales(ckpt, tmp_path, case):
+    """Checkpoints that also quantize the KV cache load, with the KV cache in the model dtype, said once; the scale
+    tensors are accepted only where the config declares an FP8 KV cache."""
+    variant, keys, declare = KV_CASES[case]
 
-    variant, key, edit, pattern = DAMAGE[damage]
-    d = str(tmp_path / "damaged")
-    shutil.copytree(ckpt(variant), d)
-    for shard in [os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors")]:
-        t = load_file(shard)
-        if key in t:
-            if edit is None:
-                del t[key]
-            else:
-                t[key] = edit(t[key])
-            save_file(t, shard)
-    with pytest.raises(ValueError, match=pattern):
-        from_pretrained(d)
-    if damage not in ("wrong-shape-weight", "inf-input-scale"):  # the CLI has no model to compare shapes with,
-        with pytest.raises(ValueError, match=pattern.split(" in ")[0]):  # and drops activation scales
-            dequantize_checkpoint(d, str(tmp_path / "out"))
+    def add(t):
+        t.update({k: torch.tensor(0.25) for k in keys})
 
-
-@pytest.mark.parametrize("cut", ["header", "data"])
-def test_truncated_shard(ckpt, tmp_path, cut):
-    """An interrupted download: the error names the shard, before any tensor is loaded."""
-    d = str(tmp_path / "cut")
-    shutil.copytree(ckpt("fp8-block-fp32-sharded"), d)
-    shard = os.path.join(d, "model-00002-of-00003.safetensors")
-    size = os.path.getsize(shard)
-    with open(shard, "r+b") as f:
-        f.truncate(20 if cut == "header" else size - 100)
-    for call in (lambda: detect_format(d), lambda: from_pretrained(d)):
-        with pytest.raises(ValueError, match=f"shard '{shard}' cannot be read .*truncated or corrupt"):
-            call()
+    declared = copy_ckpt(ckpt(variant), tmp_path / "kv", edit_tensors=add,
+                         edit_config=lambda c: declare(c["quantization_config"]))
+    with pytest.warns(UserWarning) as seen:
+        model = from_pretrained(declared)
+    kv = [str(w.message) for w in seen if "KV cache" in str(w.message)]
+    assert len(kv) == 1 and f"keeps the KV cache in torch.bfloat16: ignored {len(keys)} KV-cache scale" in kv[0]
+    assert isinstance(model.get_submodule(QUANT[1]), Fp8Linear)
+    undeclared = copy_ckpt(ckpt(variant), tmp_path / "kv2", edit_tensors=add)
+    with pytest.raises(ValueError, match=f"fit nothing.*{keys[0]}"):
+        from_pretrained(undeclared)
 
 
 def test_static_scale_for_dynamic_layer(ckpt, tmp_path):

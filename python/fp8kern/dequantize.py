@@ -24,7 +24,7 @@ import torch
 
 from .checkpoints.common import (CONFIG_NAME, INDEX_NAME, open_shard, progress, read_header, read_weight_scales,
                                  require, shard_files)
-from .checkpoints.loader import open_format
+from .checkpoints.loader import FORMATS, open_format
 
 
 def dequantize_checkpoint(src: str, dst: str, format: str = "auto") -> list[str]:
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fp8kern-dequantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="FP8 checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--output", required=True, help="directory to write the BF16 checkpoint to")
-    p.add_argument("--format", default="auto", help="checkpoint format: auto (default), compressed-tensors, fp8, "
-                                                     "quark or grok2")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
+                   help="checkpoint format (default: detect it)")
     p.add_argument("--verify", metavar="ORIGINAL_DIR", help="compare the output with this unquantized checkpoint")
     args = p.parse_args(argv)
     dequantize_checkpoint(args.input, args.output, args.format)

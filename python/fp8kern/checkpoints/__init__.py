@@ -3,8 +3,9 @@
     from fp8kern.checkpoints import from_pretrained, detect_format
     model = from_pretrained("path/to/Qwen3-8B-FP8", device="cuda")
 
-Formats: compressed-tensors float-quantized ('compressed-tensors'), quant_method 'fp8' 128x128 blocks ('fp8'),
-AMD Quark FP8 ('quark') and Grok-2 FP8 ('grok2'). Needs the optional packages safetensors and transformers
+Formats: compressed-tensors float-quantized ('compressed-tensors'), quant_method 'fp8' per tensor, per channel or
+in 128x128 blocks ('fp8'), AMD Quark FP8 and INT4-FP8 ('quark'), Grok-2 FP8 ('grok2') and torchao Float8
+('torchao'). Needs the optional packages safetensors and transformers
 (tqdm for progress bars); fp8kern itself imports without them.
 """
 

@@ -100,11 +100,19 @@ def open_shard(path: str, shard: str):
         yield f
 
 
-def read_header(path: str) -> dict[str, TensorInfo]:
+class Header(dict):
+    """tensor name -> TensorInfo, and .metadata: shard -> the shard's safetensors metadata (str -> str)."""
+
+    metadata: dict[str, dict]
+
+
+def read_header(path: str) -> Header:
     """Every tensor of the checkpoint by name, from the safetensors headers only (no tensor data is read)."""
-    header = {}
+    header = Header()
+    header.metadata = {}
     for shard in shard_files(path):
         with open_shard(path, shard) as f:
+            header.metadata[shard] = f.metadata() or {}
             for key in f.keys():
                 sl = f.get_slice(key)
                 header[key] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()), shard)

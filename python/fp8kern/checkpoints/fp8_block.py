@@ -8,6 +8,10 @@ its name weight_scale_inv multiplies: real = fp8 * weight_scale_inv. Layers load
 scale_format 'ue8m0' (power-of-two activation scales too, as DeepSeek-V3.1 computes them) when scale_fmt is 'ue8m0'
 or the stored scales are float8_e8m0fnu.
 
+INT4-FP8 (the Grok-1 INT4-FP8 export): per tensor as below, with some '<module>.weight' INT4-packed in int32 beside
+'<module>.weight_scale' (per tensor) and '<module>.weight_scale1' (per channel); see int4_fp8.py. They load as
+per-channel e4m3 weights.
+
 Per tensor: quantization_config = {"quant_method": "fp8", "activation_scheme": "static" | "dynamic",
 "ignored_layers"?: [...]}. Tensors: '<module>.weight' e4m3, '<module>.weight_scale' float32 (one value, or one per
 output channel), real = fp8 * weight_scale, and for static activations '<module>.input_scale' (early AutoFP8
@@ -23,6 +27,7 @@ import re
 
 import math
 
+from . import int4_fp8
 from .common import CheckpointFormat, LayerSpec, choose_scheme, unsupported
 
 
@@ -41,7 +46,7 @@ def _not_converted(module: str, entry: str) -> bool:
     return module.endswith(entry)
 
 
-class Fp8Block(CheckpointFormat):
+class Fp8Block(int4_fp8.Int4Fp8Weights, CheckpointFormat):
     name = "fp8"
     quant_method = "fp8"
     suffixes = {"weight": "weight", "weight_scale_inv": "weight_scale"}
@@ -72,6 +77,13 @@ class Fp8Block(CheckpointFormat):
             self.suffixes = self._PER_TENSOR_SUFFIXES
         self.skip = list(q.get("modules_to_not_convert") or q.get("ignored_layers") or [])
         self.ue8m0 = q.get("scale_fmt") == "ue8m0"
+        for module in int4_fp8.packed_modules(header):  # INT4-FP8 as the Grok-1 export stores it, per tensor only
+            scales = [f"{module}.{s}" for s in int4_fp8.CHANNEL_SCALE_SUFFIXES if f"{module}.{s}" in header]
+            if self.block or not scales:
+                raise unsupported("quant_method 'fp8' weight storage", f"int32-packed {module}.weight",
+                                  "INT4 weights are read only as INT4-FP8: without weight_block_size, beside a "
+                                  "per-tensor weight_scale and a per-channel weight_scale1 (or weight_scale_2)")
+            self.suffixes = {**self.suffixes, **{s: "weight_scale" for s in int4_fp8.CHANNEL_SCALE_SUFFIXES}}
 
     def layer_spec(self, module, class_names=("Linear",)):
         if any(_not_converted(module, s) for s in self.skip):
@@ -81,7 +93,7 @@ class Fp8Block(CheckpointFormat):
             ue8m0 = self.ue8m0 or (info is not None and info.dtype == "F8_E8M0")
             return LayerSpec("block128", "block", "ue8m0" if ue8m0 else "fp32")
         info = self.header.get(f"{module}.weight_scale") or self.header.get(f"{module}.weight_scale_inv")
-        gran = "tensor" if info is None or math.prod(info.shape) == 1 else "channel"
+        gran = "channel" if self.is_int4_fp8(module) or not (info is None or math.prod(info.shape) == 1) else "tensor"
         return LayerSpec(choose_scheme(gran, "tensor" if self.static else None, not self.static,
                                        f"quant_method 'fp8' layer {module}"), gran)
 

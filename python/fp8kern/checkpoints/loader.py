@@ -20,11 +20,13 @@ from .compressed_tensors import CompressedTensors
 from .fp8_block import Fp8Block
 from .grok2 import Grok2
 from .quark import Quark
+from .torchao import TorchAO
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 # Grok-2 first: it is recognised by tensor names, whatever quantization_config the config carries.
-FORMATS: dict[str, type[CheckpointFormat]] = {f.name: f for f in (Grok2, CompressedTensors, Fp8Block, Quark)}
+FORMATS: dict[str, type[CheckpointFormat]] = {f.name: f for f in (Grok2, CompressedTensors, Fp8Block, Quark,
+                                                                  TorchAO)}
 
 
 def _detect(config: dict, header: dict[str, TensorInfo]) -> str:
@@ -38,7 +40,8 @@ def _detect(config: dict, header: dict[str, TensorInfo]) -> str:
                          f"read: {sorted(FORMATS)}")
     raise ValueError(f"unsupported checkpoint: quantization_config.quant_method is {qc.get('quant_method')!r}; "
                      f"fp8kern reads {sorted(FORMATS)} (compressed-tensors float-quantized, quant_method 'fp8' "
-                     "128x128 blocks, AMD Quark FP8, Grok-2 FP8)")
+                     "per tensor, per channel or in 128x128 blocks, AMD Quark FP8 and INT4-FP8, Grok-2 FP8, torchao "
+                     "Float8); not AWQ, GPTQ, bitsandbytes, MXFP4/MXFP8 or NVFP4")
 
 
 def open_format(path: str, format: str = "auto") -> tuple[dict, dict[str, TensorInfo], CheckpointFormat]:
@@ -283,7 +286,7 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     fp8kern Fp8Linear layers and whose MoE experts modules (per-expert FP8 projections in the checkpoint) are
     Fp8Experts; returns the model in eval mode on device (default cpu).
 
-    format: 'auto' (detect, see detect_format) or one of 'compressed-tensors', 'fp8', 'quark', 'grok2'.
+    format: 'auto' (detect, see detect_format) or one of 'compressed-tensors', 'fp8', 'quark', 'grok2', 'torchao'.
     dtype: dtype of everything that is not FP8 (embeddings, norms, excluded Linears, biases) and of the outputs.
     FP8 weights and scales are copied as stored (converted only to fp8kern's real = fp8 * scale convention, e.g.
     Grok-2's inverse scales); weight-only checkpoints get dynamically quantized activations.
