@@ -6,7 +6,7 @@
     y = fp8kern.scaled_mm(x_fp8, w_fp8, x_scale, w_scale, out_dtype=torch.bfloat16)
 """
 
-from . import nn, ops, reference
+from . import nn, ops, parallel, reference
 from ._backend import get_backend, set_backend, set_value_checks
 from .checkpoints import detect_format, from_pretrained
 from .nn import Fp8Experts, Fp8Linear, quantize_model

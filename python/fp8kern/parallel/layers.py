@@ -1,0 +1,154 @@
+"""Tensor-parallel Linear layers: each rank holds its shard (sharding.py) of an Fp8Linear or nn.Linear, and the
+layer does its own collective through torch.distributed.
+
+ColumnParallel: the input is whole on every rank; the rank computes its output rows [r0, r1) and returns them
+(no collective: the next layer is row parallel, or attention over the rank's own heads).
+RowParallel: the input is the rank's slice [c0, c1) of the features; each rank computes a partial product in fp32,
+the partials are summed with one all_reduce in fp32, then the bias is added once and the result cast. With
+match_single_device (the default) the dynamic activation scales are the single-device ones: each rank's amax per
+token (per tensor, per 1x128 group) is reduced with an all_reduce(max) before quantizing, so every FP8 value equals
+the single-device model's and the result differs from it only in the fp32 summation order. Without it each rank
+scales its own slice (one collective fewer, results a little further from one device's).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops, reference
+from .._constants import BLOCK, E8M0
+from ..nn import Fp8Linear
+from .sharding import column_shard, row_shard
+
+
+def _local_fp8(layer: Fp8Linear, weight, scale, bias) -> Fp8Linear:
+    """An Fp8Linear of layer's scheme holding the given local weight, scale and bias."""
+    local = Fp8Linear(weight.shape[1], weight.shape[0], bias is not None, layer.scheme,
+                      weight_granularity=layer.weight_granularity, scale_format=layer.scale_format,
+                      fast_accum=layer.fast_accum, device=weight.device,
+                      dtype=layer.bias.dtype if layer.bias is not None else torch.bfloat16)
+    with torch.no_grad():
+        local.weight.copy_(weight)
+        local.weight_scale.copy_(scale.reshape(local.weight_scale.shape))
+        if bias is not None:
+            local.bias.copy_(bias)
+        if not layer.dynamic:
+            local.input_scale.copy_(layer.input_scale)
+    return local
+
+
+class ColumnParallel(nn.Module):
+    """The column-parallel shard (output rows [r0, r1)) of an Fp8Linear or nn.Linear."""
+
+    def __init__(self, layer: nn.Module, r0: int, r1: int):
+        super().__init__()
+        self.rows = (r0, r1)
+        if isinstance(layer, Fp8Linear):
+            w, s, self.pad = column_shard(layer.weight, layer.weight_scale, layer.weight_granularity, r0, r1)
+            bias = None
+            if layer.bias is not None:
+                bias = torch.zeros(self.pad + r1 - r0, dtype=layer.bias.dtype, device=layer.bias.device)
+                bias[self.pad:] = layer.bias.detach()[r0:r1]
+            self.inner = _local_fp8(layer, w, s, bias)
+        elif isinstance(layer, nn.Linear):
+            self.pad = 0
+            self.inner = nn.Linear(layer.in_features, r1 - r0, layer.bias is not None, device=layer.weight.device,
+                                   dtype=layer.weight.dtype)
+            with torch.no_grad():
+                self.inner.weight.copy_(layer.weight[r0:r1])
+                if layer.bias is not None:
+                    self.inner.bias.copy_(layer.bias[r0:r1])
+            self.inner.requires_grad_(False)
+        else:
+            raise TypeError(f"ColumnParallel shards an Fp8Linear or nn.Linear, got {type(layer).__name__}")
+        self.in_features, self.out_features = layer.in_features, r1 - r0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return y[..., self.pad:].contiguous() if self.pad else y  # attention views the result per head
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows}, pad={self.pad}"
+
+
+class RowParallel(nn.Module):
+    """The row-parallel shard (input columns [c0, c1)) of an Fp8Linear or nn.Linear, reduced over group."""
+
+    def __init__(self, layer: nn.Module, c0: int, c1: int, group=None, match_single_device: bool = True):
+        super().__init__()
+        self.cols, self.group, self.match_single_device = (c0, c1), group, match_single_device
+        self.full_in_features = layer.in_features
+        if isinstance(layer, Fp8Linear):
+            w, s, self.pad = row_shard(layer.weight, layer.weight_scale, layer.weight_granularity, c0, c1)
+            self.inner = _local_fp8(layer, w, s, None)
+        elif isinstance(layer, nn.Linear):
+            self.pad = 0
+            self.inner = nn.Linear(c1 - c0, layer.out_features, False, device=layer.weight.device,
+                                   dtype=layer.weight.dtype)
+            with torch.no_grad():
+                self.inner.weight.copy_(layer.weight[:, c0:c1])
+            self.inner.requires_grad_(False)
+        else:
+            raise TypeError(f"RowParallel shards an Fp8Linear or nn.Linear, got {type(layer).__name__}")
+        self.bias = (nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None
+                     else None)
+        self.in_features, self.out_features = c1 - c0, layer.out_features
+
+    def _partial(self, x2: torch.Tensor) -> torch.Tensor:
+        """This rank's fp32 partial product of the 2-D local input x2 [M, c1 - c0]."""
+        inner = self.inner
+        if isinstance(inner, nn.Linear):
+            return x2.float() @ inner.weight.float().T
+        if self.pad:
+            x2 = F.pad(x2, (self.pad, 0))
+        if not inner.dynamic:
+            q, s = ops.quantize(x2, "tensor", scale=inner.input_scale)
+        elif self.match_single_device:
+            q, s = self._quantize_as_one_device(x2, inner)
+        else:
+            q, s = ops.quantize(x2, inner.act_granularity, scale_format=inner.scale_format)
+        return ops.scaled_mm(q, inner.weight, s, inner.weight_scale, out_dtype=torch.float32,
+                             fast_accum=inner.fast_accum)
+
+    def _quantize_as_one_device(self, x2: torch.Tensor, inner: Fp8Linear):
+        """Quantize the local slice with the scales the whole input would get: amax reduced with max over ranks
+        (per token, per tensor, or per 1x128 group on the global grid), then the dynamic scale rule."""
+        gran, M = inner.act_granularity, x2.shape[0]
+        a = x2.detach().abs().float()
+        if gran == "token":
+            amax = a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(M, 1)
+        elif gran == "tensor":
+            amax = a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
+        else:  # group: scatter the local groups onto the global grid so that every rank reduces the same shape
+            first, G = self.cols[0] // BLOCK, math.ceil(self.full_in_features / BLOCK)
+            local = F.pad(a, (0, -a.shape[1] % BLOCK)).reshape(M, -1, BLOCK).amax(dim=2)
+            amax = a.new_zeros(M, G)
+            amax[:, first:first + local.shape[1]] = local
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
+        if gran == "group":
+            amax = amax[:, first:first + local.shape[1]]
+        ue8m0 = inner.scale_format == "ue8m0"
+        s = reference.scale_from_amax(amax, None, ue8m0)  # the rule dynamic quantization applies
+        if gran == "tensor":
+            s = s.reshape(1)
+        q, _ = ops.quantize(x2, gran, scale=s)
+        return q, (s.to(E8M0) if ue8m0 else s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"RowParallel: input has {x.shape[-1]} features, expected this rank's "
+                             f"{self.in_features} (columns {self.cols} of {self.full_in_features})")
+        lead = x.shape[:-1]
+        y = self._partial(x.reshape(-1, x.shape[-1]))
+        dist.all_reduce(y, group=self.group)  # fp32 partial sums
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"cols={self.cols}, pad={self.pad}, match_single_device={self.match_single_device}"

@@ -1,0 +1,77 @@
+"""Exact slicing of quantized weights for tensor parallelism, for every scale layout and any shard size.
+
+A column-parallel shard owns output rows [r0, r1) of W [N, K]; a row-parallel shard owns input columns [c0, c1).
+Per-tensor scales stay whole, per-channel scales follow the rows. 128x128 block scales are where other engines
+refuse (vLLM, SGLang: shard sizes must be multiples of 128) or go wrong (chunking the scale independently of the
+weight): here each shard is laid on the *global* block grid. A column shard of rows [r0, r1) takes the scale rows
+r0 // 128 .. ceil(r1 / 128) and is front-padded with r0 % 128 zero rows, so its local row i is global row
+(r0 // 128) * 128 + i and sits in the block its scale says; the padded outputs are dropped. A row shard of columns
+[c0, c1) takes the scale columns c0 // 128 .. ceil(c1 / 128) and front-pads c0 % 128 zero columns, in the weight
+and in the activations, so the 1x128 activation groups line up with the weight blocks. Ranks that share a block
+each hold a copy of its scale. The cost is fewer than 128 padded rows or columns per shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._constants import BLOCK
+
+
+def split_bounds(n: int, world: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of n split into world shards on multiples of unit, sizes differing by at most
+    one unit (the first n / unit % world shards take one more). n must be a multiple of unit."""
+    if world < 1:
+        raise ValueError(f"world={world}, expected >= 1")
+    if n % unit:
+        raise ValueError(f"n={n} is not a multiple of unit={unit}")
+    units = n // unit
+    base, extra = divmod(units, world)
+    bounds, start = [], 0
+    for r in range(world):
+        size = (base + (r < extra)) * unit
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def block_pad(start: int) -> int:
+    """The zero rows (or columns) a block-scaled shard starting at start puts in front to sit on the global grid."""
+    return start % BLOCK
+
+
+def column_shard(weight: torch.Tensor, scale: torch.Tensor, granularity: str, r0: int, r1: int):
+    """(weight rows, scale, pad) of the column-parallel shard owning output rows [r0, r1) of weight [N, K].
+    granularity: 'tensor' (scale [1]), 'channel' (scale [N, 1]) or 'block' (scale [ceil(N/128), ceil(K/128)]).
+    The returned weight has pad leading zero rows (block only) whose outputs the caller drops."""
+    N, K = weight.shape
+    if not 0 <= r0 <= r1 <= N:
+        raise ValueError(f"rows [{r0}, {r1}) are not inside [0, {N})")
+    if granularity == "tensor":
+        return weight[r0:r1].clone(), scale.clone(), 0
+    if granularity == "channel":
+        return weight[r0:r1].clone(), scale[r0:r1].clone(), 0
+    if granularity != "block":
+        raise ValueError(f"granularity={granularity!r}, expected 'tensor', 'channel' or 'block'")
+    pad = block_pad(r0)
+    rows = torch.zeros(pad + r1 - r0, K, dtype=weight.dtype, device=weight.device)
+    rows[pad:] = weight[r0:r1]
+    return rows, scale[r0 // BLOCK: math.ceil(r1 / BLOCK)].clone(), pad
+
+
+def row_shard(weight: torch.Tensor, scale: torch.Tensor, granularity: str, c0: int, c1: int):
+    """(weight columns, scale, pad) of the row-parallel shard owning input columns [c0, c1) of weight [N, K]. The
+    returned weight has pad leading zero columns (block only); the caller front-pads its activations the same."""
+    N, K = weight.shape
+    if not 0 <= c0 <= c1 <= K:
+        raise ValueError(f"columns [{c0}, {c1}) are not inside [0, {K})")
+    if granularity in ("tensor", "channel"):
+        return weight[:, c0:c1].clone(), scale.clone(), 0
+    if granularity != "block":
+        raise ValueError(f"granularity={granularity!r}, expected 'tensor', 'channel' or 'block'")
+    pad = block_pad(c0)
+    cols = torch.zeros(N, pad + c1 - c0, dtype=weight.dtype, device=weight.device)
+    cols[:, pad:] = weight[:, c0:c1]
+    return cols, scale[:, c0 // BLOCK: math.ceil(c1 / BLOCK)].clone(), pad

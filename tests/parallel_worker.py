@@ -1,0 +1,179 @@
+"""The rank side of tests/test_parallel.py: run by spawned processes (gloo on the CPU), each checking its shard.
+
+Every rank builds the same tiny Llama (same seed), quantizes it with fp8kern.quantize_model, keeps a copy as the
+single-device model, shards the other with fp8kern.parallel.shard_model, and checks, per scheme:
+- every sharded layer against the single-device layer on the same input, within the bound derived in
+  check_layer (same FP8 operands on both sides; only the fp32 summation order and the final rounding differ);
+- the logits: identical bit for bit on every rank, and close to the single-device logits (a sanity check: the
+  per-layer bound is the exact claim, and small differences grow through the network's nonlinearities);
+- the errors a bad configuration gets, before the model is touched.
+A failure raises; the parent sees the exit code and the traceback file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def llama(heads: int = 12, kv_heads: int = 12):
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=16 * heads, intermediate_size=320, num_hidden_layers=2,
+                                    num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=256,
+                                    max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def build(config, scheme: str, scale_format: str = "fp32"):
+    import transformers
+
+    import fp8kern
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # rows and columns of very different sizes: a misplaced scale shows
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                p.mul_(torch.exp2(torch.rand(p.shape[0], 1) * 4 - 2) * torch.exp2(torch.rand(1, p.shape[1]) * 2 - 1))
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    kw = {"scale_format": scale_format} if scheme == "block128" else {}
+    calib = [ids] if scheme == "static_per_tensor" else None
+    fp8kern.quantize_model(model, scheme, calibration_data=calib, **kw)
+    return model.eval(), ids
+
+
+def dequantized_operands(layer, x: torch.Tensor):
+    """float64 (A, B): the single-device layer's quantized input and weight, dequantized (what its GEMM sums)."""
+    import fp8kern
+    from fp8kern import reference
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if layer.scheme == "block128":
+        q, s = fp8kern.quantize(x2, "group", scale_format=layer.scale_format)
+        A = reference.dequantize(q, s, block_size=(1, 128))
+        B = reference.dequantize(layer.weight, layer.weight_scale, block_size=(128, 128))
+    else:
+        q, s = (fp8kern.quantize(x2, layer.act_granularity) if layer.dynamic
+                else fp8kern.quantize(x2, "tensor", scale=layer.input_scale))
+        A = reference.dequantize(q, s)
+        B = reference.dequantize(layer.weight, layer.weight_scale)
+    return A.double(), B.double()
+
+
+def check_layer(name, single, sharded, x_full, y, world):
+    """|y_tp - y_1| <= 2 gamma_{K+W+4} (|A| |B|^T) + 2^-8 max(|y_1|, |y_tp|) + 2^-133 elementwise.
+
+    Both sides sum the same products a_k b_k (same FP8 values and scales: the column shard quantizes the whole
+    input as one device does, the row shard uses the single-device scales), in fp32, in different orders and
+    groupings (W partial sums, then their sum; the scales and the bias applied around them): each result is within
+    gamma_{K+W+4} sum_k |a_k b_k| of the exact sum (gamma_m = m u / (1 - m u), u = 2^-24), so they differ by at
+    most twice that. Each is then rounded once to bf16 (relative 2^-9 each, 2^-8 together of the larger), plus half
+    the bf16 subnormal step."""
+    from fp8kern.parallel import ColumnParallel
+
+    A, B = dequantized_operands(single, x_full)
+    ref = single(x_full).reshape(-1, single.out_features)
+    if isinstance(sharded, ColumnParallel):
+        r0, r1 = sharded.rows
+        ref, B = ref[:, r0:r1], B[r0:r1]
+    K = A.shape[1]
+    m = K + world + 4
+    gamma = m * 2.0**-24 / (1 - m * 2.0**-24)
+    got = y.reshape(ref.shape).double()
+    bound = 2 * gamma * (A.abs() @ B.abs().T) + 2.0**-8 * torch.maximum(got.abs(), ref.double().abs()) + 2.0**-133
+    err = (got - ref.double()).abs()
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), (f"{name}: |tp - single| = {float(err.flatten()[worst])} > bound "
+                                        f"{float(bound.flatten()[worst])}")
+
+
+def gather_features(x: torch.Tensor, bounds, group=None) -> torch.Tensor:
+    """The whole input of a row-parallel layer from every rank's slice (features split by bounds)."""
+    width = max(e - s for s, e in bounds)
+    padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+    parts = [torch.empty_like(padded) for _ in bounds]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[..., : e - s] for p, (s, e) in zip(parts, bounds)], dim=-1)
+
+
+def run_case(world: int, scheme: str, scale_format: str, match: bool) -> str:
+    import fp8kern
+    from fp8kern.parallel import ColumnParallel, RowParallel, split_bounds
+
+    model, ids = build(llama(), scheme, scale_format)
+    single = copy.deepcopy(model)
+    fp8kern.parallel.shard_model(model, tp_size=world, match_single_device=match)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (ColumnParallel, RowParallel))}
+    assert len(layers) == 14, sorted(layers)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, (a[0], out)))
+             for n, m in layers.items()]
+    with torch.no_grad():
+        got = model(ids).logits
+        want = single(ids).logits
+        for h in hooks:
+            h.remove()
+        for n, layer in layers.items():
+            x, y = seen[n]
+            if isinstance(layer, RowParallel):
+                # the bounds this rank's shard was cut with: heads for o_proj, any column for down_proj
+                unit = 16 if n.endswith("o_proj") else 1
+                x = gather_features(x, split_bounds(layer.full_in_features, world, unit))
+            if match:
+                check_layer(n, single.get_submodule(n), layer, x, y, world)
+    same = [torch.empty_like(got) for _ in range(world)]
+    dist.all_gather(same, got)
+    assert all(torch.equal(s, got) for s in same), "ranks returned different logits"
+    a, b = got.double().flatten(), want.double().flatten()
+    cos = float(a @ b / (a.norm() * b.norm()))
+    assert cos > (0.9999 if match else 0.99), f"logits cosine {cos}"
+    return f"{scheme}/{scale_format}/match={match}: cosine {cos:.7f}, max |diff| {float((a - b).abs().max()):.3g}"
+
+
+def run_errors(world: int) -> None:
+    import fp8kern
+
+    model, _ = build(llama(), "dynamic_per_token")
+    for kw, pattern in (({"tp_size": world + 1}, f"tp_size={world + 1} but the process group has {world} ranks"),
+                        ({"plan": {"layers.*.mlp.experts": "moe_tp_experts"}}, None)):
+        try:
+            fp8kern.parallel.shard_model(model, **kw)
+        except (ValueError, NotImplementedError) as e:
+            assert pattern is None or pattern in str(e), str(e)
+        else:
+            raise AssertionError(f"shard_model({kw}) did not raise")
+    if world == 4:  # 6 KV heads do not split over 4 ranks: refused before any layer is replaced
+        model, _ = build(llama(heads=12, kv_heads=6), "dynamic_per_token")
+        try:
+            fp8kern.parallel.shard_model(model)
+        except ValueError as e:
+            assert "num_key_value_heads=6 is not divisible by the tensor-parallel size 4" in str(e), str(e)
+        else:
+            raise AssertionError("6 KV heads over 4 ranks did not raise")
+        assert not any(type(m).__name__ in ("ColumnParallel", "RowParallel") for m in model.modules())
+
+
+CASES = [("dynamic_per_token", "fp32", True), ("dynamic_per_tensor", "fp32", True), ("static_per_tensor", "fp32", True),
+         ("block128", "fp32", True), ("block128", "ue8m0", True), ("block128", "fp32", False)]
+
+
+def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        lines = [run_case(world, *case) for case in CASES]
+        run_errors(world)
+        with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
+            f.write("\n".join(lines))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
