@@ -570,6 +570,36 @@ def test_quark_int4_fp8(ckpt, ids, tmp_path, case):
         assert torch.equal(written[f"{n}.weight"], want), n
 
 
+def test_quark_export_int4_fp8(ckpt, ids, tmp_path):
+    """A checkpoint amd-quark itself writes (its 'int4_fp8' scheme on the dense Llama: every Linear INT4-FP8,
+    dynamic FP8 activations) loads with Quark's own unpacking of each weight in e4m3 and fp32(s_channel * s_tensor)
+    as scale, bit for bit, and its layers match float64 within the derived bound. amd-quark is not a test
+    dependency (~0.7 GB of packages); this runs where it is installed."""
+    pytest.importorskip("quark.torch")
+    from quark.torch import LLMTemplate, ModelQuantizer, export_safetensors
+    from quark.torch.utils.pack import Pack_4_bits
+    from torch.utils.data import DataLoader
+
+    model = transformers.LlamaForCausalLM.from_pretrained(ckpt("bf16"), dtype=torch.bfloat16).eval()
+    quantizer = ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="int4_fp8", exclude_layers=["lm_head"]))
+    model = quantizer.freeze(quantizer.quantize_model(model, DataLoader([ids[:1], ids[1:]], batch_size=None)))
+    d = str(tmp_path / "quark")
+    with torch.no_grad():
+        export_safetensors(model, d, custom_mode="quark", weight_format="real_quantized", pack_method="reorder")
+    assert detect_format(d) == "quark"
+    loaded, stored = from_pretrained(d), read_tensors(d)
+    weights = {}
+    for n in QUANT:
+        layer = loaded.get_submodule(n)
+        assert stored[f"{n}.weight"].dtype == torch.int32 and layer.weight_granularity == "channel", n
+        q = Pack_4_bits("per_channel", "int4").unpack(stored[f"{n}.weight"], reorder=True)
+        assert layer.weight.dtype == E4M3 and torch.equal(layer.weight.float(), q.float()), n
+        want = (stored[f"{n}.weight_scale_2"].float() * stored[f"{n}.weight_scale"].float()).reshape(-1, 1)
+        assert torch.equal(layer.weight_scale, want), n
+        weights[n] = q.double() * want.double()
+    check_layers_against_float64(loaded, ids, weights)
+
+
 def test_int4_packing_matches_quark():
     """The packing the tests write and fp8kern's unpacking agree with AMD Quark's own packer (amd-quark is not a
     dependency: it brings ~0.7 GB of packages; this runs where it is installed)."""
