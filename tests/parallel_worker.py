@@ -13,6 +13,7 @@ A failure raises; the parent sees the exit code and the traceback file.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import traceback
@@ -168,6 +169,124 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         lines = [run_case(world, *case) for case in CASES]
         run_errors(world)
+        with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
+            f.write("\n".join(lines))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ReadProbe:
+    """Records every tensor the loader reads from the files (key -> list of shapes read), by wrapping the loader's
+    open_shard: get_tensor reads a whole tensor, get_slice(key)[...] a part."""
+
+    def __init__(self):
+        self.reads: dict[str, list] = {}
+
+    def wrap(self, open_shard):
+        import contextlib
+
+        probe = self
+
+        class Slice:
+            def __init__(self, key, inner):
+                self.key, self.inner = key, inner
+
+            def __getitem__(self, index):
+                t = self.inner[index]
+                probe.reads.setdefault(self.key, []).append(tuple(t.shape))
+                return t
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+        class Handle:
+            def __init__(self, f):
+                self.f = f
+
+            def get_tensor(self, key):
+                t = self.f.get_tensor(key)
+                probe.reads.setdefault(key, []).append(tuple(t.shape))
+                return t
+
+            def get_slice(self, key):
+                return Slice(key, self.f.get_slice(key))
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        @contextlib.contextmanager
+        def wrapped(path, shard):
+            with open_shard(path, shard) as f:
+                yield Handle(f)
+
+        return wrapped
+
+
+def expected_read(key: str, shape: tuple, dtype: str, style: str, start: int, end: int) -> tuple:
+    """The part of a planned layer's weight a rank must read: its rows or columns; for INT4-packed int32 weights
+    (8 values a word along K) the words holding its columns."""
+    if style == "colwise":
+        return (end - start, *shape[1:])
+    if dtype in ("I32", "U32"):
+        return (shape[0], -(-end // 8) - start // 8)
+    return (shape[0], end - start)
+
+
+def run_load(world: int, name: str, path: str) -> str:
+    from unittest import mock
+
+    import fp8kern
+    from fp8kern.checkpoints import common, loader
+    from fp8kern.parallel.plan import plan_shards
+
+    probe = ReadProbe()
+    with mock.patch.object(loader, "open_shard", probe.wrap(loader.open_shard)):
+        tp = fp8kern.from_pretrained(path, tp_size=world)
+    ref = fp8kern.parallel.shard_model(fp8kern.from_pretrained(path), tp_size=world)
+    single = fp8kern.from_pretrained(path)
+
+    # The same shard as loading everything and sharding in memory, byte for byte.
+    a, b = tp.state_dict(), ref.state_dict()
+    assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+    # Each planned weight read as this rank's rows or columns only, once; nothing else read twice.
+    header = common.read_header(path)
+    planned = {n: (style, s, e) for n, style, s, e in plan_shards(single, world, dist.get_rank(), None)}
+    for key, shapes in probe.reads.items():
+        assert len(shapes) == 1, (key, shapes)
+        mod = key.rsplit(".", 1)[0]
+        if key.endswith((".weight", "._weight_qdata")) and mod in planned:
+            want = expected_read(key, header[key].shape, header[key].dtype, *planned[mod])
+            assert shapes[0] == want, (key, shapes[0], want)
+        else:
+            assert shapes[0] == header[key].shape, (key, shapes[0])
+    sizes = {"F8_E4M3": 1, "I32": 4, "U32": 4, "F32": 4, "BF16": 2, "F16": 2}
+    nbytes = sum(math.prod(s[0]) * sizes[header[k].dtype] for k, s in probe.reads.items())
+    whole = sum(math.prod(i.shape) * sizes[i.dtype] for i in header.values())
+
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want, one = tp(ids).logits, ref(ids).logits, single(ids).logits
+    assert torch.equal(got, want)
+    x, y = got.double().flatten(), one.double().flatten()
+    cos = float(x @ y / (x.norm() * y.norm()))
+    assert cos > 0.9999, cos
+    return f"{name}: read {nbytes} of {whole} bytes, cosine to one process {cos:.7f}"
+
+
+def main_load(rank: int, world: int, init_file: str, out_dir: str, paths: dict) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        lines = [run_load(world, name, path) for name, path in paths.items()]
         with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
             f.write("\n".join(lines))
     except BaseException:

@@ -5,6 +5,7 @@ and how). Block-scaled shards here are not multiples of 128 (q/k/v rows split in
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 
 import pytest
@@ -19,10 +20,10 @@ import parallel_worker  # noqa: E402
 TIMEOUT_S = 600
 
 
-def spawn(world: int, tmp_path) -> list[str]:
+def spawn(world: int, tmp_path, target=parallel_worker.main, *extra) -> list[str]:
     ctx = multiprocessing.get_context("spawn")
     init = str(tmp_path / "init")
-    procs = [ctx.Process(target=parallel_worker.main, args=(r, world, init, str(tmp_path))) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, init, str(tmp_path), *extra)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -51,3 +52,56 @@ def test_no_process_group():
     model = parallel_worker.build(parallel_worker.llama(), "dynamic_per_token")[0]
     with pytest.raises(RuntimeError, match="needs an initialized default process group"):
         fp8kern.parallel.shard_model(model, tp_size=2)
+
+
+def test_from_pretrained_checks_before_reading(checkpoints, monkeypatch):
+    """Without a process group, from_pretrained(tp_size=...) fails before it opens the checkpoint."""
+    import fp8kern
+    from fp8kern.checkpoints import loader
+
+    monkeypatch.setattr(loader, "open_format", lambda *a, **k: pytest.fail("read the checkpoint"))
+    with pytest.raises(RuntimeError, match="needs an initialized default process group"):
+        fp8kern.from_pretrained(checkpoints["grok2"], tp_size=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny Llama (12 heads, 12 KV heads, MLP 320) in several formats, written as test_checkpoints writes them."""
+    import torch
+    import transformers
+
+    import test_checkpoints as tc
+
+    root = tmp_path_factory.mktemp("tp-ckpts")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(parallel_worker.llama()).to(torch.bfloat16)
+    with torch.no_grad():
+        for n in tc.QUANT:
+            w = model.get_submodule(n).weight
+            w.mul_(torch.exp2(torch.rand(w.shape[0], 1) * 6 - 3) * torch.exp2(torch.rand(1, w.shape[1]) * 2 - 1))
+    src = str(root / "bf16")
+    model.save_pretrained(src)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    writers = {"fp8-block-3-shards": lambda d: tc.write_fp8_block(src, d, torch.float32, 3),
+               "quark-int4-fp8-static": lambda d: tc.write_quark_int4_fp8(src, d, ids, static=True),
+               "fp8-tensor-static": lambda d: tc.write_fp8_tensor(src, d, True, ids),
+               "grok2": lambda d: tc.write_grok2(src, d)}
+    if importlib.util.find_spec("compressed_tensors"):
+        writers["ct-fp8-dynamic"] = lambda d: tc.write_ct(src, d, "FP8_DYNAMIC", ids)
+    if importlib.util.find_spec("torchao"):
+        writers["torchao-row"] = lambda d: tc.write_torchao(src, d, "row")
+    out = {}
+    for name, write in writers.items():
+        write(str(root / name))
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_from_pretrained_tensor_parallel(tmp_path, checkpoints, world):
+    """from_pretrained(tp_size=W) on every rank: the same shard as loading whole and sharding in memory, byte for
+    byte, with each planned weight read as the rank's rows or columns only (a probe records every read), and the
+    logits of the whole model on every rank (tests/parallel_worker.py: run_load)."""
+    reports = spawn(world, tmp_path, parallel_worker.main_load, checkpoints)
+    assert all(len(r.splitlines()) == len(checkpoints) for r in reports)
+    print(f"W={world}:\n" + "\n".join(reports))

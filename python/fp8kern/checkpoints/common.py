@@ -262,6 +262,17 @@ class CheckpointFormat:
             raise ValueError(f"checkpoint tensor {key!r} has dtype {raw.dtype}, expected torch.float8_e4m3fn")
         return raw
 
+    def read_weight(self, f, key: str, module: str, rows=None, cols=None) -> torch.Tensor:
+        """Module's weight from the open shard f, as weight() converts it: whole, or only the logical rows
+        [r0, r1) or columns [c0, c1) (a tensor-parallel shard reads nothing else of the file)."""
+        if rows is not None:
+            raw = f.get_slice(key)[rows[0]:rows[1]]
+        elif cols is not None:
+            raw = f.get_slice(key)[:, cols[0]:cols[1]]
+        else:
+            raw = f.get_tensor(key)
+        return self.weight(raw, module, key)
+
     def weight_scale(self, raw: torch.Tensor, spec: LayerSpec, n: int, k: int, key: str) -> torch.Tensor:
         """Stored scale -> Fp8Linear.weight_scale (real = fp8 * scale; float32, or float8_e8m0fnu for 'ue8m0')."""
         s = reshape_scale(raw, spec.weight_granularity, n, k, key)

@@ -85,6 +85,14 @@ class Int4Fp8Weights:
     def weight(self, raw, module, key):
         return unpack(raw, self.pack_order, key) if self.is_int4_fp8(module) else super().weight(raw, module, key)
 
+    def read_weight(self, f, key, module, rows=None, cols=None):
+        if not self.is_int4_fp8(module) or cols is None:  # rows of a packed weight are rows of its words
+            return super().read_weight(f, key, module, rows, cols)
+        c0, c1 = cols  # the whole words holding the columns, unpacked, then cut to them
+        w0 = c0 // 8
+        words = f.get_slice(key)[:, w0:-(-c1 // 8)]
+        return unpack(words, self.pack_order, key)[:, c0 - 8 * w0: c1 - 8 * w0]
+
     def weight_scale_keys(self, module):
         if not self.is_int4_fp8(module):
             return super().weight_scale_keys(module)

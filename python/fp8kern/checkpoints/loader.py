@@ -20,6 +20,7 @@ from .compressed_tensors import CompressedTensors
 from .fp8_block import Fp8Block
 from .grok2 import Grok2
 from .quark import Quark
+from .tensor_parallel import TensorParallelLoad
 from .torchao import TorchAO
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
@@ -281,7 +282,9 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torch.dtype = torch.bfloat16):
+def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torch.dtype = torch.bfloat16,
+                    tp_size: int | None = None, device_mesh=None, tp_plan: dict | None = None,
+                    match_single_device: bool = True):
     """Load an FP8 Hugging Face checkpoint directory into a transformers model whose quantized Linears are
     fp8kern Fp8Linear layers and whose MoE experts modules (per-expert FP8 projections in the checkpoint) are
     Fp8Experts; returns the model in eval mode on device (default cpu).
@@ -291,8 +294,15 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     FP8 weights and scales are copied as stored (converted only to fp8kern's real = fp8 * scale convention, e.g.
     Grok-2's inverse scales); weight-only checkpoints get dynamically quantized activations.
     Raises ValueError for unsupported formats, and for missing or unexpected tensors, naming them.
+
+    Tensor parallel (fp8kern.parallel): with tp_size or a 1-D device_mesh, called on every rank of an initialized
+    process group, returns this rank's shard: the layers of the model's tensor-parallel plan (tp_plan, default
+    config.base_model_tp_plan) as ColumnParallel / RowParallel, each reading only its rows or columns from the
+    files; everything else whole. Every rank given the same inputs returns the full output. match_single_device:
+    see fp8kern.parallel.RowParallel.
     """
     transformers = require("transformers")
+    tp = TensorParallelLoad(tp_size, device_mesh) if tp_size is not None or device_mesh is not None else None
     config, header, fmt = open_format(path, format)
     device = torch.device(device if device is not None else "cpu")
 
@@ -319,6 +329,8 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
             stored[module_name(ckpt)] = shape
             ckpt_of[module_name(ckpt)] = ckpt
     swapped = _swap_linears(model, fmt, stored, ckpt_of, dtype)
+    if tp is not None:  # before any weight memory is allocated: a plan it cannot shard raises here
+        tp.install(model, tp_plan, match_single_device)
     experts = _swap_experts(model, fmt, {m: v for m, v in stored.items() if m not in swapped}, ckpt_of, dtype,
                             device)
     slots = {ckpt: (name, e, role) for name, load in experts.items() for (e, role), ckpt in load.names.items()}
@@ -342,8 +354,11 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     for module, (layer, spec) in swapped.items():
         ckpt = ckpt_of[module]
         value = fmt.checked_weight_scale(ckpt, raw_scales[ckpt], spec, layer.out_features, layer.in_features)
-        _assign(model, f"{module}.weight_scale", value.to(device))
-        loaded.add(f"{module}.weight_scale")
+        target = f"{module}.weight_scale"
+        if tp is not None and module in tp.layers:
+            target, value = tp.weight_scale(module, value)
+        _assign(model, target, value.to(device))
+        loaded.add(target)
         scale_keys.update(fmt.weight_scale_keys(ckpt))
     for ckpt, (name, e, role) in slots.items():
         keys = fmt.weight_scale_keys(ckpt)
@@ -367,9 +382,17 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                     continue
                 module = module_name(hit[0]) if hit is not None else None
                 mkey = rename(key)
-                if module in swapped and ckpt_of[module] == hit[0]:
+                owner, _, attr = mkey.rpartition(".")
+                if (tp is not None and module in tp.layers and module in swapped and ckpt_of[module] == hit[0]
+                        and hit[1] == "weight"):
+                    target, value = tp.fp8_weight(module, fmt, f, key, hit[0])
+                elif module in swapped and ckpt_of[module] == hit[0]:
                     target = f"{module}.{hit[1]}"
                     value = _fp8_tensor(fmt, *swapped[module], hit[1], f.get_tensor(key), key, shard)
+                    if tp is not None and module in tp.layers:  # a static input scale: whole
+                        target = tp.input_scale_key(module)
+                elif tp is not None and owner in tp.layers:
+                    target, value = tp.plain(owner, attr, f, key, dtype)
                 elif mkey in expected:
                     target, value = mkey, f.get_tensor(key)
                     if value.dtype in _FP8_DTYPES:

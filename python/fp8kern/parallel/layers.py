@@ -23,50 +23,67 @@ from torch import nn
 from .. import ops, reference
 from .._constants import BLOCK, E8M0
 from ..nn import Fp8Linear
-from .sharding import column_shard, row_shard
+from .sharding import block_pad, column_shard, row_shard
 
 
-def _local_fp8(layer: Fp8Linear, weight, scale, bias) -> Fp8Linear:
-    """An Fp8Linear of layer's scheme holding the given local weight, scale and bias."""
-    local = Fp8Linear(weight.shape[1], weight.shape[0], bias is not None, layer.scheme,
-                      weight_granularity=layer.weight_granularity, scale_format=layer.scale_format,
-                      fast_accum=layer.fast_accum, device=weight.device,
-                      dtype=layer.bias.dtype if layer.bias is not None else torch.bfloat16)
-    with torch.no_grad():
-        local.weight.copy_(weight)
-        local.weight_scale.copy_(scale.reshape(local.weight_scale.shape))
-        if bias is not None:
-            local.bias.copy_(bias)
-        if not layer.dynamic:
-            local.input_scale.copy_(layer.input_scale)
-    return local
+def _local_fp8(layer: Fp8Linear, in_features: int, out_features: int, bias: bool, device) -> Fp8Linear:
+    """An Fp8Linear of layer's scheme and local shape (uninitialized values on device, which may be 'meta')."""
+    dtype = layer.bias.dtype if layer.bias is not None else torch.bfloat16
+    return Fp8Linear(in_features, out_features, bias, layer.scheme, weight_granularity=layer.weight_granularity,
+                     scale_format=layer.scale_format, fast_accum=layer.fast_accum, device=device, dtype=dtype)
+
+
+def _local_linear(layer: nn.Linear, in_features: int, out_features: int, bias: bool, device) -> nn.Linear:
+    local = nn.Linear(in_features, out_features, bias, device=device, dtype=layer.weight.dtype)
+    return local.requires_grad_(False)
+
+
+def _local(layer: nn.Module, in_features: int, out_features: int, bias: bool, device) -> nn.Module:
+    if isinstance(layer, Fp8Linear):
+        return _local_fp8(layer, in_features, out_features, bias, device)
+    if isinstance(layer, nn.Linear):
+        return _local_linear(layer, in_features, out_features, bias, device)
+    raise TypeError(f"tensor parallelism shards an Fp8Linear or nn.Linear, got {type(layer).__name__}")
+
+
+def _granularity(layer: nn.Module):
+    return layer.weight_granularity if isinstance(layer, Fp8Linear) else None
 
 
 class ColumnParallel(nn.Module):
-    """The column-parallel shard (output rows [r0, r1)) of an Fp8Linear or nn.Linear."""
+    """The column-parallel shard (output rows [r0, r1)) of an Fp8Linear or nn.Linear: `inner` holds the local
+    weight, front-padded with `pad` zero rows for block scales (see sharding.py), and the matching bias slice."""
 
-    def __init__(self, layer: nn.Module, r0: int, r1: int):
+    def __init__(self, inner: nn.Module, r0: int, r1: int, pad: int, in_features: int):
         super().__init__()
-        self.rows = (r0, r1)
-        if isinstance(layer, Fp8Linear):
-            w, s, self.pad = column_shard(layer.weight, layer.weight_scale, layer.weight_granularity, r0, r1)
-            bias = None
+        self.inner, self.rows, self.pad = inner, (r0, r1), pad
+        self.in_features, self.out_features = in_features, r1 - r0
+
+    @classmethod
+    def empty(cls, layer: nn.Module, r0: int, r1: int, device="meta") -> "ColumnParallel":
+        """The shard's shape with uninitialized tensors (from_pretrained fills them from the files)."""
+        pad = block_pad(r0) if _granularity(layer) == "block" else 0
+        inner = _local(layer, layer.in_features, pad + r1 - r0, layer.bias is not None, device)
+        return cls(inner, r0, r1, pad, layer.in_features)
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, r0: int, r1: int) -> "ColumnParallel":
+        """The shard of a whole layer in memory."""
+        out = cls.empty(layer, r0, r1, device=layer.weight.device)
+        inner, gran = out.inner, _granularity(layer)
+        with torch.no_grad():
+            if gran is None:
+                inner.weight.copy_(layer.weight[r0:r1])
+            else:
+                w, scale, _ = column_shard(layer.weight, layer.weight_scale, gran, r0, r1)
+                inner.weight.copy_(w)
+                inner.weight_scale.copy_(scale.reshape(inner.weight_scale.shape))
+                if not layer.dynamic:
+                    inner.input_scale.copy_(layer.input_scale)
             if layer.bias is not None:
-                bias = torch.zeros(self.pad + r1 - r0, dtype=layer.bias.dtype, device=layer.bias.device)
-                bias[self.pad:] = layer.bias.detach()[r0:r1]
-            self.inner = _local_fp8(layer, w, s, bias)
-        elif isinstance(layer, nn.Linear):
-            self.pad = 0
-            self.inner = nn.Linear(layer.in_features, r1 - r0, layer.bias is not None, device=layer.weight.device,
-                                   dtype=layer.weight.dtype)
-            with torch.no_grad():
-                self.inner.weight.copy_(layer.weight[r0:r1])
-                if layer.bias is not None:
-                    self.inner.bias.copy_(layer.bias[r0:r1])
-            self.inner.requires_grad_(False)
-        else:
-            raise TypeError(f"ColumnParallel shards an Fp8Linear or nn.Linear, got {type(layer).__name__}")
-        self.in_features, self.out_features = layer.in_features, r1 - r0
+                inner.bias.zero_()
+                inner.bias[out.pad:] = layer.bias.detach()[r0:r1]
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
@@ -77,27 +94,45 @@ class ColumnParallel(nn.Module):
 
 
 class RowParallel(nn.Module):
-    """The row-parallel shard (input columns [c0, c1)) of an Fp8Linear or nn.Linear, reduced over group."""
+    """The row-parallel shard (input columns [c0, c1)) of an Fp8Linear or nn.Linear, reduced over group: `inner`
+    holds the local weight (front-padded with `pad` zero columns for block scales) without bias; `bias` is the
+    whole bias, added once after the reduction."""
 
-    def __init__(self, layer: nn.Module, c0: int, c1: int, group=None, match_single_device: bool = True):
+    def __init__(self, inner: nn.Module, bias, c0: int, c1: int, pad: int, full_in_features: int, group=None,
+                 match_single_device: bool = True):
         super().__init__()
-        self.cols, self.group, self.match_single_device = (c0, c1), group, match_single_device
-        self.full_in_features = layer.in_features
-        if isinstance(layer, Fp8Linear):
-            w, s, self.pad = row_shard(layer.weight, layer.weight_scale, layer.weight_granularity, c0, c1)
-            self.inner = _local_fp8(layer, w, s, None)
-        elif isinstance(layer, nn.Linear):
-            self.pad = 0
-            self.inner = nn.Linear(c1 - c0, layer.out_features, False, device=layer.weight.device,
-                                   dtype=layer.weight.dtype)
-            with torch.no_grad():
-                self.inner.weight.copy_(layer.weight[:, c0:c1])
-            self.inner.requires_grad_(False)
-        else:
-            raise TypeError(f"RowParallel shards an Fp8Linear or nn.Linear, got {type(layer).__name__}")
-        self.bias = (nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None
-                     else None)
-        self.in_features, self.out_features = c1 - c0, layer.out_features
+        self.inner, self.bias, self.cols, self.pad = inner, bias, (c0, c1), pad
+        self.group, self.match_single_device, self.full_in_features = group, match_single_device, full_in_features
+        self.in_features, self.out_features = c1 - c0, inner.out_features
+
+    @classmethod
+    def empty(cls, layer: nn.Module, c0: int, c1: int, group=None, match_single_device: bool = True,
+              device="meta") -> "RowParallel":
+        pad = block_pad(c0) if _granularity(layer) == "block" else 0
+        inner = _local(layer, pad + c1 - c0, layer.out_features, False, device)
+        bias = None
+        if layer.bias is not None:
+            bias = nn.Parameter(torch.empty(layer.out_features, dtype=layer.bias.dtype, device=device),
+                                requires_grad=False)
+        return cls(inner, bias, c0, c1, pad, layer.in_features, group, match_single_device)
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, c0: int, c1: int, group=None,
+                   match_single_device: bool = True) -> "RowParallel":
+        out = cls.empty(layer, c0, c1, group, match_single_device, device=layer.weight.device)
+        inner, gran = out.inner, _granularity(layer)
+        with torch.no_grad():
+            if gran is None:
+                inner.weight.copy_(layer.weight[:, c0:c1])
+            else:
+                w, scale, _ = row_shard(layer.weight, layer.weight_scale, gran, c0, c1)
+                inner.weight.copy_(w)
+                inner.weight_scale.copy_(scale.reshape(inner.weight_scale.shape))
+                if not layer.dynamic:
+                    inner.input_scale.copy_(layer.input_scale)
+            if layer.bias is not None:
+                out.bias.copy_(layer.bias)
+        return out
 
     def _partial(self, x2: torch.Tensor) -> torch.Tensor:
         """This rank's fp32 partial product of the 2-D local input x2 [M, c1 - c0]."""

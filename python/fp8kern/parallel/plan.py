@@ -24,7 +24,7 @@ STYLES = ("colwise", "rowwise", "replicated_with_grad_allreduce")
 _MOE_STYLES = ("packed_colwise", "moe_tp_experts", "ep_router", "grouped_gemm")
 
 
-def _group_of(tp_size, group, device_mesh):
+def group_of(tp_size, group, device_mesh):
     """(process group, its size), checked against tp_size / device_mesh."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fp8kern.parallel needs an initialized default process group: launch with torchrun (or "
@@ -62,18 +62,10 @@ def _heads(config, name: str):
     return heads, head_dim, "num_attention_heads"
 
 
-def shard_model(model: nn.Module, *, tp_size: int | None = None, group=None, device_mesh=None,
-                plan: dict | None = None, match_single_device: bool = True) -> nn.Module:
-    """Replace model's planned Linear / Fp8Linear layers by this rank's ColumnParallel / RowParallel shards, in
-    place; returns model. Call it on every rank of the group with the same model (same weights) and feed every rank
-    the same inputs: every rank then returns the full output.
-
-    tp_size: the expected group size (checked); group / device_mesh: the tensor-parallel group (default: the whole
-    default group); plan: {module pattern: style}, default the model config's base_model_tp_plan (patterns relative
-    to the base model, '*' for a layer index); match_single_device: see RowParallel.
-    """
-    group, size = _group_of(tp_size, group, device_mesh)
-    rank = dist.get_rank(group)
+def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None) -> list[tuple]:
+    """[(module name, 'colwise' | 'rowwise', start, end)] of this rank for model's tensor-parallel plan (default
+    its config's base_model_tp_plan); reads only module types and shapes (works on the meta device) and raises
+    for anything it cannot shard exactly."""
     config = getattr(model, "config", None)
     if plan is None:
         plan = getattr(config, "base_model_tp_plan", None)
@@ -115,10 +107,25 @@ def shard_model(model: nn.Module, *, tp_size: int | None = None, group=None, dev
         todo.append((name, style, *bounds[rank]))
     if not todo:
         raise ValueError(f"the plan matches no Linear layer of {type(model).__name__}: {sorted(plan)}")
+    return todo
+
+
+def shard_model(model: nn.Module, *, tp_size: int | None = None, group=None, device_mesh=None,
+                plan: dict | None = None, match_single_device: bool = True) -> nn.Module:
+    """Replace model's planned Linear / Fp8Linear layers by this rank's ColumnParallel / RowParallel shards, in
+    place; returns model. Call it on every rank of the group with the same model (same weights) and feed every rank
+    the same inputs: every rank then returns the full output.
+
+    tp_size: the expected group size (checked); group / device_mesh: the tensor-parallel group (default: the whole
+    default group); plan: {module pattern: style}, default the model config's base_model_tp_plan (patterns relative
+    to the base model, '*' for a layer index); match_single_device: see RowParallel.
+    """
+    group, size = group_of(tp_size, group, device_mesh)
+    todo = plan_shards(model, size, dist.get_rank(group), plan)
     for name, style, start, end in todo:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         layer = getattr(owner, child)
-        setattr(owner, child, ColumnParallel(layer, start, end) if style == "colwise" else
-                RowParallel(layer, start, end, group, match_single_device))
+        setattr(owner, child, ColumnParallel.from_layer(layer, start, end) if style == "colwise" else
+                RowParallel.from_layer(layer, start, end, group, match_single_device))
     return model

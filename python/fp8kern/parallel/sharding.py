@@ -42,36 +42,63 @@ def block_pad(start: int) -> int:
     return start % BLOCK
 
 
+def _check(granularity: str) -> None:
+    if granularity not in ("tensor", "channel", "block"):
+        raise ValueError(f"granularity={granularity!r}, expected 'tensor', 'channel' or 'block'")
+
+
+def column_weight(rows: torch.Tensor, granularity: str, r0: int) -> torch.Tensor:
+    """The local weight of a column shard from its rows [r0, r0 + len(rows)): front-padded onto the block grid."""
+    _check(granularity)
+    pad = block_pad(r0) if granularity == "block" else 0
+    out = torch.zeros(pad + rows.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
+    out[pad:] = rows
+    return out
+
+
+def column_scale(scale: torch.Tensor, granularity: str, r0: int, r1: int) -> torch.Tensor:
+    """The local weight scale of the column shard owning rows [r0, r1)."""
+    _check(granularity)
+    if granularity == "tensor":
+        return scale.clone()
+    if granularity == "channel":
+        return scale[r0:r1].clone()
+    return scale[r0 // BLOCK: math.ceil(r1 / BLOCK)].clone()
+
+
+def row_weight(cols: torch.Tensor, granularity: str, c0: int) -> torch.Tensor:
+    """The local weight of a row shard from its columns [c0, c0 + cols.shape[1]): front-padded onto the grid."""
+    _check(granularity)
+    pad = block_pad(c0) if granularity == "block" else 0
+    out = torch.zeros(cols.shape[0], pad + cols.shape[1], dtype=cols.dtype, device=cols.device)
+    out[:, pad:] = cols
+    return out
+
+
+def row_scale(scale: torch.Tensor, granularity: str, c0: int, c1: int) -> torch.Tensor:
+    """The local weight scale of the row shard owning columns [c0, c1)."""
+    _check(granularity)
+    if granularity in ("tensor", "channel"):
+        return scale.clone()
+    return scale[:, c0 // BLOCK: math.ceil(c1 / BLOCK)].clone()
+
+
 def column_shard(weight: torch.Tensor, scale: torch.Tensor, granularity: str, r0: int, r1: int):
     """(weight rows, scale, pad) of the column-parallel shard owning output rows [r0, r1) of weight [N, K].
     granularity: 'tensor' (scale [1]), 'channel' (scale [N, 1]) or 'block' (scale [ceil(N/128), ceil(K/128)]).
     The returned weight has pad leading zero rows (block only) whose outputs the caller drops."""
-    N, K = weight.shape
+    N = weight.shape[0]
     if not 0 <= r0 <= r1 <= N:
         raise ValueError(f"rows [{r0}, {r1}) are not inside [0, {N})")
-    if granularity == "tensor":
-        return weight[r0:r1].clone(), scale.clone(), 0
-    if granularity == "channel":
-        return weight[r0:r1].clone(), scale[r0:r1].clone(), 0
-    if granularity != "block":
-        raise ValueError(f"granularity={granularity!r}, expected 'tensor', 'channel' or 'block'")
-    pad = block_pad(r0)
-    rows = torch.zeros(pad + r1 - r0, K, dtype=weight.dtype, device=weight.device)
-    rows[pad:] = weight[r0:r1]
-    return rows, scale[r0 // BLOCK: math.ceil(r1 / BLOCK)].clone(), pad
+    w = column_weight(weight[r0:r1], granularity, r0)
+    return w, column_scale(scale, granularity, r0, r1), w.shape[0] - (r1 - r0)
 
 
 def row_shard(weight: torch.Tensor, scale: torch.Tensor, granularity: str, c0: int, c1: int):
     """(weight columns, scale, pad) of the row-parallel shard owning input columns [c0, c1) of weight [N, K]. The
     returned weight has pad leading zero columns (block only); the caller front-pads its activations the same."""
-    N, K = weight.shape
+    K = weight.shape[1]
     if not 0 <= c0 <= c1 <= K:
         raise ValueError(f"columns [{c0}, {c1}) are not inside [0, {K})")
-    if granularity in ("tensor", "channel"):
-        return weight[:, c0:c1].clone(), scale.clone(), 0
-    if granularity != "block":
-        raise ValueError(f"granularity={granularity!r}, expected 'tensor', 'channel' or 'block'")
-    pad = block_pad(c0)
-    cols = torch.zeros(N, pad + c1 - c0, dtype=weight.dtype, device=weight.device)
-    cols[:, pad:] = weight[:, c0:c1]
-    return cols, scale[:, c0 // BLOCK: math.ceil(c1 / BLOCK)].clone(), pad
+    w = row_weight(weight[:, c0:c1], granularity, c0)
+    return w, row_scale(scale, granularity, c0, c1), w.shape[1] - (c1 - c0)

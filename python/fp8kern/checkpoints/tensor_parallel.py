@@ -1,0 +1,73 @@
+"""from_pretrained's tensor-parallel side: the planned layers become this rank's ColumnParallel / RowParallel
+shells before any weight is read, and each of their tensors is read as the rank's slice only (safetensors
+get_slice on contiguous rows or columns), then laid on the block grid as fp8kern.parallel.sharding says. Scales,
+static input scales and row-parallel biases are small and read whole."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import Fp8Linear
+from ..parallel.layers import ColumnParallel, RowParallel
+from ..parallel.plan import group_of, plan_shards
+from ..parallel.sharding import column_scale, column_weight, row_scale, row_weight
+
+
+class TensorParallelLoad:
+    """The planned layers of one rank: name -> (style, start, end, shell), and how their stored tensors land."""
+
+    def __init__(self, tp_size, device_mesh):
+        import torch.distributed as dist
+
+        self.group, self.size = group_of(tp_size, None, device_mesh)
+        self.rank = dist.get_rank(self.group)
+        self.layers: dict[str, tuple] = {}
+
+    def install(self, model: nn.Module, plan, match_single_device: bool) -> None:
+        """Replace each planned (meta) layer by an empty shard of this rank's shape, on the meta device."""
+        for name, style, start, end in plan_shards(model, self.size, self.rank, plan):
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            layer = getattr(owner, child)
+            shell = (ColumnParallel.empty(layer, start, end) if style == "colwise" else
+                     RowParallel.empty(layer, start, end, self.group, match_single_device))
+            setattr(owner, child, shell)
+            self.layers[name] = (style, start, end, shell, layer)
+
+    def _range(self, name):
+        style, start, end, _, _ = self.layers[name]
+        return {"rows": (start, end)} if style == "colwise" else {"cols": (start, end)}
+
+    def weight_scale(self, name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """(model key, local value) of a planned Fp8Linear's weight scale (value: the whole converted scale)."""
+        style, start, end, shell, layer = self.layers[name]
+        cut = column_scale if style == "colwise" else row_scale
+        local = cut(value.reshape(layer.weight_scale.shape), layer.weight_granularity, start, end)
+        return f"{name}.inner.weight_scale", local.reshape(shell.inner.weight_scale.shape)
+
+    def fp8_weight(self, name: str, fmt, f, key: str, ckpt_module: str) -> tuple[str, torch.Tensor]:
+        """(model key, local weight) of a planned Fp8Linear, reading only its rows or columns."""
+        style, start, end, _, layer = self.layers[name]
+        part = fmt.read_weight(f, key, ckpt_module, **self._range(name))
+        pad = column_weight if style == "colwise" else row_weight
+        return f"{name}.inner.weight", pad(part, layer.weight_granularity, start)
+
+    def plain(self, name: str, attr: str, f, key: str, dtype) -> tuple[str, torch.Tensor]:
+        """(model key, local value) of a planned layer's weight (high precision layers) or bias."""
+        style, start, end, shell, layer = self.layers[name]
+        if attr == "bias":
+            if style == "rowwise":  # added once, after the reduction: whole
+                return f"{name}.bias", f.get_tensor(key).to(dtype)
+            part = f.get_slice(key)[start:end].to(dtype)
+            local = torch.zeros(shell.pad + end - start, dtype=dtype)
+            local[shell.pad:] = part
+            return f"{name}.inner.bias", local
+        if attr != "weight" or isinstance(layer, Fp8Linear):
+            raise ValueError(f"checkpoint tensor {key!r} fits nothing in the tensor-parallel {name}")
+        sl = f.get_slice(key)
+        part = sl[start:end] if style == "colwise" else sl[:, start:end]
+        return f"{name}.inner.weight", part.to(dtype)
+
+    def input_scale_key(self, name: str) -> str:
+        return f"{name}.inner.input_scale"
