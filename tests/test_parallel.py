@@ -94,14 +94,38 @@ def checkpoints(tmp_path_factory):
     for name, write in writers.items():
         write(str(root / name))
         out[name] = str(root / name)
+
+    # MoE checkpoints (12 experts), written as test_experts writes them, with the configs of parallel_worker.
+    import test_experts as tx
+
+    saved = dict(tx.ARCHS)
+    try:
+        for arch, variant in (("qwen3", "qwen3-fp8-block"), ("deepseek", "deepseek-fp8-block"),
+                              ("qwen3", "qwen3-quark-int4-fp8")):
+            tx.ARCHS[arch] = (lambda arch=arch: parallel_worker.moe_config(arch), saved[arch][1])
+            _, d = tx.write_moe(str(root), variant, ids)
+            out[f"moe-{variant}"] = d
+    finally:
+        tx.ARCHS.clear()
+        tx.ARCHS.update(saved)
     return out
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_from_pretrained_tensor_parallel(tmp_path, checkpoints, world):
-    """from_pretrained(tp_size=W) on every rank: the same shard as loading whole and sharding in memory, byte for
-    byte, with each planned weight read as the rank's rows or columns only (a probe records every read), and the
-    logits of the whole model on every rank (tests/parallel_worker.py: run_load)."""
+    """from_pretrained(tp_size=W) on every rank (and ep_size=W for the MoE checkpoints): the same shard as loading
+    whole and sharding in memory, byte for byte, with each planned weight read as the rank's rows or columns only
+    and no other rank's expert read at all (a probe records every read), and the logits of the whole model on
+    every rank (tests/parallel_worker.py: run_load)."""
     reports = spawn(world, tmp_path, parallel_worker.main_load, checkpoints)
     assert all(len(r.splitlines()) == len(checkpoints) for r in reports)
     print(f"W={world}:\n" + "\n".join(reports))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_expert_parallel_moe(tmp_path, world):
+    """Qwen3-MoE and DeepSeek-V3 with tp_size = ep_size = W: every experts layer (uneven routing, one expert that
+    receives no token) and every tensor-parallel layer within its derived bound (tests/parallel_worker.py)."""
+    reports = spawn(world, tmp_path, parallel_worker.main_moe)
+    assert all(len(r.splitlines()) == len(parallel_worker.MOE_CASES) for r in reports)
+    print(f"W={world}:\n" + reports[0])

@@ -151,6 +151,8 @@ class _ExpertsLoad:
     spec: LayerSpec
     names: dict  # (expert, role) -> checkpoint module name ('model.layers.0.mlp.experts.3.gate_proj')
     filled: set = field(default_factory=set)  # (expert, role, buffer)
+    experts: tuple = (0, 0)  # [e0, e1): the experts this process holds (all of them, or its expert-parallel share)
+    foreign: set = field(default_factory=set)  # checkpoint modules of experts other ranks hold: never read here
 
     def missing(self, fmt: CheckpointFormat) -> list[str]:
         buffers = ("weight", "weight_scale") + (() if self.module.dynamic else ("input_scale",))
@@ -159,10 +161,11 @@ class _ExpertsLoad:
 
 
 def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of: dict, dtype,
-                  device) -> dict[str, _ExpertsLoad]:
+                  device, expert_range=None) -> dict[str, _ExpertsLoad]:
     """Replace each fused experts module (3-D gate_up_proj / down_proj) whose per-expert projections the checkpoint
     stores in FP8 by an Fp8Experts allocated on device, which the loading loop fills in place.
-    stored and ckpt_of as for _swap_linears. Returns {experts module name: its _ExpertsLoad}."""
+    stored and ckpt_of as for _swap_linears. expert_range(name, E) -> [e0, e1): hold only those experts (expert
+    parallel), numbered from 0. Returns {experts module name: its _ExpertsLoad}."""
     groups: dict[str, list] = {}
     for mod in stored:
         hit = _EXPERT_PROJ.match(mod)
@@ -206,11 +209,14 @@ def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of
             raise ValueError(f"the experts of {name} are quantized in different ways ({sorted(map(str, kinds))}); "
                              "fp8kern holds one scheme per experts module")
         spec = kinds.pop()
-        fp8 = Fp8Experts(E, H, I, spec.scheme, act_fn=module.act_fn, weight_granularity=spec.weight_granularity,
+        e0, e1 = expert_range(name, E) if expert_range is not None else (0, E)
+        foreign = {mod for (e, _), mod in names.items() if not e0 <= e < e1}
+        names = {(e - e0, role): mod for (e, role), mod in names.items() if e0 <= e < e1}
+        fp8 = Fp8Experts(e1 - e0, H, I, spec.scheme, act_fn=module.act_fn, weight_granularity=spec.weight_granularity,
                          scale_format=spec.scale_format, device=device, dtype=dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, fp8)
-        loads[name] = _ExpertsLoad(fp8, spec, names)
+        loads[name] = _ExpertsLoad(fp8, spec, names, experts=(e0, e1), foreign=foreign)
     return loads
 
 
@@ -283,8 +289,8 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torch.dtype = torch.bfloat16,
-                    tp_size: int | None = None, device_mesh=None, tp_plan: dict | None = None,
-                    match_single_device: bool = True):
+                    tp_size: int | None = None, ep_size: int | None = None, device_mesh=None,
+                    tp_plan: dict | None = None, match_single_device: bool = True):
     """Load an FP8 Hugging Face checkpoint directory into a transformers model whose quantized Linears are
     fp8kern Fp8Linear layers and whose MoE experts modules (per-expert FP8 projections in the checkpoint) are
     Fp8Experts; returns the model in eval mode on device (default cpu).
@@ -299,10 +305,13 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     process group, returns this rank's shard: the layers of the model's tensor-parallel plan (tp_plan, default
     config.base_model_tp_plan) as ColumnParallel / RowParallel, each reading only its rows or columns from the
     files; everything else whole. Every rank given the same inputs returns the full output. match_single_device:
-    see fp8kern.parallel.RowParallel.
+    see fp8kern.parallel.RowParallel. ep_size (= the number of ranks): each MoE layer's experts are spread over the
+    ranks (fp8kern.parallel.ExpertParallel), each rank reading only its experts' tensors.
     """
     transformers = require("transformers")
-    tp = TensorParallelLoad(tp_size, device_mesh) if tp_size is not None or device_mesh is not None else None
+    tp = None
+    if tp_size is not None or ep_size is not None or device_mesh is not None:
+        tp = TensorParallelLoad(tp_size if tp_size is not None else ep_size, device_mesh, ep_size)
     config, header, fmt = open_format(path, format)
     device = torch.device(device if device is not None else "cpu")
 
@@ -332,9 +341,13 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     if tp is not None:  # before any weight memory is allocated: a plan it cannot shard raises here
         tp.install(model, tp_plan, match_single_device)
     experts = _swap_experts(model, fmt, {m: v for m, v in stored.items() if m not in swapped}, ckpt_of, dtype,
-                            device)
+                            device, tp.expert_range if tp is not None and tp.expert_parallel else None)
     slots = {ckpt: (name, e, role) for name, load in experts.items() for (e, role), ckpt in load.names.items()}
-    unplaced = sorted(ckpt_of[m] for m in stored if m not in swapped and ckpt_of[m] not in slots)
+    foreign = {mod for load in experts.values() for mod in load.foreign}
+    if tp is not None and tp.expert_parallel:
+        tp.check_experts(model)
+    unplaced = sorted(ckpt_of[m] for m in stored
+                      if m not in swapped and ckpt_of[m] not in slots and ckpt_of[m] not in foreign)
     if unplaced:
         raise ValueError(f"checkpoint stores FP8 weights for modules that are neither nn.Linear nor MoE experts "
                          f"fp8kern runs in the model built from config.json: {unplaced}")
@@ -373,6 +386,8 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                 if key in scale_keys:
                     continue
                 hit = fmt.split(key)
+                if hit is not None and hit[0] in foreign:  # another rank's expert: not read
+                    continue
                 if hit is not None and hit[1] == ZERO_POINT and (hit[0] in slots or module_name(hit[0]) in swapped):
                     check_zero_point(f.get_tensor(key), key, shard)
                     continue
@@ -455,6 +470,8 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise ValueError(f"no checkpoint tensor filled {leftover}; they are still on the meta device")
+    if tp is not None and tp.expert_parallel:
+        tp.wrap_experts(model, {name: load.experts for name, load in experts.items()})
     return model.to(device).eval()
 
 

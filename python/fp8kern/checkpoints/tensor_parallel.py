@@ -9,24 +9,32 @@ import torch
 from torch import nn
 
 from ..nn import Fp8Linear
+from ..nn import is_fused_experts
+from ..parallel.experts import ExpertParallel, expert_range
 from ..parallel.layers import ColumnParallel, RowParallel
-from ..parallel.plan import group_of, plan_shards
+from ..parallel.plan import ep_size_of, group_of, plan_shards
 from ..parallel.sharding import column_scale, column_weight, row_scale, row_weight
 
 
 class TensorParallelLoad:
     """The planned layers of one rank: name -> (style, start, end, shell), and how their stored tensors land."""
 
-    def __init__(self, tp_size, device_mesh):
+    def __init__(self, tp_size, device_mesh, ep_size=None):
         import torch.distributed as dist
 
         self.group, self.size = group_of(tp_size, None, device_mesh)
         self.rank = dist.get_rank(self.group)
+        self.expert_parallel = ep_size_of(ep_size, self.size)
         self.layers: dict[str, tuple] = {}
 
     def install(self, model: nn.Module, plan, match_single_device: bool) -> None:
-        """Replace each planned (meta) layer by an empty shard of this rank's shape, on the meta device."""
-        for name, style, start, end in plan_shards(model, self.size, self.rank, plan):
+        """Replace each planned (meta) layer by an empty shard of this rank's shape, on the meta device; with
+        expert parallelism, check that every experts module splits evenly."""
+        if self.expert_parallel:
+            for name, m in model.named_modules():
+                if is_fused_experts(m):
+                    self.expert_range(name, m.gate_up_proj.shape[0])
+        for name, style, start, end in plan_shards(model, self.size, self.rank, plan, self.expert_parallel):
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             layer = getattr(owner, child)
@@ -34,6 +42,25 @@ class TensorParallelLoad:
                      RowParallel.empty(layer, start, end, self.group, match_single_device))
             setattr(owner, child, shell)
             self.layers[name] = (style, start, end, shell, layer)
+
+    def expert_range(self, name: str, num_experts: int) -> tuple[int, int]:
+        return expert_range(num_experts, self.size, self.rank, name)
+
+    def check_experts(self, model: nn.Module) -> None:
+        """Before any weight is read: every experts module left is one the checkpoint stores in high precision,
+        which expert parallelism does not shard."""
+        for name, m in model.named_modules():
+            if is_fused_experts(m):
+                raise ValueError(f"{name}: the checkpoint stores these experts in high precision; expert "
+                                 "parallelism shards FP8 experts")
+
+    def wrap_experts(self, model: nn.Module, ranges: dict) -> None:
+        """Wrap each loaded experts module (this rank's experts) in ExpertParallel."""
+        for name, (e0, e1) in ranges.items():
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            E = e1 - e0
+            setattr(owner, child, ExpertParallel(getattr(owner, child), e0, e1, E * self.size, self.group))
 
     def _range(self, name):
         style, start, end, _, _ = self.layers[name]

@@ -9,8 +9,9 @@ Exact for every scale layout and every shard size (see sharding.py), with fp32 p
 the single-device activation scales (see layers.RowParallel).
 """
 
+from .experts import ExpertParallel
 from .layers import ColumnParallel, RowParallel
 from .plan import STYLES, shard_model
 from .sharding import column_shard, row_shard, split_bounds
 
-__all__ = ["shard_model", "ColumnParallel", "RowParallel", "column_shard", "row_shard", "split_bounds", "STYLES"]
+__all__ = ["shard_model", "ColumnParallel", "RowParallel", "ExpertParallel", "column_shard", "row_shard", "split_bounds", "STYLES"]

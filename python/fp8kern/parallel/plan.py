@@ -16,7 +16,8 @@ import re
 import torch.distributed as dist
 from torch import nn
 
-from ..nn import Fp8Experts, Fp8Linear
+from ..nn import Fp8Experts, Fp8Linear, is_fused_experts
+from .experts import ExpertParallel, expert_range
 from .layers import ColumnParallel, RowParallel
 from .sharding import split_bounds
 
@@ -62,10 +63,12 @@ def _heads(config, name: str):
     return heads, head_dim, "num_attention_heads"
 
 
-def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None) -> list[tuple]:
+def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None,
+                expert_parallel: bool = False) -> list[tuple]:
     """[(module name, 'colwise' | 'rowwise', start, end)] of this rank for model's tensor-parallel plan (default
     its config's base_model_tp_plan); reads only module types and shapes (works on the meta device) and raises
-    for anything it cannot shard exactly."""
+    for anything it cannot shard exactly. expert_parallel: the plan's MoE experts entries are left to expert
+    parallelism (experts.py) instead of refused."""
     config = getattr(model, "config", None)
     if plan is None:
         plan = getattr(config, "base_model_tp_plan", None)
@@ -81,9 +84,12 @@ def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None
         if len(styles) > 1:
             raise ValueError(f"plan gives {name} several styles: {sorted(styles)}")
         style = styles.pop()
-        if style in _MOE_STYLES or isinstance(module, Fp8Experts):
-            raise NotImplementedError(f"{name}: the plan's style {style!r} shards MoE experts, which fp8kern.parallel "
-                                      "does not do yet (tensor parallel covers attention and dense MLPs)")
+        if style in _MOE_STYLES or isinstance(module, Fp8Experts) or is_fused_experts(module):
+            if expert_parallel:
+                continue
+            raise NotImplementedError(f"{name}: the plan's style {style!r} splits MoE experts inside each expert, "
+                                      "which fp8kern.parallel does not do; pass ep_size (= the number of ranks) to "
+                                      "spread the experts over the ranks instead")
         if style not in STYLES:
             raise ValueError(f"{name}: plan style {style!r} is not one fp8kern.parallel reads: {STYLES}")
         if style == "replicated_with_grad_allreduce":
@@ -110,22 +116,55 @@ def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None
     return todo
 
 
-def shard_model(model: nn.Module, *, tp_size: int | None = None, group=None, device_mesh=None,
-                plan: dict | None = None, match_single_device: bool = True) -> nn.Module:
+def ep_size_of(ep_size, size: int) -> bool:
+    """Whether experts are spread over the group (ep_size given: it must be the group's size)."""
+    if ep_size is None:
+        return False
+    if ep_size != size:
+        raise ValueError(f"ep_size={ep_size} but the process group has {size} ranks; fp8kern.parallel spreads the "
+                         "experts over the same ranks as the tensor-parallel layers: pass ep_size={size}")
+    return True
+
+
+def plan_experts(model: nn.Module, size: int, rank: int) -> list[tuple]:
+    """[(experts module name, e0, e1)] of this rank for every fused experts module (Fp8Experts or transformers')."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, Fp8Experts) or is_fused_experts(m):
+            E = m.num_experts if isinstance(m, Fp8Experts) else m.gate_up_proj.shape[0]
+            out.append((name, *expert_range(E, size, rank, name)))
+    return out
+
+
+def shard_model(model: nn.Module, *, tp_size: int | None = None, ep_size: int | None = None, group=None,
+                device_mesh=None, plan: dict | None = None, match_single_device: bool = True) -> nn.Module:
     """Replace model's planned Linear / Fp8Linear layers by this rank's ColumnParallel / RowParallel shards, in
     place; returns model. Call it on every rank of the group with the same model (same weights) and feed every rank
     the same inputs: every rank then returns the full output.
 
     tp_size: the expected group size (checked); group / device_mesh: the tensor-parallel group (default: the whole
     default group); plan: {module pattern: style}, default the model config's base_model_tp_plan (patterns relative
-    to the base model, '*' for a layer index); match_single_device: see RowParallel.
+    to the base model, '*' for a layer index); match_single_device: see RowParallel. ep_size: spread each MoE
+    layer's Fp8Experts over the ranks (ExpertParallel; it must equal the group's size); routers, attention, dense
+    MLPs and shared experts stay tensor parallel.
     """
     group, size = group_of(tp_size, group, device_mesh)
-    todo = plan_shards(model, size, dist.get_rank(group), plan)
+    rank = dist.get_rank(group)
+    ep = ep_size_of(ep_size, size)
+    todo = plan_shards(model, size, rank, plan, expert_parallel=ep)
+    moe = plan_experts(model, size, rank) if ep else []
+    for name, *_ in moe:
+        if not isinstance(model.get_submodule(name), Fp8Experts):
+            raise TypeError(f"{name} is {type(model.get_submodule(name)).__name__}; expert parallelism shards "
+                            "Fp8Experts (quantize_model or from_pretrained make them)")
     for name, style, start, end in todo:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         layer = getattr(owner, child)
         setattr(owner, child, ColumnParallel.from_layer(layer, start, end) if style == "colwise" else
                 RowParallel.from_layer(layer, start, end, group, match_single_device))
+    for name, e0, e1 in moe:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, ExpertParallel.from_experts(getattr(owner, child), e0, e1, group))
     return model
