@@ -149,6 +149,22 @@ def run_errors(world: int) -> None:
             assert pattern is None or pattern in str(e), str(e)
         else:
             raise AssertionError(f"shard_model({kw}) did not raise")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    model, ids = build(llama(), "dynamic_per_token")
+    single = copy.deepcopy(model)
+    fp8kern.parallel.shard_model(model, device_mesh=mesh, tp_size=world)  # the mesh's group, its size checked
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fp8kern.parallel.shard_model(single, tp_size=world)(ids).logits)
+    if world == 4:
+        try:
+            fp8kern.parallel.shard_model(build(llama(), "dynamic_per_token")[0],
+                                         device_mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")))
+        except ValueError as e:
+            assert "device_mesh has 2 dimensions" in str(e), str(e)
+        else:
+            raise AssertionError("a 2-D mesh did not raise")
     if world == 4:  # 6 KV heads do not split over 4 ranks: refused before any layer is replaced
         model, _ = build(llama(heads=12, kv_heads=6), "dynamic_per_token")
         try:

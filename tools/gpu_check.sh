@@ -34,10 +34,10 @@ work=$(mktemp -d)
 py=${PYTHON:-$( [ $dry = 1 ] && echo "${FP8KERN_VENV:-.venv}/bin/python" || echo python3 )}
 start=$(date +%s)
 
-# Seconds per step, stated once: about 7.5 minutes in all, inside the 10-minute command limit with room for the
+# Seconds per step, stated once: about 7.7 minutes in all, inside the 10-minute command limit with room for the
 # install and the packing.
-declare -A BUDGET=([tests_quant]=40 [tests_gemm]=100 [tests_experts]=45 [tests_paths]=35 [sweep_sm90]=25
-                   [sweep_sm89]=15 [sweep_torch]=15 [sweep_dequant]=15 [sanitize]=60 [bench]=100
+declare -A BUDGET=([tests_quant]=40 [tests_gemm]=100 [tests_experts]=45 [tests_paths]=35 [tests_parallel]=20
+                   [sweep_sm90]=25 [sweep_sm89]=15 [sweep_torch]=15 [sweep_dequant]=15 [sanitize]=60 [bench]=90
                    [extras_accumulation]=80 [extras_llama_stack]=80 [extras_moe_layer]=80 [extras_bench_torch]=60
                    [extras_bench_dequant]=60)
 
@@ -97,7 +97,7 @@ for step in $steps; do
   case $step in
     tests)
       for part in quant:test_gpu_quant.py gemm:test_gpu_scaled_mm.py experts:test_gpu_experts.py \
-                  paths:test_gpu_paths.py; do
+                  paths:test_gpu_paths.py parallel:test_parallel_one_process.py; do
         run "tests_${part%%:*}" "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_fake[@]}" "tests/${part#*:}" \
           --junitxml="$work/junit_${part%%:*}.xml"
       done ;;

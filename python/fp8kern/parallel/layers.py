@@ -134,8 +134,31 @@ class RowParallel(nn.Module):
                 out.bias.copy_(layer.bias)
         return out
 
-    def _partial(self, x2: torch.Tensor) -> torch.Tensor:
-        """This rank's fp32 partial product of the 2-D local input x2 [M, c1 - c0]."""
+    def syncs_scales(self) -> bool:
+        """Whether forward reduces the activation amax over the ranks (dynamic FP8 layers, match_single_device)."""
+        return isinstance(self.inner, Fp8Linear) and self.inner.dynamic and self.match_single_device
+
+    def local_amax(self, x2: torch.Tensor) -> torch.Tensor:
+        """The amax of this rank's slice x2 [M, c1 - c0] on the whole input's scale grid: [M, 1] per token, [1, 1]
+        per tensor, [M, ceil(K / 128)] per 1x128 group (zero outside this rank's groups), so that the max over the
+        ranks is the whole input's amax."""
+        gran, M = self.inner.act_granularity, x2.shape[0]
+        a = x2.detach().abs().float()
+        if gran == "token":
+            return a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(M, 1)
+        if gran == "tensor":
+            return a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
+        a = F.pad(a, (self.pad, -(self.pad + a.shape[1]) % BLOCK))
+        local = a.reshape(M, -1, BLOCK).amax(dim=2)
+        first = self.cols[0] // BLOCK
+        out = a.new_zeros(M, math.ceil(self.full_in_features / BLOCK))
+        out[:, first:first + local.shape[1]] = local
+        return out
+
+    def partial(self, x2: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's fp32 partial product of its 2-D input slice x2 [M, c1 - c0], no collective. amax: the whole
+        input's amax on the grid local_amax describes (the max of every rank's local_amax), for dynamic FP8
+        layers quantized as one device would; None quantizes the slice on its own."""
         inner = self.inner
         if isinstance(inner, nn.Linear):
             return x2.float() @ inner.weight.float().T
@@ -143,43 +166,34 @@ class RowParallel(nn.Module):
             x2 = F.pad(x2, (self.pad, 0))
         if not inner.dynamic:
             q, s = ops.quantize(x2, "tensor", scale=inner.input_scale)
-        elif self.match_single_device:
-            q, s = self._quantize_as_one_device(x2, inner)
+        elif amax is not None:
+            gran = inner.act_granularity
+            if gran == "group":
+                first = self.cols[0] // BLOCK
+                amax = amax[:, first:first + math.ceil(x2.shape[1] / BLOCK)]
+            ue8m0 = inner.scale_format == "ue8m0"
+            s = reference.scale_from_amax(amax, None, ue8m0)  # the rule dynamic quantization applies
+            if gran == "tensor":
+                s = s.reshape(1)
+            q, _ = ops.quantize(x2, gran, scale=s)
+            if ue8m0:
+                s = s.to(E8M0)
         else:
             q, s = ops.quantize(x2, inner.act_granularity, scale_format=inner.scale_format)
         return ops.scaled_mm(q, inner.weight, s, inner.weight_scale, out_dtype=torch.float32,
                              fast_accum=inner.fast_accum)
-
-    def _quantize_as_one_device(self, x2: torch.Tensor, inner: Fp8Linear):
-        """Quantize the local slice with the scales the whole input would get: amax reduced with max over ranks
-        (per token, per tensor, or per 1x128 group on the global grid), then the dynamic scale rule."""
-        gran, M = inner.act_granularity, x2.shape[0]
-        a = x2.detach().abs().float()
-        if gran == "token":
-            amax = a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(M, 1)
-        elif gran == "tensor":
-            amax = a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
-        else:  # group: scatter the local groups onto the global grid so that every rank reduces the same shape
-            first, G = self.cols[0] // BLOCK, math.ceil(self.full_in_features / BLOCK)
-            local = F.pad(a, (0, -a.shape[1] % BLOCK)).reshape(M, -1, BLOCK).amax(dim=2)
-            amax = a.new_zeros(M, G)
-            amax[:, first:first + local.shape[1]] = local
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
-        if gran == "group":
-            amax = amax[:, first:first + local.shape[1]]
-        ue8m0 = inner.scale_format == "ue8m0"
-        s = reference.scale_from_amax(amax, None, ue8m0)  # the rule dynamic quantization applies
-        if gran == "tensor":
-            s = s.reshape(1)
-        q, _ = ops.quantize(x2, gran, scale=s)
-        return q, (s.to(E8M0) if ue8m0 else s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"RowParallel: input has {x.shape[-1]} features, expected this rank's "
                              f"{self.in_features} (columns {self.cols} of {self.full_in_features})")
         lead = x.shape[:-1]
-        y = self._partial(x.reshape(-1, x.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
+        amax = None
+        if self.syncs_scales():
+            amax = self.local_amax(x2)
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
+        y = self.partial(x2, amax)
         dist.all_reduce(y, group=self.group)  # fp32 partial sums
         if self.bias is not None:
             y = y + self.bias.float()
