@@ -296,6 +296,18 @@ def run_load(world: int, name: str, path: str) -> str:
     nbytes = sum(math.prod(s[0]) * sizes[header[k].dtype] for k, s in probe.reads.items())
     whole = sum(math.prod(i.shape) * sizes[i.dtype] for i in header.values())
 
+    if name in ("fp8-block-3-shards", "moe-qwen3-fp8-block"):  # the bytes tools/tp_memory.py computes, exactly
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+        import json
+
+        import tp_memory
+
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = {k: v for k, v in json.load(f).items() if k != "quantization_config"}
+        counted = tp_memory.per_rank_bytes(cfg, world, "block")["ranks"][dist.get_rank()]
+        held = sum(t.numel() * t.element_size() for t in tp.state_dict().values())
+        assert held == counted["fp8_layers"] + counted["replicated_bf16"], (held, counted)
+
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, want, one = tp(ids).logits, ref(ids).logits, single(ids).logits

@@ -5,8 +5,9 @@ fp8kern.parallel would make (plan_shards on a meta-device model: no weights are 
     .venv/bin/python tools/tp_memory.py --config path/to/config.json --tp 8
 
 FP8 layers count 1 byte per weight element (block shards include their < 128 padded rows or columns) plus fp32
-scales; everything else (embeddings, norms, lm_head) is bf16 and whole on every rank. MoE experts are not sharded
-by fp8kern.parallel yet, so MoE models are refused.
+scales; everything else (embeddings, norms, lm_head) is bf16 and whole on every rank. MoE experts are spread over
+the ranks (ep_size = tp), E / W whole experts each (block scales pad each expert's intermediate size to a multiple
+of 128, as Fp8Experts does); layers the plan does not name (DeepSeek-V3's MLA attention) are whole on every rank.
 """
 
 import argparse
@@ -20,6 +21,12 @@ PRESETS = {  # published config.json values
     "llama-3.3-70b": {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
                       "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
                       "vocab_size": 128256, "tie_word_embeddings": False},
+    "deepseek-v3": {"model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+                    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 3,
+                    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8,
+                    "topk_group": 4, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+                    "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+                    "vocab_size": 129280, "tie_word_embeddings": False},
     "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                      "tie_word_embeddings": False},
@@ -32,9 +39,18 @@ def linear_bytes(n: int, k: int, granularity: str) -> int:
     return n * k + 4 * scale
 
 
+def experts_bytes(num: int, hidden: int, inter: int, granularity: str) -> int:
+    """num FP8 experts as Fp8Experts holds them: gate_up [2 I', H] and down [H, I] with their scales."""
+    padded = -(-inter // 128) * 128 if granularity == "block" else inter
+    gran = "block" if granularity == "block" else "channel"
+    return num * (linear_bytes(2 * padded, hidden, gran) + linear_bytes(hidden, inter, gran))
+
+
 def per_rank_bytes(config_dict: dict, tp: int, granularity: str) -> dict:
     import transformers
 
+    from fp8kern.nn import is_fused_experts
+    from fp8kern.parallel.experts import expert_range
     from fp8kern.parallel.plan import plan_shards
     from fp8kern.parallel.sharding import block_pad
 
@@ -42,12 +58,19 @@ def per_rank_bytes(config_dict: dict, tp: int, granularity: str) -> dict:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     ranks = []
+    one_device = 0
     for rank in range(tp):
-        planned = {n: (style, s, e) for n, style, s, e in plan_shards(model, tp, rank)}
+        planned = {n: (style, s, e) for n, style, s, e in plan_shards(model, tp, rank, expert_parallel=True)}
         fp8 = high = 0
         seen = set()
         for name, m in model.named_modules():
-            if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
+            if is_fused_experts(m):
+                E, two_i, H = m.gate_up_proj.shape
+                e0, e1 = expert_range(E, tp, rank, name)
+                fp8 += experts_bytes(e1 - e0, H, two_i // 2, granularity)
+                seen.update(id(p) for p in m.parameters(recurse=False))
+                one_device += experts_bytes(E, H, two_i // 2, granularity) if rank == 0 else 0
+            elif isinstance(m, nn.Linear) and not name.endswith("lm_head"):
                 if name in planned:  # a row shard keeps the whole per-channel scale: n = out_features
                     style, s, e = planned[name]
                     pad = block_pad(s) if granularity == "block" else 0
@@ -55,12 +78,12 @@ def per_rank_bytes(config_dict: dict, tp: int, granularity: str) -> dict:
                     fp8 += linear_bytes(n, k, granularity)
                 else:
                     fp8 += linear_bytes(m.out_features, m.in_features, granularity)
-            else:  # embeddings, norms, lm_head (a tied lm_head shares the embedding's parameter: counted once)
+            else:  # embeddings, norms, routers, lm_head (a tied lm_head shares the embedding's parameter: once)
                 params = [p for p in m.parameters(recurse=False) if id(p) not in seen]
                 seen.update(id(p) for p in params)
                 high += sum(p.numel() * 2 for p in params)
         ranks.append({"fp8_layers": fp8, "replicated_bf16": high})
-    return {"ranks": ranks, "single_device": sum(
+    return {"ranks": ranks, "single_device": one_device + sum(
         linear_bytes(m.out_features, m.in_features, granularity) for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and not n.endswith("lm_head")) + ranks[0]["replicated_bf16"]}
 
