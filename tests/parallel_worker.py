@@ -23,9 +23,15 @@ import torch
 import torch.distributed as dist
 
 
-def llama(heads: int = 12, kv_heads: int = 12):
+def llama(heads: int = 12, kv_heads: int = 12, arch: str = "llama"):
+    """A tiny Llama; arch 'phi3': the same sizes as Phi-3, whose fused qkv_proj and gate_up_proj the plan shards
+    with gathered outputs."""
     import transformers
 
+    if arch == "phi3":
+        return transformers.Phi3Config(hidden_size=16 * heads, intermediate_size=320, num_hidden_layers=2,
+                                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=256,
+                                       max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
     return transformers.LlamaConfig(hidden_size=16 * heads, intermediate_size=320, num_hidden_layers=2,
                                     num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=256,
                                     max_position_embeddings=64, tie_word_embeddings=False)
@@ -37,7 +43,7 @@ def build(config, scheme: str, scale_format: str = "fp32"):
     import fp8kern
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     with torch.no_grad():  # rows and columns of very different sizes: a misplaced scale shows
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
@@ -80,7 +86,7 @@ def check_layer(name, single, sharded, x_full, y, world):
 
     A, B = dequantized_operands(single, x_full)
     ref = single(x_full).reshape(-1, single.out_features)
-    if isinstance(sharded, ColumnParallel):
+    if isinstance(sharded, ColumnParallel) and not sharded.gather:
         r0, r1 = sharded.rows
         ref, B = ref[:, r0:r1], B[r0:r1]
     K = A.shape[1]
@@ -103,15 +109,15 @@ def gather_features(x: torch.Tensor, bounds, group=None) -> torch.Tensor:
     return torch.cat([p[..., : e - s] for p, (s, e) in zip(parts, bounds)], dim=-1)
 
 
-def run_case(world: int, scheme: str, scale_format: str, match: bool) -> str:
+def run_case(world: int, scheme: str, scale_format: str, match: bool, arch: str = "llama") -> str:
     import fp8kern
     from fp8kern.parallel import ColumnParallel, RowParallel, split_bounds
 
-    model, ids = build(llama(), scheme, scale_format)
+    model, ids = build(llama(arch=arch), scheme, scale_format)
     single = copy.deepcopy(model)
     fp8kern.parallel.shard_model(model, tp_size=world, match_single_device=match)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (ColumnParallel, RowParallel))}
-    assert len(layers) == 14, sorted(layers)
+    assert len(layers) == (8 if arch == "phi3" else 14), sorted(layers)
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, (a[0], out)))
              for n, m in layers.items()]
@@ -122,7 +128,7 @@ def run_case(world: int, scheme: str, scale_format: str, match: bool) -> str:
             h.remove()
         for n, layer in layers.items():
             x, y = seen[n]
-            if isinstance(layer, RowParallel):
+            if isinstance(layer, RowParallel) and not layer.split_input:
                 # the bounds this rank's shard was cut with: heads for o_proj, any column for down_proj
                 unit = 16 if n.endswith("o_proj") else 1
                 x = gather_features(x, split_bounds(layer.full_in_features, world, unit))
@@ -134,7 +140,8 @@ def run_case(world: int, scheme: str, scale_format: str, match: bool) -> str:
     a, b = got.double().flatten(), want.double().flatten()
     cos = float(a @ b / (a.norm() * b.norm()))
     assert cos > (0.9999 if match else 0.99), f"logits cosine {cos}"
-    return f"{scheme}/{scale_format}/match={match}: cosine {cos:.7f}, max |diff| {float((a - b).abs().max()):.3g}"
+    return (f"{arch} {scheme}/{scale_format}/match={match}: cosine {cos:.7f}, "
+            f"max |diff| {float((a - b).abs().max()):.3g}")
 
 
 def run_errors(world: int) -> None:
@@ -177,7 +184,8 @@ def run_errors(world: int) -> None:
 
 
 CASES = [("dynamic_per_token", "fp32", True), ("dynamic_per_tensor", "fp32", True), ("static_per_tensor", "fp32", True),
-         ("block128", "fp32", True), ("block128", "ue8m0", True), ("block128", "fp32", False)]
+         ("block128", "fp32", True), ("block128", "ue8m0", True), ("block128", "fp32", False),
+         ("static_per_tensor", "fp32", True, "phi3"), ("block128", "fp32", True, "phi3")]
 
 
 def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -247,7 +255,7 @@ class ReadProbe:
 def expected_read(key: str, shape: tuple, dtype: str, style: str, start: int, end: int) -> tuple:
     """The part of a planned layer's weight a rank must read: its rows or columns; for INT4-packed int32 weights
     (8 values a word along K) the words holding its columns."""
-    if style == "colwise":
+    if style.startswith("colwise"):
         return (end - start, *shape[1:])
     if dtype in ("I32", "U32"):
         return (shape[0], -(-end // 8) - start // 8)
@@ -438,7 +446,7 @@ def run_moe_case(world: int, arch: str, scheme: str) -> str:
                 raise AssertionError("an expert index outside [0, 12] did not raise")
         for n, layer in tps.items():
             x, y = seen[n][0], seen[n][-1]
-            if isinstance(layer, RowParallel):
+            if isinstance(layer, RowParallel) and not layer.split_input:
                 unit = 16 if n.endswith("o_proj") else 1
                 x = gather_features(x, split_bounds(layer.full_in_features, world, unit))
             check_layer(n, single.get_submodule(n), layer, x, y, world)

@@ -74,7 +74,8 @@ def per_rank_bytes(config_dict: dict, tp: int, granularity: str) -> dict:
                 if name in planned:  # a row shard keeps the whole per-channel scale: n = out_features
                     style, s, e = planned[name]
                     pad = block_pad(s) if granularity == "block" else 0
-                    n, k = (pad + e - s, m.in_features) if style == "colwise" else (m.out_features, pad + e - s)
+                    column = style.startswith("colwise")
+                    n, k = (pad + e - s, m.in_features) if column else (m.out_features, pad + e - s)
                     fp8 += linear_bytes(n, k, granularity)
                 else:
                     fp8 += linear_bytes(m.out_features, m.in_features, granularity)

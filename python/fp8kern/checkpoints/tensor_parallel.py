@@ -11,7 +11,7 @@ from torch import nn
 from ..nn import Fp8Linear
 from ..nn import is_fused_experts
 from ..parallel.experts import ExpertParallel, expert_range
-from ..parallel.layers import ColumnParallel, RowParallel
+from ..parallel.layers import COLUMN_STYLES, shard_of
 from ..parallel.plan import ep_size_of, group_of, plan_shards
 from ..parallel.sharding import column_scale, column_weight, row_scale, row_weight
 
@@ -38,8 +38,7 @@ class TensorParallelLoad:
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             layer = getattr(owner, child)
-            shell = (ColumnParallel.empty(layer, start, end) if style == "colwise" else
-                     RowParallel.empty(layer, start, end, self.group, match_single_device))
+            shell = shard_of(layer, style, start, end, self.size, self.group, match_single_device, empty=True)
             setattr(owner, child, shell)
             self.layers[name] = (style, start, end, shell, layer)
 
@@ -64,12 +63,12 @@ class TensorParallelLoad:
 
     def _range(self, name):
         style, start, end, _, _ = self.layers[name]
-        return {"rows": (start, end)} if style == "colwise" else {"cols": (start, end)}
+        return {"rows": (start, end)} if style in COLUMN_STYLES else {"cols": (start, end)}
 
     def weight_scale(self, name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
         """(model key, local value) of a planned Fp8Linear's weight scale (value: the whole converted scale)."""
         style, start, end, shell, layer = self.layers[name]
-        cut = column_scale if style == "colwise" else row_scale
+        cut = column_scale if style in COLUMN_STYLES else row_scale
         local = cut(value.reshape(layer.weight_scale.shape), layer.weight_granularity, start, end)
         return f"{name}.inner.weight_scale", local.reshape(shell.inner.weight_scale.shape)
 
@@ -77,14 +76,14 @@ class TensorParallelLoad:
         """(model key, local weight) of a planned Fp8Linear, reading only its rows or columns."""
         style, start, end, _, layer = self.layers[name]
         part = fmt.read_weight(f, key, ckpt_module, **self._range(name))
-        pad = column_weight if style == "colwise" else row_weight
+        pad = column_weight if style in COLUMN_STYLES else row_weight
         return f"{name}.inner.weight", pad(part, layer.weight_granularity, start)
 
     def plain(self, name: str, attr: str, f, key: str, dtype) -> tuple[str, torch.Tensor]:
         """(model key, local value) of a planned layer's weight (high precision layers) or bias."""
         style, start, end, shell, layer = self.layers[name]
         if attr == "bias":
-            if style == "rowwise":  # added once, after the reduction: whole
+            if style not in COLUMN_STYLES:  # added once, after the reduction: whole
                 return f"{name}.bias", f.get_tensor(key).to(dtype)
             part = f.get_slice(key)[start:end].to(dtype)
             local = torch.zeros(shell.pad + end - start, dtype=dtype)
@@ -93,7 +92,7 @@ class TensorParallelLoad:
         if attr != "weight" or isinstance(layer, Fp8Linear):
             raise ValueError(f"checkpoint tensor {key!r} fits nothing in the tensor-parallel {name}")
         sl = f.get_slice(key)
-        part = sl[start:end] if style == "colwise" else sl[:, start:end]
+        part = sl[start:end] if style in COLUMN_STYLES else sl[:, start:end]
         return f"{name}.inner.weight", part.to(dtype)
 
     def input_scale_key(self, name: str) -> str:

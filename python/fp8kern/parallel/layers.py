@@ -23,7 +23,7 @@ from torch import nn
 from .. import ops, reference
 from .._constants import BLOCK, E8M0
 from ..nn import Fp8Linear
-from .sharding import block_pad, column_shard, row_shard
+from .sharding import block_pad, column_shard, row_shard, split_bounds
 
 
 def _local_fp8(layer: Fp8Linear, in_features: int, out_features: int, bias: bool, device) -> Fp8Linear:
@@ -52,24 +52,28 @@ def _granularity(layer: nn.Module):
 
 class ColumnParallel(nn.Module):
     """The column-parallel shard (output rows [r0, r1)) of an Fp8Linear or nn.Linear: `inner` holds the local
-    weight, front-padded with `pad` zero rows for block scales (see sharding.py), and the matching bias slice."""
+    weight, front-padded with `pad` zero rows for block scales (see sharding.py), and the matching bias slice.
+    gather: every rank's [r0, r1) in rank order to all_gather the whole output (the plan style
+    'colwise_gather_output', for fused projections such as qkv_proj or gate_up_proj), or None to return the rank's
+    rows."""
 
-    def __init__(self, inner: nn.Module, r0: int, r1: int, pad: int, in_features: int):
+    def __init__(self, inner: nn.Module, r0: int, r1: int, pad: int, in_features: int, gather=None, group=None):
         super().__init__()
-        self.inner, self.rows, self.pad = inner, (r0, r1), pad
-        self.in_features, self.out_features = in_features, r1 - r0
+        self.inner, self.rows, self.pad, self.gather, self.group = inner, (r0, r1), pad, gather, group
+        self.in_features = in_features
+        self.out_features = gather[-1][1] if gather else r1 - r0
 
     @classmethod
-    def empty(cls, layer: nn.Module, r0: int, r1: int, device="meta") -> "ColumnParallel":
+    def empty(cls, layer: nn.Module, r0: int, r1: int, device="meta", gather=None, group=None) -> "ColumnParallel":
         """The shard's shape with uninitialized tensors (from_pretrained fills them from the files)."""
         pad = block_pad(r0) if _granularity(layer) == "block" else 0
         inner = _local(layer, layer.in_features, pad + r1 - r0, layer.bias is not None, device)
-        return cls(inner, r0, r1, pad, layer.in_features)
+        return cls(inner, r0, r1, pad, layer.in_features, gather, group)
 
     @classmethod
-    def from_layer(cls, layer: nn.Module, r0: int, r1: int) -> "ColumnParallel":
+    def from_layer(cls, layer: nn.Module, r0: int, r1: int, gather=None, group=None) -> "ColumnParallel":
         """The shard of a whole layer in memory."""
-        out = cls.empty(layer, r0, r1, device=layer.weight.device)
+        out = cls.empty(layer, r0, r1, device=layer.weight.device, gather=gather, group=group)
         inner, gran = out.inner, _granularity(layer)
         with torch.no_grad():
             if gran is None:
@@ -87,10 +91,17 @@ class ColumnParallel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
-        return y[..., self.pad:].contiguous() if self.pad else y  # attention views the result per head
+        y = y[..., self.pad:].contiguous() if self.pad else y  # attention views the result per head
+        if not self.gather:
+            return y
+        width = max(e - s for s, e in self.gather)  # all_gather takes equal sizes: pad, gather, cut
+        y = F.pad(y, (0, width - y.shape[-1])).contiguous()
+        parts = [torch.empty_like(y) for _ in self.gather]
+        dist.all_gather(parts, y, group=self.group)
+        return torch.cat([p[..., : e - s] for p, (s, e) in zip(parts, self.gather)], dim=-1)
 
     def extra_repr(self) -> str:
-        return f"rows={self.rows}, pad={self.pad}"
+        return f"rows={self.rows}, pad={self.pad}" + (", gather_output=True" if self.gather else "")
 
 
 class RowParallel(nn.Module):
@@ -99,27 +110,30 @@ class RowParallel(nn.Module):
     whole bias, added once after the reduction."""
 
     def __init__(self, inner: nn.Module, bias, c0: int, c1: int, pad: int, full_in_features: int, group=None,
-                 match_single_device: bool = True):
+                 match_single_device: bool = True, split_input: bool = False):
         super().__init__()
         self.inner, self.bias, self.cols, self.pad = inner, bias, (c0, c1), pad
         self.group, self.match_single_device, self.full_in_features = group, match_single_device, full_in_features
-        self.in_features, self.out_features = c1 - c0, inner.out_features
+        self.split_input = split_input  # the plan style 'rowwise_split_input': the whole input arrives, cut here
+        self.in_features = full_in_features if split_input else c1 - c0
+        self.out_features = inner.out_features
 
     @classmethod
     def empty(cls, layer: nn.Module, c0: int, c1: int, group=None, match_single_device: bool = True,
-              device="meta") -> "RowParallel":
+              device="meta", split_input: bool = False) -> "RowParallel":
         pad = block_pad(c0) if _granularity(layer) == "block" else 0
         inner = _local(layer, pad + c1 - c0, layer.out_features, False, device)
         bias = None
         if layer.bias is not None:
             bias = nn.Parameter(torch.empty(layer.out_features, dtype=layer.bias.dtype, device=device),
                                 requires_grad=False)
-        return cls(inner, bias, c0, c1, pad, layer.in_features, group, match_single_device)
+        return cls(inner, bias, c0, c1, pad, layer.in_features, group, match_single_device, split_input)
 
     @classmethod
-    def from_layer(cls, layer: nn.Module, c0: int, c1: int, group=None,
-                   match_single_device: bool = True) -> "RowParallel":
-        out = cls.empty(layer, c0, c1, group, match_single_device, device=layer.weight.device)
+    def from_layer(cls, layer: nn.Module, c0: int, c1: int, group=None, match_single_device: bool = True,
+                   split_input: bool = False) -> "RowParallel":
+        out = cls.empty(layer, c0, c1, group, match_single_device, device=layer.weight.device,
+                        split_input=split_input)
         inner, gran = out.inner, _granularity(layer)
         with torch.no_grad():
             if gran is None:
@@ -185,8 +199,11 @@ class RowParallel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"RowParallel: input has {x.shape[-1]} features, expected this rank's "
-                             f"{self.in_features} (columns {self.cols} of {self.full_in_features})")
+            raise ValueError(f"RowParallel: input has {x.shape[-1]} features, expected "
+                             f"{'all' if self.split_input else 'this rank' + chr(39) + 's'} {self.in_features} "
+                             f"(columns {self.cols} of {self.full_in_features})")
+        if self.split_input:
+            x = x[..., self.cols[0]:self.cols[1]]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         amax = None
@@ -200,4 +217,22 @@ class RowParallel(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"cols={self.cols}, pad={self.pad}, match_single_device={self.match_single_device}"
+        return (f"cols={self.cols}, pad={self.pad}, match_single_device={self.match_single_device}"
+                + (", split_input=True" if self.split_input else ""))
+
+
+COLUMN_STYLES = ("colwise", "colwise_gather_output")
+ROW_STYLES = ("rowwise", "rowwise_split_input")
+
+
+def shard_of(layer: nn.Module, style: str, start: int, end: int, size: int, group=None,
+             match_single_device: bool = True, empty: bool = False) -> nn.Module:
+    """The ColumnParallel / RowParallel shard [start, end) of layer for a plan style; empty: on the meta device,
+    to be filled from the files."""
+    if style in COLUMN_STYLES:
+        gather = split_bounds(layer.out_features, size) if style == "colwise_gather_output" else None
+        return (ColumnParallel.empty(layer, start, end, gather=gather, group=group) if empty else
+                ColumnParallel.from_layer(layer, start, end, gather=gather, group=group))
+    split = style == "rowwise_split_input"
+    return (RowParallel.empty(layer, start, end, group, match_single_device, split_input=split) if empty else
+            RowParallel.from_layer(layer, start, end, group, match_single_device, split_input=split))

@@ -2,9 +2,11 @@
 tensor-parallel shard, following the model's tensor-parallel plan (transformers' config.base_model_tp_plan, or one
 given as a dict).
 
-Plan styles read: 'colwise' (ColumnParallel), 'rowwise' (RowParallel), and 'replicated_with_grad_allreduce'
-(kept whole: per-head norms). Attention projections split on head boundaries (q/o by attention heads, k/v by KV
-heads), everything else on any row or column: block-scaled shards that are not multiples of 128 are exact
+Plan styles read: 'colwise' (ColumnParallel), 'rowwise' (RowParallel), 'colwise_gather_output' and
+'rowwise_split_input' (the same, with the output all-gathered and the whole input cut by the layer: fused
+projections such as Phi-3's qkv_proj and gate_up_proj, whose parts are not contiguous per rank), and
+'replicated_with_grad_allreduce' (kept whole: per-head norms). Attention projections of the 'colwise' / 'rowwise'
+styles split on head boundaries (q/o by attention heads, k/v by KV heads), everything else on any row or column: block-scaled shards that are not multiples of 128 are exact
 (sharding.py). Embeddings, norms and lm_head stay whole on every rank, so every rank returns the full logits.
 Everything is checked before the model is touched.
 """
@@ -18,10 +20,10 @@ from torch import nn
 
 from ..nn import Fp8Experts, Fp8Linear, is_fused_experts
 from .experts import ExpertParallel, expert_range
-from .layers import ColumnParallel, RowParallel
+from .layers import COLUMN_STYLES, ROW_STYLES, shard_of
 from .sharding import split_bounds
 
-STYLES = ("colwise", "rowwise", "replicated_with_grad_allreduce")
+STYLES = COLUMN_STYLES + ROW_STYLES + ("replicated_with_grad_allreduce",)
 _MOE_STYLES = ("packed_colwise", "moe_tp_experts", "ep_router", "grouped_gemm")
 
 
@@ -65,7 +67,7 @@ def _heads(config, name: str):
 
 def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None,
                 expert_parallel: bool = False) -> list[tuple]:
-    """[(module name, 'colwise' | 'rowwise', start, end)] of this rank for model's tensor-parallel plan (default
+    """[(module name, style, start, end)] of this rank for model's tensor-parallel plan (default
     its config's base_model_tp_plan); reads only module types and shapes (works on the meta device) and raises
     for anything it cannot shard exactly. expert_parallel: the plan's MoE experts entries are left to expert
     parallelism (experts.py) instead of refused."""
@@ -96,8 +98,11 @@ def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None
             continue
         if not isinstance(module, (Fp8Linear, nn.Linear)):
             raise TypeError(f"{name}: plan style {style!r} applies to Linear layers, got {type(module).__name__}")
-        n = module.out_features if style == "colwise" else module.in_features
-        heads = _heads(config, name) if config is not None else None
+        n = module.out_features if style in COLUMN_STYLES else module.in_features
+        # Head boundaries matter where attention runs on the rank's heads; a gathered output or a split input is
+        # whole on every rank.
+        local_heads = style in ("colwise", "rowwise")
+        heads = _heads(config, name) if config is not None and local_heads else None
         if heads is not None:
             count, head_dim, field = heads
             if count % size:
@@ -161,8 +166,7 @@ def shard_model(model: nn.Module, *, tp_size: int | None = None, ep_size: int | 
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         layer = getattr(owner, child)
-        setattr(owner, child, ColumnParallel.from_layer(layer, start, end) if style == "colwise" else
-                RowParallel.from_layer(layer, start, end, group, match_single_device))
+        setattr(owner, child, shard_of(layer, style, start, end, size, group, match_single_device))
     for name, e0, e1 in moe:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
