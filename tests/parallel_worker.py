@@ -111,7 +111,7 @@ def gather_features(x: torch.Tensor, bounds, group=None) -> torch.Tensor:
 
 def run_case(world: int, scheme: str, scale_format: str, match: bool, arch: str = "llama") -> str:
     import fp8kern
-    from fp8kern.parallel import ColumnParallel, RowParallel, split_bounds
+    from fp8kern.parallel import ColumnParallel, RowParallel
 
     model, ids = build(llama(arch=arch), scheme, scale_format)
     single = copy.deepcopy(model)
@@ -126,22 +126,36 @@ def run_case(world: int, scheme: str, scale_format: str, match: bool, arch: str 
         want = single(ids).logits
         for h in hooks:
             h.remove()
-        for n, layer in layers.items():
-            x, y = seen[n]
-            if isinstance(layer, RowParallel) and not layer.split_input:
-                # the bounds this rank's shard was cut with: heads for o_proj, any column for down_proj
-                unit = 16 if n.endswith("o_proj") else 1
-                x = gather_features(x, split_bounds(layer.full_in_features, world, unit))
-            if match:
-                check_layer(n, single.get_submodule(n), layer, x, y, world)
+        if match:
+            check_tp_layers(single, layers, {n: (v[0], v[-1]) for n, v in seen.items()}, world)
+    cos = logits_agree(got, want, world, 0.9999 if match else 0.99)
+    return (f"{arch} {scheme}/{scale_format}/match={match}: cosine {cos:.7f}, "
+            f"max |diff| {float((got.double() - want.double()).abs().max()):.3g}")
+
+
+def check_tp_layers(single, layers: dict, seen: dict, world: int) -> None:
+    """check_layer for every sharded layer, on the (input, output) seen in the forward; a row shard's input is
+    gathered from the ranks with the bounds it was cut with (heads for o_proj, any column for down_proj)."""
+    from fp8kern.parallel import RowParallel, split_bounds
+
+    for n, layer in layers.items():
+        x, y = seen[n]
+        if isinstance(layer, RowParallel) and not layer.split_input:
+            unit = 16 if n.endswith("o_proj") else 1
+            x = gather_features(x, split_bounds(layer.full_in_features, world, unit))
+        check_layer(n, single.get_submodule(n), layer, x, y, world)
+
+
+def logits_agree(got: torch.Tensor, want: torch.Tensor, world: int, min_cosine: float) -> float:
+    """The logits are the same on every rank, bit for bit, and near the single-device ones (a sanity check: the
+    per-layer bounds are the claim). Returns the cosine."""
     same = [torch.empty_like(got) for _ in range(world)]
     dist.all_gather(same, got)
     assert all(torch.equal(s, got) for s in same), "ranks returned different logits"
     a, b = got.double().flatten(), want.double().flatten()
     cos = float(a @ b / (a.norm() * b.norm()))
-    assert cos > (0.9999 if match else 0.99), f"logits cosine {cos}"
-    return (f"{arch} {scheme}/{scale_format}/match={match}: cosine {cos:.7f}, "
-            f"max |diff| {float((a - b).abs().max()):.3g}")
+    assert cos > min_cosine, f"logits cosine {cos}"
+    return cos
 
 
 def run_errors(world: int) -> None:
@@ -188,12 +202,13 @@ CASES = [("dynamic_per_token", "fp32", True), ("dynamic_per_tensor", "fp32", Tru
          ("static_per_tensor", "fp32", True, "phi3"), ("block128", "fp32", True, "phi3")]
 
 
-def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def rank_main(rank: int, world: int, init_file: str, out_dir: str, job: str, *args) -> None:
+    """A spawned rank: join the gloo group, run job (a function of this module returning report lines), write
+    rank<r>.ok with the lines, or rank<r>.err with the traceback and exit 1."""
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        lines = [run_case(world, *case) for case in CASES]
-        run_errors(world)
+        lines = globals()[job](world, *args)
         with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
             f.write("\n".join(lines))
     except BaseException:
@@ -203,6 +218,12 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def dense_job(world: int) -> list[str]:
+    lines = [run_case(world, *case) for case in CASES]
+    run_errors(world)
+    return lines
 
 
 class ReadProbe:
@@ -328,20 +349,8 @@ def run_load(world: int, name: str, path: str) -> str:
     return f"{name}: read {nbytes} of {whole} bytes, cosine to one process {cos:.7f}"
 
 
-def main_load(rank: int, world: int, init_file: str, out_dir: str, paths: dict) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        lines = [run_load(world, name, path) for name, path in paths.items()]
-        with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
-            f.write("\n".join(lines))
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def load_job(world: int, paths: dict) -> list[str]:
+    return [run_load(world, name, path) for name, path in paths.items()]
 
 
 def moe_config(arch: str, experts: int = 12):
@@ -409,7 +418,7 @@ def check_experts_layer(name, single, ep, x, idx, w, y, world):
 def run_moe_case(world: int, arch: str, scheme: str) -> str:
     import fp8kern
     from fp8kern.nn import Fp8Experts
-    from fp8kern.parallel import ColumnParallel, ExpertParallel, RowParallel, split_bounds
+    from fp8kern.parallel import ColumnParallel, ExpertParallel, RowParallel
 
     model, ids = build_moe(arch, scheme)
     single = copy.deepcopy(model)
@@ -444,21 +453,11 @@ def run_moe_case(world: int, arch: str, scheme: str) -> str:
                 assert "outside" in str(e), str(e)
             else:
                 raise AssertionError("an expert index outside [0, 12] did not raise")
-        for n, layer in tps.items():
-            x, y = seen[n][0], seen[n][-1]
-            if isinstance(layer, RowParallel) and not layer.split_input:
-                unit = 16 if n.endswith("o_proj") else 1
-                x = gather_features(x, split_bounds(layer.full_in_features, world, unit))
-            check_layer(n, single.get_submodule(n), layer, x, y, world)
-    same = [torch.empty_like(got) for _ in range(world)]
-    dist.all_gather(same, got)
-    assert all(torch.equal(s, got) for s in same), "ranks returned different logits"
-    # A sanity check only, looser than the dense one: the per-layer bounds above are the claim. A one-ulp bf16
-    # difference in a layer's output can flip an e4m3 rounding downstream (2^-4 relative) or a near-tie in top-k
-    # routing, so whole-model logits of a MoE differ more than each layer does.
-    a, b = got.double().flatten(), want.double().flatten()
-    cos = float(a @ b / (a.norm() * b.norm()))
-    assert cos > 0.999, f"logits cosine {cos}"
+        check_tp_layers(single, tps, {n: (seen[n][0], seen[n][-1]) for n in tps}, world)
+    # Looser than the dense models: a one-ulp bf16 difference in a layer's output can flip an e4m3 rounding
+    # downstream (2^-4 relative) or a near-tie in top-k routing, so whole-model logits of a MoE differ more than
+    # each layer does.
+    cos = logits_agree(got, want, world, 0.999)
     return f"{arch}/{scheme}: cosine {cos:.7f}, tokens per expert {counts.tolist()}"
 
 
@@ -486,18 +485,7 @@ def run_moe_errors(world: int) -> None:
             raise AssertionError("6 experts over 4 ranks did not raise")
 
 
-def main_moe(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        lines = [run_moe_case(world, *case) for case in MOE_CASES]
-        run_moe_errors(world)
-        with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
-            f.write("\n".join(lines))
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def moe_job(world: int) -> list[str]:
+    lines = [run_moe_case(world, *case) for case in MOE_CASES]
+    run_moe_errors(world)
+    return lines

@@ -435,6 +435,19 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
+def check_logits_against_plain(model, src, ids, weights: dict) -> torch.Tensor:
+    """Sanity check only (end to end; the per-layer bound is the exact check): the bf16 model in src, as plain
+    transformers, with each quantized layer's weight replaced by weights[name] (float64, rounded to bf16), gives
+    nearly model's logits. Returns model's logits."""
+    plain = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for n, w in weights.items():
+            plain.get_submodule(n).weight.copy_(w.to(torch.bfloat16))
+        got, want = model(ids).logits, plain(ids).logits
+    assert bool(torch.isfinite(got).all()) and cosine(got, want) > 0.99
+    return got
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -483,13 +496,8 @@ def test_from_pretrained(ckpt, ids, variant):
 
     # Sanity check only (end to end): the same model as a plain transformers model with the FP8 weights
     # dequantized to bf16 gives nearly the same logits.
-    plain = transformers.LlamaForCausalLM.from_pretrained(ckpt("bf16-tied" if tie else "bf16"), dtype=torch.bfloat16)
-    with torch.no_grad():
-        for n in QUANT:
-            plain.get_submodule(n).weight.copy_(weights[n].to(torch.bfloat16))
-        got, want = model(ids).logits, plain(ids).logits
-    assert got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
-    assert cosine(got, want) > 0.99
+    got = check_logits_against_plain(model, ckpt("bf16-tied" if tie else "bf16"), ids, weights)
+    assert got.dtype == torch.bfloat16
 
 
 def test_layer_check_catches_a_wrong_scale(ckpt, ids):
@@ -553,12 +561,7 @@ def test_quark_int4_fp8(ckpt, ids, tmp_path, case):
             assert torch.equal(model.get_submodule(n).input_scale, stored[f"{n}.input_scale"].reshape(1)), n
     check_layers_against_float64(model, ids, weights)
 
-    plain = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for n in QUANT:
-            plain.get_submodule(n).weight.copy_(formula[n].to(torch.bfloat16))
-        got, ref = model(ids).logits, plain(ids).logits
-    assert bool(torch.isfinite(got).all()) and cosine(got, ref) > 0.99
+    check_logits_against_plain(model, src, ids, formula)
 
     # fp8kern-dequantize reads the same format: bf16 of fp32 q * scale, scales dropped.
     out = str(tmp_path / "bf16")
@@ -648,12 +651,7 @@ def test_torchao_float8(ckpt, ids, tmp_path, granularity):
         weights[n] = deq64(q, layer.weight_scale if gran == "block" else s.reshape(-1, 1) if gran == "channel"
                            else s.reshape(1))
     check_layers_against_float64(model, ids, weights)
-    plain = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for n in layers:
-            plain.get_submodule(n).weight.copy_(weights[n].to(torch.bfloat16))
-        got, want = model(ids).logits, plain(ids).logits
-    assert bool(torch.isfinite(got).all()) and cosine(got, want) > 0.99
+    got = check_logits_against_plain(model, src, ids, weights)
     if granularity != "block":  # torchao's own runtime on the same file (torchao 0.18 cannot reload PerBlock)
         theirs = transformers.LlamaForCausalLM.from_pretrained(d)
         with torch.no_grad():

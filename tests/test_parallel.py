@@ -20,10 +20,12 @@ import parallel_worker  # noqa: E402
 TIMEOUT_S = 600
 
 
-def spawn(world: int, tmp_path, target=parallel_worker.main, *extra) -> list[str]:
+def spawn(world: int, tmp_path, job: str, *extra) -> list[str]:
+    """Run parallel_worker.<job> on world spawned gloo ranks; their report lines, or the first rank's error."""
     ctx = multiprocessing.get_context("spawn")
     init = str(tmp_path / "init")
-    procs = [ctx.Process(target=target, args=(r, world, init, str(tmp_path), *extra)) for r in range(world)]
+    procs = [ctx.Process(target=parallel_worker.rank_main, args=(r, world, init, str(tmp_path), job, *extra))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -35,13 +37,13 @@ def spawn(world: int, tmp_path, target=parallel_worker.main, *extra) -> list[str
     errors = [open(tmp_path / f"rank{r}.err").read() for r in range(world) if (tmp_path / f"rank{r}.err").exists()]
     assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s (a collective hung?); errors: {errors}"
     assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]} without an error file"
     return [open(tmp_path / f"rank{r}.ok").read() for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_tensor_parallel_llama(tmp_path, world):
-    reports = spawn(world, tmp_path)
+    reports = spawn(world, tmp_path, "dense_job")
     assert len(reports) == world and all(len(r.splitlines()) == len(parallel_worker.CASES) for r in reports)
     print(f"W={world}:\n{reports[0]}")
 
@@ -117,7 +119,7 @@ def test_from_pretrained_tensor_parallel(tmp_path, checkpoints, world):
     whole and sharding in memory, byte for byte, with each planned weight read as the rank's rows or columns only
     and no other rank's expert read at all (a probe records every read), and the logits of the whole model on
     every rank (tests/parallel_worker.py: run_load)."""
-    reports = spawn(world, tmp_path, parallel_worker.main_load, checkpoints)
+    reports = spawn(world, tmp_path, "load_job", checkpoints)
     assert all(len(r.splitlines()) == len(checkpoints) for r in reports)
     print(f"W={world}:\n" + "\n".join(reports))
 
@@ -126,6 +128,6 @@ def test_from_pretrained_tensor_parallel(tmp_path, checkpoints, world):
 def test_expert_parallel_moe(tmp_path, world):
     """Qwen3-MoE and DeepSeek-V3 with tp_size = ep_size = W: every experts layer (uneven routing, one expert that
     receives no token) and every tensor-parallel layer within its derived bound (tests/parallel_worker.py)."""
-    reports = spawn(world, tmp_path, parallel_worker.main_moe)
+    reports = spawn(world, tmp_path, "moe_job")
     assert all(len(r.splitlines()) == len(parallel_worker.MOE_CASES) for r in reports)
     print(f"W={world}:\n" + reports[0])

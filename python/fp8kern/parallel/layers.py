@@ -46,6 +46,21 @@ def _local(layer: nn.Module, in_features: int, out_features: int, bias: bool, de
     raise TypeError(f"tensor parallelism shards an Fp8Linear or nn.Linear, got {type(layer).__name__}")
 
 
+@torch.no_grad()
+def _fill(inner: nn.Module, layer: nn.Module, plain_cut, shard, start: int, end: int) -> None:
+    """Copy layer's shard [start, end) into the empty local inner: plain_cut for a high-precision weight, shard
+    (column_shard / row_shard) for an FP8 weight and its scale; a static input scale whole."""
+    gran = _granularity(layer)
+    if gran is None:
+        inner.weight.copy_(plain_cut(layer.weight))
+        return
+    w, scale, _ = shard(layer.weight, layer.weight_scale, gran, start, end)
+    inner.weight.copy_(w)
+    inner.weight_scale.copy_(scale.reshape(inner.weight_scale.shape))
+    if not layer.dynamic:
+        inner.input_scale.copy_(layer.input_scale)
+
+
 def _granularity(layer: nn.Module):
     return layer.weight_granularity if isinstance(layer, Fp8Linear) else None
 
@@ -74,19 +89,11 @@ class ColumnParallel(nn.Module):
     def from_layer(cls, layer: nn.Module, r0: int, r1: int, gather=None, group=None) -> "ColumnParallel":
         """The shard of a whole layer in memory."""
         out = cls.empty(layer, r0, r1, device=layer.weight.device, gather=gather, group=group)
-        inner, gran = out.inner, _granularity(layer)
-        with torch.no_grad():
-            if gran is None:
-                inner.weight.copy_(layer.weight[r0:r1])
-            else:
-                w, scale, _ = column_shard(layer.weight, layer.weight_scale, gran, r0, r1)
-                inner.weight.copy_(w)
-                inner.weight_scale.copy_(scale.reshape(inner.weight_scale.shape))
-                if not layer.dynamic:
-                    inner.input_scale.copy_(layer.input_scale)
-            if layer.bias is not None:
-                inner.bias.zero_()
-                inner.bias[out.pad:] = layer.bias.detach()[r0:r1]
+        _fill(out.inner, layer, lambda w: w[r0:r1], column_shard, r0, r1)
+        if layer.bias is not None:
+            with torch.no_grad():
+                out.inner.bias.zero_()
+                out.inner.bias[out.pad:] = layer.bias.detach()[r0:r1]
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,17 +141,9 @@ class RowParallel(nn.Module):
                    split_input: bool = False) -> "RowParallel":
         out = cls.empty(layer, c0, c1, group, match_single_device, device=layer.weight.device,
                         split_input=split_input)
-        inner, gran = out.inner, _granularity(layer)
-        with torch.no_grad():
-            if gran is None:
-                inner.weight.copy_(layer.weight[:, c0:c1])
-            else:
-                w, scale, _ = row_shard(layer.weight, layer.weight_scale, gran, c0, c1)
-                inner.weight.copy_(w)
-                inner.weight_scale.copy_(scale.reshape(inner.weight_scale.shape))
-                if not layer.dynamic:
-                    inner.input_scale.copy_(layer.input_scale)
-            if layer.bias is not None:
+        _fill(out.inner, layer, lambda w: w[:, c0:c1], row_shard, c0, c1)
+        if layer.bias is not None:
+            with torch.no_grad():
                 out.bias.copy_(layer.bias)
         return out
 
