@@ -211,13 +211,18 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, job: str, *ar
         lines = globals()[job](world, *args)
         with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
             f.write("\n".join(lines))
+        dist.barrier()  # every rank done before any tears the group down
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         sys.exit(1)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:  # a teardown error after the checks is noted, not a failure of what was checked
+                dist.destroy_process_group()
+            except Exception:
+                with open(os.path.join(out_dir, f"rank{rank}.teardown"), "w") as f:
+                    f.write(traceback.format_exc())
 
 
 def dense_job(world: int) -> list[str]:
@@ -345,7 +350,7 @@ def run_load(world: int, name: str, path: str) -> str:
     # tests, are the claim): MoE logits move more, through near-ties in routing and FP8 requantization downstream.
     x, y = got.double().flatten(), one.double().flatten()
     cos = float(x @ y / (x.norm() * y.norm()))
-    assert cos > (0.99 if ep else 0.9999), cos
+    assert cos > (0.999 if ep else 0.9999), cos
     return f"{name}: read {nbytes} of {whole} bytes, cosine to one process {cos:.7f}"
 
 
@@ -394,12 +399,13 @@ def build_moe(arch: str, scheme: str, experts: int = 12):
 def check_experts_layer(name, single, ep, x, idx, w, y, world):
     """|y_ep - y_1| <= ((2k + 1) 2^-8 + W 2^-24) sum_j |t_j| + 2^-133 per element.
 
-    Both sides compute the same per-(token, expert) terms t_j = bf16(w_j y_j) (the expert's GEMMs see the same rows
-    on its rank as on one device, and per-token / per-group / static activation scales do not depend on the other
-    rows). One device adds the k terms into a bf16 output, rounding each sum (k roundings, each within 2^-8 of the
-    running sum, itself at most sum |t_j|: bf16 has 8 significant bits); each rank does the same for its own terms, the fp32 all_reduce adds W
-    partials (W roundings of 2^-24), and the cast to bf16 rounds once more: the two results are within the sum of
-    both errors. t_j comes from the single-device experts run with only slot j routed."""
+    Both sides compute the same per-(token, expert) terms t_j = bf16(w_j y_j): the expert's GEMMs see the same rows
+    on its rank as on one device, per-token / per-group / static activation scales do not depend on the other rows,
+    and per-tensor ones are reduced over the ranks. One device adds the k terms into a bf16 output, rounding each sum
+    (k roundings, each within 2^-8 of the running sum, itself at most sum |t_j|: bf16 has 8 significant bits); each
+    rank does the same for its own terms, the fp32 all_reduce adds W partials (W roundings of 2^-24), and the cast
+    to bf16 rounds once more: the two results are within the sum of both errors. t_j comes from the single-device
+    experts run with only slot j routed."""
     E = single.num_experts
     terms = torch.zeros_like(x, dtype=torch.float64)
     for j in range(idx.shape[1]):
@@ -461,8 +467,8 @@ def run_moe_case(world: int, arch: str, scheme: str) -> str:
     return f"{arch}/{scheme}: cosine {cos:.7f}, tokens per expert {counts.tolist()}"
 
 
-MOE_CASES = [("qwen3", "dynamic_per_token"), ("qwen3", "block128"), ("deepseek", "block128"),
-             ("deepseek", "dynamic_per_token")]
+MOE_CASES = [("qwen3", "dynamic_per_token"), ("qwen3", "dynamic_per_tensor"), ("qwen3", "block128"),
+             ("deepseek", "block128"), ("deepseek", "dynamic_per_token")]
 
 
 def run_moe_errors(world: int) -> None:

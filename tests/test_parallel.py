@@ -38,6 +38,9 @@ def spawn(world: int, tmp_path, job: str, *extra) -> list[str]:
     assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s (a collective hung?); errors: {errors}"
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]} without an error file"
+    for r in range(world):  # said, not failed: the checks passed before the group was torn down
+        if (tmp_path / f"rank{r}.teardown").exists():
+            print(f"rank {r} teardown: {open(tmp_path / f'rank{r}.teardown').read()}")
     return [open(tmp_path / f"rank{r}.ok").read() for r in range(world)]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _backend, ops
+from . import _backend, ops, reference
 from ._constants import BLOCK, E4M3, E8M0, INPUT_DTYPES, OUT_DTYPES
 from .ops.gemm import scaled_mm_impl
 
@@ -240,6 +240,10 @@ class Fp8Experts(_FixedDtypeBuffers):
         # On Hopper both projections run as one grouped launch each (see the class docstring); False runs one GEMM
         # per active expert, as every other case does.
         self.grouped = True
+        # Expert parallel (fp8kern.parallel.ExpertParallel): with dynamic per-tensor activations, a callable that
+        # reduces the down projection's input amax (fp32, shape (1,)) over the ranks, so that the scale is the one
+        # all the experts' rows would get on one device. Called on every forward, rows or not.
+        self.amax_reduce = None
 
     def projection(self, expert: int, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, weight_scale) views of one expert's 'gate', 'up' or 'down' projection, in Fp8Linear's layout
@@ -352,6 +356,8 @@ class Fp8Experts(_FixedDtypeBuffers):
         rows = sum(counts)
         out = torch.zeros_like(x)
         if rows == 0:
+            if self._reduces_amax():  # the other ranks' reduction waits for this one's
+                self.amax_reduce(torch.zeros(1, dtype=torch.float32, device=x.device))
             return out
         sel = torch.argsort(flat, stable=True)[:rows]  # (token, slot) pairs grouped by expert; no-expert ones last
         token = sel // k
@@ -366,7 +372,9 @@ class Fp8Experts(_FixedDtypeBuffers):
         gate_up = torch.empty((rows, 2 * Ip), dtype=x.dtype, device=x.device)
         self._gemms(q, s, self.gate_up_weight, self.gate_up_scale, counts, gate_up)
         h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
-        if self.dynamic:
+        if self._reduces_amax():
+            q, s = self._quantize_reduced(h)
+        elif self.dynamic:
             q, s = ops.quantize(h, self.act_granularity, scale_format=self.scale_format)
         else:
             q, s = ops.quantize(h, "token", scale=self.down_input_scale[expert])
@@ -382,6 +390,17 @@ class Fp8Experts(_FixedDtypeBuffers):
         return (self.grouped and (self.weight_granularity == "block" or not self.fast_accum) and x.shape[0] > 0
                 and ops.grouped_supported(x.device, 2 * Ip, H, x.dtype)
                 and ops.grouped_supported(x.device, H, I, x.dtype))
+
+    def _reduces_amax(self) -> bool:
+        return self.amax_reduce is not None and self.dynamic and self.act_granularity == "tensor"
+
+    def _quantize_reduced(self, h: torch.Tensor):
+        """Per-tensor dynamic quantization of h with its amax reduced by amax_reduce (the dynamic scale rule)."""
+        amax = h.detach().abs().amax().float().reshape(1) if h.numel() else h.new_zeros(1, dtype=torch.float32)
+        ue8m0 = self.scale_format == "ue8m0"
+        s = reference.scale_from_amax(self.amax_reduce(amax), None, ue8m0)
+        q, _ = ops.quantize(h, "tensor", scale=s)
+        return q, (s.to(E8M0) if ue8m0 else s)
 
     def _forward_grouped(self, x: torch.Tensor, flat: torch.Tensor, k: int, top_k_weights: torch.Tensor):
         """Both projections as one grouped launch each, with the per-expert row ranges computed and read on the
@@ -414,6 +433,9 @@ class Fp8Experts(_FixedDtypeBuffers):
                 return ops.quantize(h if gathered else h[token], "token", scale=input_scale[expert])
             if gathered and self.act_granularity == "tensor":  # rows never computed must not enter the amax
                 h = torch.where(routed[:, None], h, 0)
+            if gathered and self._reduces_amax():
+                q, s = self._quantize_reduced(h)
+                return q, s.expand(rows)
             q, s = ops.quantize(h, self.act_granularity, scale_format=self.scale_format)
             if not gathered:
                 q = q[token]

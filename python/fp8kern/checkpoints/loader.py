@@ -470,7 +470,7 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     if leftover:
         raise ValueError(f"no checkpoint tensor filled {leftover}; they are still on the meta device")
     if tp is not None and tp.expert_parallel:
-        tp.wrap_experts(model, {name: load.experts for name, load in experts.items()})
+        tp.wrap_experts(model, {name: load.experts for name, load in experts.items()}, match_single_device)
     return model.to(device).eval()
 
 

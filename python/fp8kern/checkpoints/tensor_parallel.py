@@ -53,13 +53,14 @@ class TensorParallelLoad:
                 raise ValueError(f"{name}: the checkpoint stores these experts in high precision; expert "
                                  "parallelism shards FP8 experts")
 
-    def wrap_experts(self, model: nn.Module, ranges: dict) -> None:
+    def wrap_experts(self, model: nn.Module, ranges: dict, match_single_device: bool = True) -> None:
         """Wrap each loaded experts module (this rank's experts) in ExpertParallel."""
         for name, (e0, e1) in ranges.items():
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             E = e1 - e0
-            setattr(owner, child, ExpertParallel(getattr(owner, child), e0, e1, E * self.size, self.group))
+            setattr(owner, child, ExpertParallel(getattr(owner, child), e0, e1, E * self.size, self.group,
+                                                 match_single_device))
 
     def _range(self, name):
         style, start, end, _, _ = self.layers[name]

@@ -1,4 +1,4 @@
-"""Tensor parallelism for fp8kern models on torch.distributed (NCCL on GPUs, gloo on the CPU).
+"""Tensor and expert parallelism for fp8kern models on torch.distributed (NCCL on GPUs, gloo on the CPU).
 
     torchrun --nproc-per-node 2 script.py   # in script.py, on every rank:
     torch.distributed.init_process_group()
@@ -14,4 +14,5 @@ from .layers import ColumnParallel, RowParallel
 from .plan import STYLES, shard_model
 from .sharding import column_shard, row_shard, split_bounds
 
-__all__ = ["shard_model", "ColumnParallel", "RowParallel", "ExpertParallel", "column_shard", "row_shard", "split_bounds", "STYLES"]
+__all__ = ["shard_model", "ColumnParallel", "RowParallel", "ExpertParallel", "column_shard", "row_shard",
+           "split_bounds", "STYLES"]

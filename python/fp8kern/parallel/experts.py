@@ -2,8 +2,10 @@
 
 Every rank routes every token (the router is replicated), runs only its own experts (tokens routed to another
 rank's expert go to the no-expert index and add nothing), and the partial outputs are summed with one fp32
-all_reduce. An expert index outside [0, E] still reaches the local experts as an invalid index, so it raises (or
-gives a NaN row on the grouped path) as it does on one device, never a silently missing term.
+all_reduce. With dynamic per-tensor activations and match_single_device, the down projection's input amax is
+reduced with max over the ranks first (one more small all_reduce), so each expert sees one device's scale. An
+expert index outside [0, E] still reaches the local experts as an invalid index, so it raises (or gives a NaN row
+on the grouped path) as it does on one device, never a silently missing term.
 """
 
 from __future__ import annotations
@@ -37,12 +39,21 @@ def local_experts(experts: Fp8Experts, num_local: int, device) -> Fp8Experts:
 class ExpertParallel(nn.Module):
     """This rank's experts [e0, e1) of a MoE layer with num_experts experts, summed over group."""
 
-    def __init__(self, local: Fp8Experts, e0: int, e1: int, num_experts: int, group=None):
+    def __init__(self, local: Fp8Experts, e0: int, e1: int, num_experts: int, group=None,
+                 match_single_device: bool = True):
         super().__init__()
         self.local, self.experts, self.num_experts, self.group = local, (e0, e1), num_experts, group
+        self.match_single_device = match_single_device
+        # Dynamic per-tensor activations: the down projection's input scale from every rank's rows, as on one device
+        local.amax_reduce = self._max_over_ranks if match_single_device else None
+
+    def _max_over_ranks(self, amax: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
+        return amax
 
     @classmethod
-    def from_experts(cls, experts: Fp8Experts, e0: int, e1: int, group=None) -> "ExpertParallel":
+    def from_experts(cls, experts: Fp8Experts, e0: int, e1: int, group=None,
+                     match_single_device: bool = True) -> "ExpertParallel":
         if not isinstance(experts, Fp8Experts):
             raise TypeError(f"expert parallelism shards Fp8Experts, got {type(experts).__name__}")
         local = local_experts(experts, e1 - e0, experts.gate_up_weight.device)
@@ -52,7 +63,7 @@ class ExpertParallel(nn.Module):
                 if src is not None:
                     getattr(local, name).copy_(src[e0:e1])
         local.grouped = experts.grouped
-        return cls(local, e0, e1, experts.num_experts, group)
+        return cls(local, e0, e1, experts.num_experts, group, match_single_device)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

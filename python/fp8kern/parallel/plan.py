@@ -5,9 +5,10 @@ given as a dict).
 Plan styles read: 'colwise' (ColumnParallel), 'rowwise' (RowParallel), 'colwise_gather_output' and
 'rowwise_split_input' (the same, with the output all-gathered and the whole input cut by the layer: fused
 projections such as Phi-3's qkv_proj and gate_up_proj, whose parts are not contiguous per rank), and
-'replicated_with_grad_allreduce' (kept whole: per-head norms). Attention projections of the 'colwise' / 'rowwise'
-styles split on head boundaries (q/o by attention heads, k/v by KV heads), everything else on any row or column: block-scaled shards that are not multiples of 128 are exact
-(sharding.py). Embeddings, norms and lm_head stay whole on every rank, so every rank returns the full logits.
+'replicated_with_grad_allreduce' (kept whole: per-head norms). Attention projections of the 'colwise' /
+'rowwise' styles split on head boundaries (q/o by attention heads, k/v by KV heads), everything else on any row
+or column: block-scaled shards that are not multiples of 128 are exact (sharding.py). Embeddings, norms and
+lm_head stay whole on every rank, so every rank returns the full logits. MoE experts: experts.py (ep_size).
 Everything is checked before the model is touched.
 """
 
@@ -170,5 +171,5 @@ def shard_model(model: nn.Module, *, tp_size: int | None = None, ep_size: int | 
     for name, e0, e1 in moe:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, ExpertParallel.from_experts(getattr(owner, child), e0, e1, group))
+        setattr(owner, child, ExpertParallel.from_experts(getattr(owner, child), e0, e1, group, match_single_device))
     return model
