@@ -250,7 +250,7 @@ def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tens
 def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str, buffer: str, raw: torch.Tensor,
                    key: str, shard: str) -> None:
     """Copy a stored tensor of one expert's projection into its Fp8Experts (converted like an Fp8Linear's; a weight
-    scale arrives already converted, from _weight_scale)."""
+    scale arrives already converted, from the format's checked_weight_scale)."""
     if (e, role, buffer) in load.filled:
         raise ValueError(f"checkpoint holds {key!r} twice")
     fp8, spec = load.module, load.spec
