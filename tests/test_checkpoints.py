@@ -573,6 +573,39 @@ def test_quark_int4_fp8(ckpt, ids, tmp_path, case):
         assert torch.equal(written[f"{n}.weight"], want), n
 
 
+def test_int4_fp8_zero_points(ckpt, ids, tmp_path):
+    """Zero points of the symmetric quantizers (Quark writes weight_zero_point_2, all zero) load and are dropped; a
+    non-zero one (asymmetric quantization) is refused by the loader and fp8kern-dequantize alike."""
+    from fp8kern.dequantize import dequantize_checkpoint
+
+    src = str(tmp_path / "int4")
+    write_quark_int4_fp8(ckpt("bf16"), src, ids)
+    n = int4_fp8_layers()[0][0]
+    key = f"{n}.weight_zero_point_2"
+    for name, value in (("zero", 0), ("nonzero", 3)):
+        d = str(tmp_path / name)
+        shutil.copytree(src, d)
+        shard = next(os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".safetensors")
+                     and any(k.startswith(n + ".") for k in load_file(os.path.join(d, f))))
+        t = load_file(shard)
+        t[key] = torch.full((t[f"{n}.weight"].shape[0] // 8,), value, dtype=torch.int32)
+        save_file(t, shard)
+        if os.path.exists(os.path.join(d, INDEX)):
+            with open(os.path.join(d, INDEX)) as f:
+                index = json.load(f)
+            index["weight_map"][key] = os.path.basename(shard)
+            with open(os.path.join(d, INDEX), "w") as f:
+                json.dump(index, f)
+        if value == 0:
+            assert isinstance(from_pretrained(d).get_submodule(n), Fp8Linear)
+            dequantize_checkpoint(d, str(tmp_path / "out0"))
+            assert key not in read_tensors(str(tmp_path / "out0"))
+            continue
+        for call in (lambda: from_pretrained(d), lambda: dequantize_checkpoint(d, str(tmp_path / "out1"))):
+            with pytest.raises(ValueError, match=f"{key}' in .* holds non-zero zero points: asymmetric"):
+                call()
+
+
 def test_quark_export_int4_fp8(ckpt, ids, tmp_path):
     """A checkpoint amd-quark itself writes (its 'int4_fp8' scheme on the dense Llama: every Linear INT4-FP8,
     dynamic FP8 activations) loads with Quark's own unpacking of each weight in e4m3 and fp32(s_channel * s_tensor)

@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from .checkpoints.common import (CONFIG_NAME, INDEX_NAME, open_shard, progress, read_header, read_weight_scales,
-                                 require, shard_files)
+from .checkpoints.common import (CONFIG_NAME, INDEX_NAME, ZERO_POINT, check_zero_point, open_shard, progress,
+                                 read_header, read_weight_scales, require, shard_files)
 from .checkpoints.loader import FORMATS, open_format
 
 
@@ -47,6 +47,9 @@ def dequantize_checkpoint(src: str, dst: str, format: str = "auto") -> list[str]
             metadata = f.metadata() or {}
             for key in f.keys():
                 if key in scale_keys:
+                    hit = fmt.split(key)
+                    if hit is not None and hit[1] == ZERO_POINT:  # dropped, but checked as the loader checks it
+                        check_zero_point(f.get_tensor(key), key, shard)
                     continue
                 t = f.get_tensor(key)
                 hit = fmt.split(key)

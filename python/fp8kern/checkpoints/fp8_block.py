@@ -77,12 +77,13 @@ class Fp8Block(int4_fp8.Int4Fp8Weights, CheckpointFormat):
             self.suffixes = self._PER_TENSOR_SUFFIXES
         self.skip = list(q.get("modules_to_not_convert") or q.get("ignored_layers") or [])
         self.ue8m0 = q.get("scale_fmt") == "ue8m0"
-        for module in int4_fp8.packed_modules(header):  # INT4-FP8 as the Grok-1 export stores it, per tensor only
-            scales = [f"{module}.{s}" for s in int4_fp8.CHANNEL_SCALE_SUFFIXES if f"{module}.{s}" in header]
-            if self.block or not scales:
+        packed = int4_fp8.packed_modules(header)
+        for module in packed:  # INT4-FP8 as the Grok-1 export stores it, per tensor only
+            if self.block or not any(f"{module}.{s}" in header for s in int4_fp8.CHANNEL_SCALE_SUFFIXES):
                 raise unsupported("quant_method 'fp8' weight storage", f"int32-packed {module}.weight",
                                   "INT4 weights are read only as INT4-FP8: without weight_block_size, beside a "
                                   "per-tensor weight_scale and a per-channel weight_scale1 (or weight_scale_2)")
+        if packed:
             self.suffixes = {**self.suffixes, **{s: "weight_scale" for s in int4_fp8.CHANNEL_SCALE_SUFFIXES}}
 
     def layer_spec(self, module, class_names=("Linear",)):
