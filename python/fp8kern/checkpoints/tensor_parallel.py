@@ -12,7 +12,7 @@ from ..nn import Fp8Linear
 from ..nn import is_fused_experts
 from ..parallel.experts import ExpertParallel, expert_range
 from ..parallel.layers import COLUMN_STYLES, shard_of
-from ..parallel.plan import ep_size_of, group_of, plan_shards
+from ..parallel.plan import expert_parallel_of, group_of, plan_shards
 from ..parallel.sharding import column_scale, column_weight, row_scale, row_weight
 
 
@@ -24,7 +24,7 @@ class TensorParallelLoad:
 
         self.group, self.size = group_of(tp_size, None, device_mesh)
         self.rank = dist.get_rank(self.group)
-        self.expert_parallel = ep_size_of(ep_size, self.size)
+        self.expert_parallel = expert_parallel_of(ep_size, self.size)
         self.layers: dict[str, tuple] = {}
 
     def install(self, model: nn.Module, plan, match_single_device: bool) -> None:

@@ -122,7 +122,7 @@ def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None
     return todo
 
 
-def ep_size_of(ep_size, size: int) -> bool:
+def expert_parallel_of(ep_size, size: int) -> bool:
     """Whether experts are spread over the group (ep_size given: it must be the group's size)."""
     if ep_size is None:
         return False
@@ -156,7 +156,7 @@ def shard_model(model: nn.Module, *, tp_size: int | None = None, ep_size: int | 
     """
     group, size = group_of(tp_size, group, device_mesh)
     rank = dist.get_rank(group)
-    ep = ep_size_of(ep_size, size)
+    ep = expert_parallel_of(ep_size, size)
     todo = plan_shards(model, size, rank, plan, expert_parallel=ep)
     moe = plan_experts(model, size, rank) if ep else []
     for name, *_ in moe:
