@@ -36,19 +36,28 @@ start=$(date +%s)
 
 # Seconds per step, stated once: about 7.7 minutes in all, inside the 10-minute command limit with room for the
 # install and the packing.
-declare -A BUDGET=([tests_quant]=40 [tests_gemm]=100 [tests_experts]=45 [tests_paths]=35 [tests_parallel]=20
-                   [sweep_sm90]=25 [sweep_sm89]=15 [sweep_torch]=15 [sweep_dequant]=15 [sanitize]=60 [bench]=90
+# The test files' budgets come with the files from tests/gpu_test_files.txt (tests_NAME).
+declare -A BUDGET=([sweep_sm90]=25 [sweep_sm89]=15 [sweep_torch]=15 [sweep_dequant]=15 [sanitize]=60 [bench]=90
                    [extras_accumulation]=80 [extras_llama_stack]=80 [extras_moe_layer]=80 [extras_bench_torch]=60
                    [extras_bench_dequant]=60)
 
+gpu_tests=()  # NAME:FILE, in the list's order
+while read -r name file secs; do
+  [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+  gpu_tests+=("$name:$file")
+  BUDGET[tests_$name]=$secs
+done < tests/gpu_test_files.txt
+
 note() { echo "[$(($(date +%s) - start))s] $*" | tee -a "$work/steps.log"; }
 
-# run NAME CMD...: the command under its budget; its output in $work/NAME.log; exit status noted (124: cut).
+# run NAME CMD...: the command under its budget; its output in $work/NAME.log; exit status noted (124: cut). A step
+# that ignores the interrupt for 15 s is killed (timeout's 137): that is a cut too, where its budget had run out.
 run() {
-  local name=$1 rc
+  local name=$1 rc t0=$SECONDS
   shift
   timeout -s INT -k 15 "${BUDGET[$name]}" "$@" > "$work/$name.log" 2>&1
   rc=$?
+  [ $rc -eq 137 ] && [ $((SECONDS - t0)) -ge "${BUDGET[$name]}" ] && rc=124
   [ $rc -eq 124 ] && note "$name: CUT at its ${BUDGET[$name]} s budget" || note "$name: exit $rc"
   echo "$name $rc" >> "$work/status.txt"
 }
@@ -96,8 +105,7 @@ backend=$("$py" -c "import torch; print('sm90' if torch.cuda.get_device_capabili
 for step in $steps; do
   case $step in
     tests)
-      for part in quant:test_gpu_quant.py gemm:test_gpu_scaled_mm.py experts:test_gpu_experts.py \
-                  paths:test_gpu_paths.py parallel:test_parallel_one_process.py; do
+      for part in "${gpu_tests[@]}"; do
         run "tests_${part%%:*}" "$py" -m pytest -q -rfE -p no:cacheprovider "${pytest_fake[@]}" "tests/${part#*:}" \
           --junitxml="$work/junit_${part%%:*}.xml"
       done ;;
