@@ -640,8 +640,8 @@ def test_grouped_flow_bad_index(monkeypatch):
 
 
 def test_grouped_block_mm_reference_and_errors():
-    """fp8kern.grouped_block_mm on the CPU (one reference GEMM per group; rows outside every group untouched) and
-    its argument checks."""
+    """fp8kern.grouped_block_mm on the CPU (one GEMM per group on the CPU's path; rows outside every group untouched)
+    and its argument checks."""
     g = torch.Generator().manual_seed(1)
     G, N, K, rows = 3, 200, 300, 12
     a, sa = fp8kern.quantize(torch.randn(rows, K, generator=g), "group")
@@ -657,8 +657,9 @@ def test_grouped_block_mm_reference_and_errors():
     one = torch.zeros(1, N)  # a one-row group with K <= 128: its [1, 1] scale is still a group scale
     a1, b1 = a[:1, :128].contiguous(), b[:1, :, :128].contiguous()
     fp8kern.grouped_block_mm(a1, sa[:1, :1], b1, sb[:1, :, :1], torch.tensor([0, 1]), one)
-    assert torch.equal(one, fp8kern.reference.scaled_mm(a1, b1[0], sa[:1, :1], sb[0, :, :1], torch.float32, None,
-                                                        fp8kern.ops._BLOCK_LAYOUT))
+    # The same numbers as one block-scaled GEMM on the path the CPU takes (the grouped GEMM runs one per group).
+    assert torch.equal(one, fp8kern.ops.gemm.scaled_mm_impl(a1, b1[0], sa[:1, :1], sb[0, :, :1], torch.float32, None,
+                                                            fp8kern.ops._BLOCK_LAYOUT))
     for bad, exc, match in (
             ({"offsets": torch.tensor([0, 5, 4, 10])}, ValueError, r"offsets must be non-decreasing within \[0, 12\]"),
             ({"offsets": torch.tensor([0, 4, 4, 13])}, ValueError,

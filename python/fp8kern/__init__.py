@@ -37,6 +37,8 @@ def info() -> dict:
         "compiled_archs": _backend.compiled_archs(),
         "gemm_families": list(_backend._C.gemm_families()) if _backend._C is not None else [],
         "backend": get_backend(),
+        # The CPU family: its instruction set in use (FP8KERN_CPU_ISA forces one), None where fp8kern._cpu is not built.
+        "cpu_isa": _backend.cpu_isa(),
         "cuda_device": None,
     }
     if _backend._C is None:

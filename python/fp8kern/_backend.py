@@ -1,7 +1,7 @@
 """Which implementation runs: the backend setting, the compiled module fp8kern._C and its kernel families, the
 families verified on a GPU, and the per-process switches (value checks, printing the path taken).
 
-FP8KERN_BACKEND=auto|reference|sm89|sm90|torch|dequant picks at import (fp8kern.set_backend changes it later);
+FP8KERN_BACKEND=auto|reference|sm89|sm90|torch|dequant|cpu picks at import (fp8kern.set_backend changes it later);
 FP8KERN_PRINT_CONFIG=1 prints the path taken for each new problem shape. The GEMM path for a call (a compiled
 family, torch's FP8 GEMM, the dequantizing GEMM or the reference) is decided in ops/gemm.py: gemm_path.
 """
@@ -17,15 +17,32 @@ import torch
 try:
     from . import _C
     _C_ERROR = None
-except ImportError as e:  # pure-Python install, or the module failed to load
+except ImportError as e:  # pure-Python install, a build without nvcc, or the module failed to load
     _C = None
     _C_ERROR = e
+try:
+    from . import _cpu
+    _CPU_ERROR = None
+except ImportError as e:  # pure-Python install (no C++ compiler), or the module failed to load
+    _cpu = None
+    _CPU_ERROR = e
 
 # auto: the best verified path for the device; reference: the pure-PyTorch oracle; sm89 / sm90: a compiled kernel
-# family, verified or not; torch: torch's own FP8 GEMM (torch._scaled_mm); dequant: dequantize, then the ordinary GEMM.
-BACKENDS = ("auto", "reference", "sm89", "sm90", "torch", "dequant")
+# family, verified or not; torch: torch's own FP8 GEMM (torch._scaled_mm); dequant: dequantize, then the ordinary GEMM;
+# cpu: the compiled CPU family (CPU tensors; what auto takes there).
+BACKENDS = ("auto", "reference", "sm89", "sm90", "torch", "dequant", "cpu")
 # Compiled targets, listed in errors: the GEMM families and the GPUs they serve.
 SUPPORTED = "sm_89 (Ada: L4, L40S, RTX 4090) and sm_90a (Hopper: H100, H200)"
+
+
+def _env_cpu_isa() -> None:
+    """FP8KERN_CPU_ISA=avx512|avx2|generic forces the CPU family's instruction set (auto: the best this CPU runs)."""
+    name = os.environ.get("FP8KERN_CPU_ISA", "").strip().lower()
+    if name and _cpu is not None:
+        try:
+            _cpu.set_isa(name)
+        except ValueError as e:
+            raise ValueError(f"FP8KERN_CPU_ISA={name!r}: {e}") from e
 
 
 def _env_backend() -> str:
@@ -40,8 +57,8 @@ _state = {"backend": _env_backend(), "print_config": os.environ.get("FP8KERN_PRI
 
 
 def set_backend(name: str) -> None:
-    """Force a GEMM path: 'auto' (default), 'reference', 'sm89', 'sm90' (CUDA tensors), 'torch' or 'dequant' (any
-    device)."""
+    """Force a GEMM path: 'auto' (default), 'reference', 'sm89', 'sm90' (CUDA tensors), 'cpu' (CPU tensors), 'torch'
+    or 'dequant' (any device)."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}, expected one of {BACKENDS}")
     _state["backend"] = name
@@ -67,6 +84,36 @@ def value_checks_on(device: torch.device) -> bool:
                            "the host, which a CUDA graph capture does not allow; call fp8kern.set_value_checks(False) "
                            "before capturing")
     return _state["check_values"]
+
+
+_env_cpu_isa()
+
+
+def cpu_family_reason() -> str | None:
+    """Why the CPU family cannot run here (None when it can)."""
+    if _cpu is None:
+        return (f"fp8kern._cpu is not built ({_CPU_ERROR}); reinstall fp8kern on a machine with a C++17 compiler "
+                "(pip install .)")
+    return None
+
+
+def cpu_quant_available() -> bool:
+    """Whether fp8kern.quantize of CPU tensors runs the CPU family (backend 'auto' or 'cpu' with fp8kern._cpu built);
+    other backends keep the reference, the oracle."""
+    return _cpu is not None and _state["backend"] in ("auto", "cpu")
+
+
+def cpu_isa() -> str | None:
+    """The CPU family's instruction set in use ('avx512', 'avx2' or 'generic'), None without the family."""
+    return _cpu.isa() if _cpu is not None else None
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force the CPU family's instruction set: 'avx512', 'avx2', 'generic', or 'auto' (the best this CPU runs). A
+    set this CPU lacks is a ValueError (FP8KERN_CPU_ISA does the same at import)."""
+    if _cpu is None:
+        raise RuntimeError(cpu_family_reason())
+    _cpu.set_isa(name)
 
 
 def compiled_archs() -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, reference
-from . import dequant_gemm, torch_gemm
+from . import cpu_gemm, dequant_gemm, torch_gemm
 from .gemm_launch import config_label, run_gemm
 from .layout import _BLOCK_LAYOUT, Layout, infer_layout
 from .validation import as_scale, check_values, validate_scaled_mm
@@ -86,6 +86,8 @@ def scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fast
         N = b.shape[0]
         _backend.note_path("scaled_mm", (M, N, K, layout.name, str(out_dtype)),
                            path_label(path, device, block, out_dtype, bias is not None, M, N, K))
+    if path == "cpu":
+        return cpu_gemm.run(a, b, scale_a, scale_b, out_dtype, bias, layout, out)
     if path is None:
         result = reference.scaled_mm(a, b, scale_a, scale_b, out_dtype, bias, layout)
         return out.copy_(result) if out is not None else result
@@ -108,15 +110,24 @@ def scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fast
 
 
 def gemm_path(device: torch.device, block: bool, out_dtype: torch.dtype, has_bias: bool) -> str | None:
-    """The path a scaled_mm problem takes: 'sm90' / 'sm89' (a compiled family), 'torch' (torch's FP8 GEMM),
-    'dequant' (dequantize, then the ordinary GEMM) or None (the reference).
+    """The path a scaled_mm problem takes: 'sm90' / 'sm89' (a compiled GPU family), 'cpu' (the compiled CPU family),
+    'torch' (torch's FP8 GEMM), 'dequant' (dequantize, then the ordinary GEMM) or None (the reference).
 
     Backend 'auto' prefers, on a CUDA device: a verified fp8kern family for it, else torch's FP8 GEMM where it runs
     this layout (torch_gemm.unsupported_reason), else the dequantizing path (warned once, naming the cost); on the CPU
-    the reference. 'reference', 'sm90', 'sm89' take what they name (a family that cannot run here is an error), the
-    CPU then taking the reference; 'torch' and 'dequant' take their path on any device ('torch' raises for a layout
-    torch does not run here)."""
+    the CPU family (the reference where fp8kern._cpu is not built). 'reference', 'sm90', 'sm89' take what they name
+    (a family that cannot run here is an error), the CPU then taking the reference; 'cpu' takes the CPU family (an
+    error on a CUDA device or without the family); 'torch' and 'dequant' take their path on any device ('torch'
+    raises for a layout torch does not run here)."""
     backend = _backend._state["backend"]
+    if backend == "cpu" or (backend == "auto" and device.type == "cpu"):
+        why = _backend.cpu_family_reason() if device.type == "cpu" else f"the tensors are on {device}"
+        if why is None:
+            return "cpu"
+        if backend == "cpu":
+            raise NotImplementedError(f"FP8KERN_BACKEND=cpu: the CPU kernel family cannot run this call: {why}. "
+                                      "Unset FP8KERN_BACKEND (or fp8kern.set_backend('auto')) for the best path here")
+        return None
     if backend == "dequant":
         return "dequant"
     if backend == "torch":
@@ -169,6 +180,8 @@ def path_label(path, device, block, out_dtype, has_bias, M, N, K) -> str:
     """What FP8KERN_PRINT_CONFIG=1 and fp8kern.info() say a path is."""
     if path is None:
         return f"reference ({device.type})"
+    if path == "cpu":
+        return f"cpu ({_backend.cpu_isa()}, {torch.get_num_threads()} threads)"
     if path == "torch":
         return "torch.nn.functional.scaled_mm (block-wise)" if block else "torch._scaled_mm"
     if path == "dequant":

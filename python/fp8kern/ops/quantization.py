@@ -54,6 +54,8 @@ def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: t
         s = torch.full(grid, MIN_SCALE, dtype=torch.float32, device=x2.device)
         return q, (scale if scale is not None else (s.to(E8M0) if ue8m0 else s))
 
+    if x2.device.type == "cpu" and _backend.cpu_quant_available():
+        return _quantize_cpu(x2, q, granularity, group_size, scale, scale_ub, ue8m0, grid)
     use_kernel = _backend.quant_kernels_available(x2.device)
     if _backend._state["print_config"]:
         _backend.note_path("quantize", (M, K, granularity, str(x2.dtype), "dynamic" if scale is None else "static"),
@@ -82,6 +84,29 @@ def _quantize_impl(x2: torch.Tensor, granularity: str, group_size: int, scale: t
                          scale_ub if scale_ub is not None else 0.0, ws.data_ptr() if ws is not None else 0,
                          _backend.current_stream(index))
     return q, s_out
+
+
+_CPU_KIND = {"token": 0, "group": 1, "tensor": 2}
+
+
+def _quantize_cpu(x2, q, granularity, group_size, scale, scale_ub, ue8m0, grid):
+    """The CPU family's quantization (fp8kern._cpu; bit for bit the reference's) into q; returns (q, scale)."""
+    M, K = x2.shape
+    if scale is not None:
+        kind, s_out = 3, scale.float() if scale.dtype != torch.float32 else scale
+        s_rs, s_cs = (s_out.stride(0) if grid[0] > 1 else 0), (s_out.stride(1) if grid[1] > 1 else 0)
+    else:
+        kind = _CPU_KIND[granularity]
+        s_out = torch.empty(grid, dtype=E8M0 if ue8m0 else torch.float32)
+        s_rs, s_cs = (grid[1] if grid[0] > 1 else 0), 1
+    gs = min(group_size, K) if granularity == "group" else 1
+    if _backend._state["print_config"]:
+        _backend.note_path("quantize", (M, K, granularity, str(x2.dtype), "dynamic" if scale is None else "static"),
+                           f"cpu ({_backend.cpu_isa()})")
+    _backend._cpu.quantize(kind, x2.data_ptr(), DTYPE_CODE[x2.dtype], M, K, x2.stride(0), q.data_ptr(), q.stride(0),
+                           s_out.data_ptr(), ue8m0 and scale is None, s_rs, s_cs, gs,
+                           scale_ub if scale_ub is not None else 0.0, torch.get_num_threads())
+    return q, (scale if scale is not None else s_out)
 
 
 @torch.library.custom_op("fp8kern::quantize", mutates_args=())

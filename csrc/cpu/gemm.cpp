@@ -1,0 +1,165 @@
+// The CPU family's scaled_mm: validation, then the driver every instruction set shares. A is converted once per
+// call (rows split over the threads); N is split into tasks of whole tiles (4 rows of B, never crossing a 128-row
+// block), which the threads take in turn; each tile's fp32 sums go through one epilogue (scales, bias, rounding to
+// the output type). Threads split N only, so every output is computed by the same sequence of operations whatever
+// the thread count.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace fp8kern {
+namespace cpu {
+
+const Kernels& kernels_for(int64_t m);  // dispatch.cpp: the active instruction set's kernels for m rows of A
+
+namespace {
+
+constexpr int64_t kRowsPerTask = 128;         // rows of B per task: a multiple of every kernel's tile_n
+constexpr int64_t kMinParallelMacs = 1 << 18;  // smaller problems run on the calling thread alone
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw InvalidArgument("fp8kern.cpu.scaled_mm: " + what);
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
+  float f;
+  if (e == 0) {
+    f = std::ldexp(float(m), -24);  // zero or subnormal, exact
+  } else if (e == 31) {
+    f = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    const uint32_t u = ((e + 112) << 23) | (m << 13);
+    std::memcpy(&f, &u, 4);
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u |= sign;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// fp32 -> bf16, round to nearest even; NaN stays NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fff + ((u >> 16) & 1);
+  return uint16_t(u >> 16);
+}
+
+// fp32 -> fp16, round to nearest even: overflow to infinity, subnormals rounded, NaN stays NaN.
+inline uint16_t float_to_fp16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000);
+  u &= 0x7fffffff;
+  if (u > 0x7f800000) return sign | 0x7e00;
+  if (u >= 0x477ff000) return sign | 0x7c00;  // >= 65520 rounds to infinity
+  if (u < 0x38800000) {                        // below 2^-14: a multiple of 2^-24, rounded to nearest even
+    float mag;
+    std::memcpy(&mag, &u, 4);
+    return sign | uint16_t(std::nearbyint(mag * 16777216.0f));  // exact scaling; default rounding mode: even
+  }
+  u += 0xfff + ((u >> 13) & 1);
+  return sign | uint16_t((u - (112u << 23)) >> 13);
+}
+
+float load_bias(const GemmProblem& p, int64_t n) {
+  switch (p.d_type) {
+    case OutType::kFloat32: return static_cast<const float*>(p.bias)[n];
+    case OutType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(p.bias)[n]);
+    default: return bf16_to_float(static_cast<const uint16_t*>(p.bias)[n]);
+  }
+}
+
+// D[i, n0 + j] from the tile's fp32 sums c[i * nt + j].
+void epilogue(const GemmProblem& p, int64_t n0, int nt, const float* c) {
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float sa = p.block ? 1.0f : p.scale_a[p.scale_a_vector ? i : 0];
+    for (int j = 0; j < nt; ++j) {
+      const int64_t n = n0 + j;
+      float v = c[i * nt + j];
+      if (!p.block) v *= sa * p.scale_b[p.scale_b_vector ? n : 0];
+      if (p.bias) v += load_bias(p, n);
+      switch (p.d_type) {
+        case OutType::kFloat32: static_cast<float*>(p.d)[i * p.ldd + n] = v; break;
+        case OutType::kFloat16: static_cast<uint16_t*>(p.d)[i * p.ldd + n] = float_to_fp16(v); break;
+        default: static_cast<uint16_t*>(p.d)[i * p.ldd + n] = float_to_bf16(v); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void validate_gemm(const GemmProblem& p) {
+  require(p.m >= 0 && p.n >= 0 && p.k >= 0, "negative size m=" + std::to_string(p.m) + " n=" + std::to_string(p.n) +
+                                                 " k=" + std::to_string(p.k));
+  require(p.d_type == OutType::kFloat32 || p.d_type == OutType::kFloat16 || p.d_type == OutType::kBFloat16,
+          "output dtype code " + std::to_string(int(p.d_type)) + " is not float32, float16 or bfloat16");
+  require(p.threads >= 1, "threads=" + std::to_string(p.threads) + " (expected >= 1)");
+  if (p.m == 0 || p.n == 0) return;
+  require(p.d != nullptr && p.scale_a != nullptr && p.scale_b != nullptr, "null output or scale pointer");
+  require(p.k == 0 || (p.a != nullptr && p.b != nullptr), "null operand pointer");
+  require(p.m == 1 || p.lda >= p.k, "lda=" + std::to_string(p.lda) + " is shorter than a row of A (k=" +
+                                        std::to_string(p.k) + ")");
+  require(p.n == 1 || p.ldb >= p.k, "ldb=" + std::to_string(p.ldb) + " is shorter than a row of B (k=" +
+                                        std::to_string(p.k) + ")");
+  require(p.m == 1 || p.ldd >= p.n, "ldd=" + std::to_string(p.ldd) + " is shorter than a row of D (n=" +
+                                        std::to_string(p.n) + ")");
+  if (p.block) {
+    const int64_t kb = (p.k + kBlock - 1) / kBlock;
+    require(p.m == 1 || p.lds_a >= kb, "scale_a row stride " + std::to_string(p.lds_a) + " < ceil(k/128)=" +
+                                           std::to_string(kb));
+    require(p.n <= kBlock || p.lds_b >= kb, "scale_b row stride " + std::to_string(p.lds_b) + " < ceil(k/128)=" +
+                                                std::to_string(kb));
+  }
+}
+
+void scaled_mm(const GemmProblem& p) {
+  validate_gemm(p);
+  if (p.m == 0 || p.n == 0) return;
+  const Kernels& kern = kernels_for(p.m);
+  Prepared pp;
+  pp.p = &p;
+  pp.kp = (p.k + kChunk - 1) / kChunk * kChunk;
+  pp.kblocks = (p.k + kBlock - 1) / kBlock;
+  const bool parallel = double(p.m) * double(p.n) * double(p.k) >= double(kMinParallelMacs);
+  const int threads = parallel ? p.threads : 1;
+
+  std::vector<char> a(size_t(kern.a_bytes(p.m, pp.kp)) + 64);
+  pp.a = a.data();
+  const int64_t a_tasks = (p.m + 15) / 16;
+  parallel_for(threads, a_tasks, [&](int64_t t, int) {
+    kern.convert_a(p, pp.kp, a.data(), t * 16, std::min(p.m, (t + 1) * 16));
+  });
+
+  const int64_t scratch = kern.scratch_bytes(p.m, pp.kp) + 64;
+  const int64_t ctile = p.m * kern.tile_n;
+  std::vector<std::vector<char>> scratches(static_cast<size_t>(threads), std::vector<char>(static_cast<size_t>(scratch)));
+  std::vector<std::vector<float>> ctiles(static_cast<size_t>(threads), std::vector<float>(static_cast<size_t>(ctile)));
+  const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(threads, tasks, [&](int64_t t, int worker) {
+    const int64_t end = std::min(p.n, (t + 1) * kRowsPerTask);
+    for (int64_t n0 = t * kRowsPerTask; n0 < end; n0 += kern.tile_n) {
+      const int nt = int(std::min<int64_t>(kern.tile_n, end - n0));
+      float* c = ctiles[size_t(worker)].data();
+      kern.tile(pp, n0, nt, c, scratches[size_t(worker)].data());
+      epilogue(p, n0, nt, c);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace fp8kern

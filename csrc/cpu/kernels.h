@@ -1,0 +1,65 @@
+// What the CPU family's instruction-set kernels share: the prepared problem, the tile each kernel computes, and the
+// exact scalar e4m3 conversion every path agrees with. One kernel file per instruction set (kernel_generic.cpp,
+// kernel_avx2.cpp, kernel_avx512.cpp), each compiled with its own target flags; dispatch.cpp picks one at run time.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "fp8kern/cpu.h"
+
+namespace fp8kern {
+namespace cpu {
+
+constexpr int64_t kBlock = 128;  // K (and N) extent of one block scale
+constexpr int64_t kChunk = 64;   // K is converted 64 values at a time; A's converted rows are padded to a multiple
+constexpr int kTileN = 4;        // rows of B (columns of D) per tile of the AVX-512, AVX2 and portable kernels
+
+// e4m3fn byte -> float, exactly: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent 0 is subnormal
+// (m * 2^-9); 0x7f / 0xff are NaN (e4m3fn has no infinity).
+inline float e4m3_to_float(uint8_t x) {
+  const int e = (x >> 3) & 15, m = x & 7;
+  if (e == 15 && m == 7) return std::numeric_limits<float>::quiet_NaN();
+  const float v = e == 0 ? std::ldexp(float(m), -9) : std::ldexp(float(8 + m), e - 10);
+  return (x & 0x80) ? -v : v;
+}
+
+// A problem as the kernels see it: the problem, and A converted once per call into the kernel's element type
+// (float for generic / avx2, bf16 for avx512), rows padded with zeros to kp (a multiple of kChunk).
+struct Prepared {
+  const GemmProblem* p = nullptr;
+  const void* a = nullptr;
+  int64_t kp = 0;
+  int64_t kblocks = 0;  // ceil(k / 128)
+};
+
+// One instruction set's kernels.
+struct Kernels {
+  const char* name;
+  int tile_n;  // rows of B per tile: divides 128 (so a tile never crosses a 128-row block of B)
+  // Bytes of converted A for a problem (m rows of kp elements).
+  int64_t (*a_bytes)(int64_t m, int64_t kp);
+  // Converts rows [m0, m1) of A into `dst` (the whole converted buffer).
+  void (*convert_a)(const GemmProblem& p, int64_t kp, void* dst, int64_t m0, int64_t m1);
+  // Bytes of per-thread scratch the tile kernel needs.
+  int64_t (*scratch_bytes)(int64_t m, int64_t kp);
+  // c[i * nt + j] for every row i of A and B rows n0 + j, j < nt <= tile_n: the fp32 sum over K, or with block
+  // scales the scaled sum of the 128-blocks.
+  void (*tile)(const Prepared& pp, int64_t n0, int nt, float* c, void* scratch);
+};
+
+extern const Kernels kGenericKernels;
+#ifdef FP8KERN_CPU_AMX
+extern const Kernels kAmxKernels;
+#endif
+#ifdef FP8KERN_CPU_AVX2
+extern const Kernels kAvx2Kernels;
+#endif
+#ifdef FP8KERN_CPU_AVX512
+extern const Kernels kAvx512Kernels;
+#endif
+
+}  // namespace cpu
+}  // namespace fp8kern

@@ -1,0 +1,57 @@
+"""Launch of the compiled CPU family (fp8kern._cpu, csrc/cpu/) for one validated, non-empty problem on CPU tensors:
+the binding's arguments, the output buffer and the thread count.
+
+Scales reach the kernels as fp32: block scales of another dtype (bf16, fp16, UE8M0) are converted, exactly, with a
+small copy; per-tensor / per-token / per-channel scales are read as flat vectors. Operand rows may have any stride
+(K contiguous); a view whose K is not contiguous is copied. The result is written into `out` directly (any row
+stride); a bias of another dtype than the output is cast first.
+
+Threads: torch.get_num_threads() of the calling thread, the caller included (csrc/cpu/thread_pool.h says why this
+never oversubscribes the machine next to torch's own pool).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .._constants import DTYPE_CODE
+from .layout import _BLOCK_LAYOUT
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [R, C] with C contiguous (stride 1) and a row stride the kernels accept."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _ld(t: torch.Tensor) -> int:
+    """Row stride as the kernels read it (a one-row tensor's stride is whatever torch says: pass its width)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def run(a, b, scale_a, scale_b, out_dtype, bias, layout, out):
+    M, K = a.shape
+    N = b.shape[0]
+    a, b = _rows(a), _rows(b)
+    block = layout is _BLOCK_LAYOUT
+    d = out
+    if d is None or d.stride(-1) != 1:
+        d = torch.empty((M, N), dtype=out_dtype)
+    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
+        bias = bias.to(out_dtype).contiguous()
+    if block:
+        sa = scale_a if scale_a.dtype is torch.float32 and scale_a.stride(-1) == 1 else scale_a.float().contiguous()
+        sb = scale_b if scale_b.dtype is torch.float32 and scale_b.stride(-1) == 1 else scale_b.float().contiguous()
+        lds_a, lds_b = _ld(sa), _ld(sb)
+    else:
+        sa = scale_a if scale_a.is_contiguous() else scale_a.reshape(-1).contiguous()
+        sb = scale_b if scale_b.is_contiguous() else scale_b.reshape(-1).contiguous()
+        lds_a = lds_b = 0
+    _backend._cpu.scaled_mm(a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, K, _ld(a), _ld(b), _ld(d),
+                            DTYPE_CODE[out_dtype], bias.data_ptr() if bias is not None else 0,
+                            sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel", block,
+                            lds_a, lds_b, torch.get_num_threads())
+    if out is not None and d is not out:
+        out.copy_(d)
+        return out
+    return d
