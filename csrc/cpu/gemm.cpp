@@ -4,6 +4,7 @@
 // the output type). Threads split N only, so every output is computed by the same sequence of operations whatever
 // the thread count.
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,28 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 128;         // rows of B per task: a multiple of every kernel's tile_n
 constexpr int64_t kMinParallelMacs = 1 << 18;  // smaller problems run on the calling thread alone
+constexpr size_t kKeepBytes = size_t(64) << 20;  // a thread keeps buffers up to this size between calls
+
+// Working memory of one OS thread, reused across calls (a fresh allocation per call costs page faults that dominate
+// small problems): grown when a call needs more; one larger than kKeepBytes is given back at the next call that needs
+// less. Never zeroed: every kernel writes what it reads. One per thread and purpose, so concurrent calls never share
+// one.
+struct ThreadBuffer {
+  std::unique_ptr<char[]> data;
+  size_t size = 0;
+  char* get(size_t n) {
+    if (n > size || (size > kKeepBytes && n <= kKeepBytes)) {  // grow, or give back what a large call took
+      data.reset(new char[n]);
+      size = n;
+    }
+    return data.get();
+  }
+};
+
+ThreadBuffer& thread_buffer(int purpose) {  // 0: the converted A (calling thread), 1: tile scratch, 2: tile sums
+  thread_local ThreadBuffer buffers[3];
+  return buffers[purpose];
+}
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw InvalidArgument("fp8kern.cpu.scaled_mm: " + what);
@@ -83,19 +106,40 @@ float load_bias(const GemmProblem& p, int64_t n) {
   }
 }
 
-// D[i, n0 + j] from the tile's fp32 sums c[i * nt + j].
+// D[i, n0 + j] from the tile's fp32 sums c[i * nt + j] (nt <= kRowsPerTask): v = c * (scale_a[i] * scale_b[n])
+// (+ bias[n]) in fp32, rounded once to the output type. Per-column factors are gathered once per tile and each row is
+// two plain loops (the compiler vectorises them), so the epilogue costs little next to the GEMM even at large M.
 void epilogue(const GemmProblem& p, int64_t n0, int nt, const float* c) {
+  float sb[kRowsPerTask], bias[kRowsPerTask], v[kRowsPerTask];
+  for (int j = 0; j < nt; ++j) {
+    sb[j] = p.block ? 1.0f : p.scale_b[p.scale_b_vector ? n0 + j : 0];
+    bias[j] = p.bias ? load_bias(p, n0 + j) : 0.0f;
+  }
   for (int64_t i = 0; i < p.m; ++i) {
-    const float sa = p.block ? 1.0f : p.scale_a[p.scale_a_vector ? i : 0];
-    for (int j = 0; j < nt; ++j) {
-      const int64_t n = n0 + j;
-      float v = c[i * nt + j];
-      if (!p.block) v *= sa * p.scale_b[p.scale_b_vector ? n : 0];
-      if (p.bias) v += load_bias(p, n);
-      switch (p.d_type) {
-        case OutType::kFloat32: static_cast<float*>(p.d)[i * p.ldd + n] = v; break;
-        case OutType::kFloat16: static_cast<uint16_t*>(p.d)[i * p.ldd + n] = float_to_fp16(v); break;
-        default: static_cast<uint16_t*>(p.d)[i * p.ldd + n] = float_to_bf16(v); break;
+    const float* ci = c + i * nt;
+    if (p.block) {
+      for (int j = 0; j < nt; ++j) v[j] = ci[j];
+    } else {
+      const float sa = p.scale_a[p.scale_a_vector ? i : 0];
+      for (int j = 0; j < nt; ++j) v[j] = ci[j] * (sa * sb[j]);
+    }
+    if (p.bias)
+      for (int j = 0; j < nt; ++j) v[j] += bias[j];
+    switch (p.d_type) {
+      case OutType::kFloat32: {
+        float* d = static_cast<float*>(p.d) + i * p.ldd + n0;
+        for (int j = 0; j < nt; ++j) d[j] = v[j];
+        break;
+      }
+      case OutType::kFloat16: {
+        uint16_t* d = static_cast<uint16_t*>(p.d) + i * p.ldd + n0;
+        for (int j = 0; j < nt; ++j) d[j] = float_to_fp16(v[j]);
+        break;
+      }
+      default: {
+        uint16_t* d = static_cast<uint16_t*>(p.d) + i * p.ldd + n0;
+        for (int j = 0; j < nt; ++j) d[j] = float_to_bf16(v[j]);
+        break;
       }
     }
   }
@@ -138,24 +182,22 @@ void scaled_mm(const GemmProblem& p) {
   const bool parallel = double(p.m) * double(p.n) * double(p.k) >= double(kMinParallelMacs);
   const int threads = parallel ? p.threads : 1;
 
-  std::vector<char> a(size_t(kern.a_bytes(p.m, pp.kp)) + 64);
-  pp.a = a.data();
-  const int64_t a_tasks = (p.m + 15) / 16;
+  char* a = thread_buffer(0).get(size_t(kern.a_bytes(p.m, pp.kp)) + 64);
+  pp.a = a;
+  const int64_t a_tasks = (p.m + kARows - 1) / kARows;
   parallel_for(threads, a_tasks, [&](int64_t t, int) {
-    kern.convert_a(p, pp.kp, a.data(), t * 16, std::min(p.m, (t + 1) * 16));
+    kern.convert_a(p, pp.kp, a, t * kARows, std::min(p.m, (t + 1) * kARows));
   });
 
   const int64_t scratch = kern.scratch_bytes(p.m, pp.kp) + 64;
   const int64_t ctile = p.m * kern.tile_n;
-  std::vector<std::vector<char>> scratches(static_cast<size_t>(threads), std::vector<char>(static_cast<size_t>(scratch)));
-  std::vector<std::vector<float>> ctiles(static_cast<size_t>(threads), std::vector<float>(static_cast<size_t>(ctile)));
   const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
-  parallel_for(threads, tasks, [&](int64_t t, int worker) {
+  parallel_for(threads, tasks, [&](int64_t t, int) {
     const int64_t end = std::min(p.n, (t + 1) * kRowsPerTask);
     for (int64_t n0 = t * kRowsPerTask; n0 < end; n0 += kern.tile_n) {
       const int nt = int(std::min<int64_t>(kern.tile_n, end - n0));
-      float* c = ctiles[size_t(worker)].data();
-      kern.tile(pp, n0, nt, c, scratches[size_t(worker)].data());
+      float* c = reinterpret_cast<float*>(thread_buffer(2).get(size_t(ctile) * sizeof(float)));
+      kern.tile(pp, n0, nt, c, thread_buffer(1).get(size_t(scratch)));
       epilogue(p, n0, nt, c);
     }
   });

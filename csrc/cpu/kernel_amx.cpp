@@ -40,19 +40,30 @@ inline int64_t rows_padded(int64_t m) { return (m + kTile - 1) / kTile * kTile; 
 
 int64_t a_bytes(int64_t m, int64_t kp) { return kp / 2 * ((m + kABlock - 1) / kABlock * kABlock) * 4; }
 
-// Rows [m0, m1) of A into the blocked pair-interleaved layout: dst32[((i / 32) * kp / 2 + kk) * 32 + i % 32] = bf16
-// pair (2 kk, 2 kk + 1) of row i.
+// Rows [m0, m1) of A (m0 a multiple of kARows = 32, at most 32 rows: the driver's row groups, one block each, so
+// two threads never write neighbouring lines) into the blocked pair-interleaved layout:
+// dst32[((i / 32) * kp / 2 + kk) * 32 + i % 32] = bf16 pair (2 kk, 2 kk + 1) of row i, zero for rows past M. Each
+// half block of 16 rows is converted 64 of K at a time and written out as whole 64-byte lines (16 rows of one pair).
 void convert_a(const GemmProblem& p, int64_t kp, void* dst, int64_t m0, int64_t m1) {
+  static_assert(kARows == kABlock, "a row group is one block of the layout");
   const E4m3Lut lut;
-  alignas(64) uint16_t row[kChunk];
-  uint32_t* out = static_cast<uint32_t*>(dst);
-  for (int64_t i = m0; i < m1; ++i) {
-    const uint8_t* src = p.a + i * p.lda;
+  alignas(64) uint16_t rows[kTile][kChunk];
+  for (int64_t h0 = m0; h0 < m0 + kABlock; h0 += kTile) {
+    uint32_t* out = static_cast<uint32_t*>(dst) + (h0 / kABlock) * (kp / 2) * kABlock + h0 % kABlock;
+    if (h0 >= m1) {
+      for (int64_t kk = 0; kk < kp / 2; ++kk) std::memset(out + kk * kABlock, 0, kTile * 4);
+      continue;
+    }
     for (int64_t c = 0; c < kp; c += kChunk) {
-      convert_row_bf16(lut, src + c, std::max<int64_t>(0, std::min<int64_t>(kChunk, p.k - c)), kChunk, row);
-      const uint32_t* pairs = reinterpret_cast<const uint32_t*>(row);
-      uint32_t* block = out + (i / kABlock) * (kp / 2) * kABlock + i % kABlock;
-      for (int64_t kk = 0; kk < kChunk / 2; ++kk) block[(c / 2 + kk) * kABlock] = pairs[kk];
+      for (int64_t r = 0; r < kTile; ++r) {
+        const int64_t i = h0 + r;
+        const int64_t have = i < m1 ? std::max<int64_t>(0, std::min<int64_t>(kChunk, p.k - c)) : 0;
+        convert_row_bf16(lut, p.a + (i < m1 ? i : h0) * p.lda + c, have, kChunk, rows[r]);
+      }
+      for (int64_t kk = 0; kk < kChunk / 2; ++kk) {
+        uint32_t* line = out + (c / 2 + kk) * kABlock;
+        for (int r = 0; r < kTile; ++r) std::memcpy(line + r, &rows[r][2 * kk], 4);
+      }
     }
   }
 }

@@ -16,6 +16,7 @@ namespace cpu {
 constexpr int64_t kBlock = 128;  // K (and N) extent of one block scale
 constexpr int64_t kChunk = 64;   // K is converted 64 values at a time; A's converted rows are padded to a multiple
 constexpr int kTileN = 4;        // rows of B (columns of D) per tile of the AVX-512, AVX2 and portable kernels
+constexpr int64_t kARows = 32;   // rows of A per convert_a call (the last group may be shorter)
 
 // e4m3fn byte -> float, exactly: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent 0 is subnormal
 // (m * 2^-9); 0x7f / 0xff are NaN (e4m3fn has no infinity).
@@ -41,7 +42,7 @@ struct Kernels {
   int tile_n;  // rows of B per tile: divides 128 (so a tile never crosses a 128-row block of B)
   // Bytes of converted A for a problem (m rows of kp elements).
   int64_t (*a_bytes)(int64_t m, int64_t kp);
-  // Converts rows [m0, m1) of A into `dst` (the whole converted buffer).
+  // Converts rows [m0, m1) of A into `dst` (the whole converted buffer): m0 a multiple of kARows, m1 - m0 <= kARows.
   void (*convert_a)(const GemmProblem& p, int64_t kp, void* dst, int64_t m0, int64_t m1);
   // Bytes of per-thread scratch the tile kernel needs.
   int64_t (*scratch_bytes)(int64_t m, int64_t kp);
