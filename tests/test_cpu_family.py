@@ -210,7 +210,7 @@ def build_cpp_test(tmp_path, cxx, extra=()):
     sources = [str(src / f) for f in ("gemm.cpp", "quantize.cpp", "dispatch.cpp", "thread_pool.cpp",
                                       "kernel_generic.cpp")]
     subprocess.run([cxx, *flags, *defs, *sources, str(ROOT / "tests" / "cpu" / "test_cpu_kernels.cpp"), *objs,
-                    "-pthread", "-o", str(exe)], check=True)
+                    "-pthread", "-ldl", "-o", str(exe)], check=True)
     return exe
 
 
