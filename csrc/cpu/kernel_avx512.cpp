@@ -48,6 +48,11 @@ inline void chunks(const Prepared& pp, const E4m3Lut& lut, const uint16_t* const
                    const uint16_t* bt, int64_t c0, int64_t c1, __m512 (&acc)[MT][NT]) {
   const int64_t k = pp.p->k;
   for (int64_t c = c0; c < c1; c += kChunk) {
+    __m512i a0[MT], a1[MT];  // A's chunk, loaded once for the NT rows of B (from L2 at large K)
+    for (int i = 0; i < MT; ++i) {
+      a0[i] = _mm512_loadu_si512(arow[i] + c);
+      a1[i] = _mm512_loadu_si512(arow[i] + c + 32);
+    }
     for (int j = 0; j < NT; ++j) {
       __m512i w0, w1;
       if (kStream) {
@@ -57,8 +62,8 @@ inline void chunks(const Prepared& pp, const E4m3Lut& lut, const uint16_t* const
         w1 = _mm512_loadu_si512(bt + j * pp.kp + c + 32);
       }
       for (int i = 0; i < MT; ++i) {
-        acc[i][j] = dp(acc[i][j], _mm512_loadu_si512(arow[i] + c), w0);
-        acc[i][j] = dp(acc[i][j], _mm512_loadu_si512(arow[i] + c + 32), w1);
+        acc[i][j] = dp(acc[i][j], a0[i], w0);
+        acc[i][j] = dp(acc[i][j], a1[i], w1);
       }
     }
   }
