@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1055,3 +1056,38 @@ def test_dequantize_cli_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--output", "x"])
     assert e.value.code == 2 and "--input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["ct-fp8-dynamic", "fp8-block-bf16", "fp8-tensor-static", "quark-ptpc", "grok2"])
+def test_integer_weight_refused(ckpt, tmp_path, variant):
+    """A quantized layer's weight stored as int8 beside its scale (a damaged or mislabelled file) is named, with its
+    file and the dtype found and expected, by the loader and by fp8kern-dequantize, before any tensor is read (the
+    loader used to hand torch an integer parameter; dequantizing copied it unscaled). An integer tensor where the
+    model holds floats is named too."""
+    from fp8kern.dequantize import dequantize_checkpoint
+
+    key = f"{QUANT[0]}.weight"
+
+    def edited(name, tensor, change):
+        """A copy of the checkpoint with `tensor` changed in whichever shard holds it."""
+        d = shutil.copytree(ckpt(variant), tmp_path / name)
+        for shard in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
+            t = load_file(os.path.join(d, shard))
+            if tensor in t:
+                t[tensor] = change(t[tensor])
+                save_file(t, os.path.join(d, shard))
+                return str(d), shard
+        raise AssertionError(f"{tensor} is in no shard")
+
+    d, shard = edited("int8", key, lambda w: w.view(torch.int8).clone())
+    msg = rf"tensor '{re.escape(key)}' in {re.escape(shard)} has dtype I8 \(safetensors\), expected F8_E4M3"
+    with pytest.raises(ValueError, match=msg):
+        from_pretrained(d)
+    with pytest.raises(ValueError, match=msg):
+        dequantize_checkpoint(d, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+    d2, shard = edited("intnorm", "model.norm.weight", lambda w: w.to(torch.int16))
+    with pytest.raises(ValueError, match=rf"'model.norm.weight' in {re.escape(shard)} has dtype torch.int16, expected "
+                                         r"a floating-point dtype"):
+        from_pretrained(d2)

@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from .checkpoints.common import (CONFIG_NAME, INDEX_NAME, ZERO_POINT, check_zero_point, open_shard, progress,
-                                 read_header, read_weight_scales, require, shard_files)
+from .checkpoints.common import (CONFIG_NAME, INDEX_NAME, ZERO_POINT, check_scaled_weights_quantized, check_zero_point,
+                                 open_shard, progress, read_header, read_weight_scales, require, shard_files)
 from .checkpoints.loader import FORMATS, open_format
 
 
@@ -31,6 +31,7 @@ def dequantize_checkpoint(src: str, dst: str, format: str = "auto") -> list[str]
     """Write the BF16 version of checkpoint src to dst; returns the shard names written."""
     save_file = require("safetensors.torch", "safetensors").save_file
     config, header, fmt = open_format(src, format)
+    check_scaled_weights_quantized(src, fmt)
     quantized = fmt.quantized_modules()
     scales = read_weight_scales(src, fmt, quantized)
     # Dropped: every scale of a quantized module, and KV-cache scales (the output has no quantized KV cache).

@@ -333,6 +333,24 @@ def fp8_modules(header: dict[str, TensorInfo]) -> dict[str, tuple]:
             if key.endswith(".weight") and info.dtype in FP8_HEADER_DTYPES and len(info.shape) == 2}
 
 
+def check_scaled_weights_quantized(path: str, fmt: "CheckpointFormat") -> None:
+    """A module whose checkpoint holds a weight scale must store its weight quantized (the format's quantized_modules):
+    a weight of another dtype beside a scale (an int8 weight in an FP8 checkpoint, say: a damaged or mislabelled file)
+    is a ValueError naming the tensor, its file, the dtype found and the one expected, raised before anything is read.
+    Loading it as a plain weight would hand torch an integer parameter, and dequantizing would copy it unscaled."""
+    quantized = fmt.quantized_modules()
+    for key in sorted(fmt.header):
+        hit = fmt.split(key)
+        if hit is None or hit[1] != "weight_scale" or hit[0] in quantized:
+            continue
+        weight = fmt.header.get(f"{hit[0]}.weight")
+        if weight is not None:
+            raise ValueError(f"checkpoint {path!r}: tensor '{hit[0]}.weight' in {weight.shard} has dtype "
+                             f"{weight.dtype} (safetensors), expected F8_E4M3 (float8_e4m3fn), since the checkpoint "
+                             f"holds its weight scale {key!r}; the file is damaged or not an FP8 checkpoint of the "
+                             f"{fmt.name} format")
+
+
 def unsupported(what: str, found, fix: str = "") -> ValueError:
     return ValueError(f"unsupported FP8 checkpoint: {what} is {found!r}{'; ' + fix if fix else ''}")
 

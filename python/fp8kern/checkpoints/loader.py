@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..nn import Fp8Experts, Fp8Linear, fused_experts_unsupported, is_fused_experts
-from .common import (ZERO_POINT, CheckpointFormat, LayerSpec, TensorInfo, check_scale, check_zero_point, open_shard,
-                     progress, read_config, read_header, read_weight_scales, require)
+from .common import (ZERO_POINT, CheckpointFormat, LayerSpec, TensorInfo, check_scale, check_scaled_weights_quantized,
+                     check_zero_point, open_shard, progress, read_config, read_header, read_weight_scales, require)
 from .compressed_tensors import CompressedTensors
 from .fp8_block import Fp8Block
 from .grok2 import Grok2
@@ -274,6 +274,13 @@ def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str,
     load.filled.add((e, role, buffer))
 
 
+def _model_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    """The (meta) parameter or buffer called key."""
+    parent, _, attr = key.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+
 def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
     """Put value in place of the (meta) parameter or buffer called key, checking its shape."""
     parent, _, attr = key.rpartition(".")
@@ -331,6 +338,7 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     keep_fp32 = re.compile("|".join(re.escape(m) for m in sorted(fp32_names))) if fp32_names else None
     rename = _key_renamer(model)
     module_name = _module_renamer(rename)
+    check_scaled_weights_quantized(path, fmt)
     stored, ckpt_of = {}, {}  # FP8 weights by model module name; their checkpoint module names
     for ckpt, shape in fmt.quantized_modules().items():
         if not any(p.search(f"{ckpt}.weight") or p.search(f"{module_name(ckpt)}.weight") for p in ignore):
@@ -416,6 +424,9 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                                          "experts stored fused as 3-D)")
                     if value.is_floating_point():
                         value = value.to(torch.float32 if keep_fp32 and keep_fp32.search(mkey) else dtype)
+                    elif _model_tensor(model, mkey).is_floating_point():
+                        raise ValueError(f"checkpoint tensor {key!r} in {shard} has dtype {value.dtype}, expected a "
+                                         f"floating-point dtype: {type(model).__name__} holds {mkey} in {dtype}")
                 elif fmt.kv_cache_scale(key):
                     kv_scales.append(key)
                     continue
