@@ -47,57 +47,6 @@ void require(bool ok, const std::string& what) {
   if (!ok) throw InvalidArgument("fp8kern.cpu.scaled_mm: " + what);
 }
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float fp16_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
-  float f;
-  if (e == 0) {
-    f = std::ldexp(float(m), -24);  // zero or subnormal, exact
-  } else if (e == 31) {
-    f = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  } else {
-    const uint32_t u = ((e + 112) << 23) | (m << 13);
-    std::memcpy(&f, &u, 4);
-  }
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u |= sign;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// fp32 -> bf16, round to nearest even; NaN stays NaN.
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fff + ((u >> 16) & 1);
-  return uint16_t(u >> 16);
-}
-
-// fp32 -> fp16, round to nearest even: overflow to infinity, subnormals rounded, NaN stays NaN.
-inline uint16_t float_to_fp16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000);
-  u &= 0x7fffffff;
-  if (u > 0x7f800000) return sign | 0x7e00;
-  if (u >= 0x477ff000) return sign | 0x7c00;  // >= 65520 rounds to infinity
-  if (u < 0x38800000) {                        // below 2^-14: a multiple of 2^-24, rounded to nearest even
-    float mag;
-    std::memcpy(&mag, &u, 4);
-    return sign | uint16_t(std::nearbyint(mag * 16777216.0f));  // exact scaling; default rounding mode: even
-  }
-  u += 0xfff + ((u >> 13) & 1);
-  return sign | uint16_t((u - (112u << 23)) >> 13);
-}
-
 float load_bias(const GemmProblem& p, int64_t n) {
   switch (p.d_type) {
     case OutType::kFloat32: return static_cast<const float*>(p.bias)[n];

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "fp8kern/cpu.h"
+#include "number_formats.h"
 
 namespace fp8kern {
 namespace cpu {
@@ -17,15 +18,6 @@ constexpr int64_t kBlock = 128;  // K (and N) extent of one block scale
 constexpr int64_t kChunk = 64;   // K is converted 64 values at a time; A's converted rows are padded to a multiple
 constexpr int kTileN = 4;        // rows of B (columns of D) per tile of the AVX-512, AVX2 and portable kernels
 constexpr int64_t kARows = 32;   // rows of A per convert_a call (the last group may be shorter)
-
-// e4m3fn byte -> float, exactly: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent 0 is subnormal
-// (m * 2^-9); 0x7f / 0xff are NaN (e4m3fn has no infinity).
-inline float e4m3_to_float(uint8_t x) {
-  const int e = (x >> 3) & 15, m = x & 7;
-  if (e == 15 && m == 7) return std::numeric_limits<float>::quiet_NaN();
-  const float v = e == 0 ? std::ldexp(float(m), -9) : std::ldexp(float(8 + m), e - 10);
-  return (x & 0x80) ? -v : v;
-}
 
 // A problem as the kernels see it: the problem, and A converted once per call into the kernel's element type
 // (float for generic / avx2, bf16 for avx512), rows padded with zeros to kp (a multiple of kChunk).

@@ -27,20 +27,8 @@ inline float load(const QuantProblem& p, int64_t i, int64_t j) {
   const int64_t at = i * p.x_rs + j;
   switch (p.x_type) {
     case OutType::kFloat32: return static_cast<const float*>(p.x)[at];
-    case OutType::kFloat16: {
-      const uint16_t h = static_cast<const uint16_t*>(p.x)[at];
-      const uint32_t e = (h >> 10) & 31, m = h & 0x3ff;
-      float f = e == 0 ? std::ldexp(float(m), -24)
-                       : e == 31 ? (m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity())
-                                 : std::ldexp(float(m | 0x400), int(e) - 25);
-      return (h & 0x8000) ? -f : f;
-    }
-    default: {
-      const uint32_t u = uint32_t(static_cast<const uint16_t*>(p.x)[at]) << 16;
-      float f;
-      std::memcpy(&f, &u, 4);
-      return f;
-    }
+    case OutType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(p.x)[at]);
+    default: return bf16_to_float(static_cast<const uint16_t*>(p.x)[at]);
   }
 }
 
@@ -66,22 +54,6 @@ inline float scale_from_amax(float a, float ub, bool pow2) {
     s = std::ldexp(1.0f, m == 0.5f ? e - 1 : e);
   }
   return s;
-}
-
-// fp32 (already in [-448, 448], or NaN) -> e4m3fn, round to nearest even.
-inline uint8_t to_e4m3(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint8_t sign = uint8_t((u >> 24) & 0x80);
-  u &= 0x7fffffff;
-  if (u > 0x7f800000) return sign | 0x7f;
-  if (u < (121u << 23)) {  // below 2^-6: a multiple of 2^-9 (subnormal codes; 8 is the smallest normal)
-    float mag;
-    std::memcpy(&mag, &u, 4);
-    return sign | uint8_t(std::nearbyint(mag * 512.0f));
-  }
-  u += (uint32_t(7 - 127) << 23) + 0x7ffff + ((u >> 20) & 1);
-  return sign | uint8_t(u >> 20);
 }
 
 inline uint8_t quantize_one(float x, float inv) {
