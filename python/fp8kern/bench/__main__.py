@@ -1,10 +1,10 @@
 """fp8kern-bench: scaled_mm and quantization on model shapes, against torch._scaled_mm and bf16 torch.matmul.
 
-    fp8kern-bench --quick                 # about a minute on a GPU
+    fp8kern-bench --quick                 # about a minute on a GPU (a few minutes on a CPU)
     fp8kern-bench --suite llama8b --m 1,16,4096 --json out.json
 
-On a machine without a CUDA GPU it runs fp8kern's reference path on small shapes, checks every layout against a
-float64 computation and says that timings need a GPU.
+On a machine without a CUDA GPU (or with --cpu) it times fp8kern's CPU kernel family against torch's bf16 F.linear,
+torch's CPU _scaled_mm and the reference, with the DRAM read bandwidth measured in the same run (fp8kern/bench/cpu.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 
 import fp8kern
 from fp8kern import _backend
-from fp8kern.bench.shapes import CPU_SHAPES, M_VALUES, QUICK_M, SUITES
+from fp8kern.bench import cpu as cpu_bench
+from fp8kern.bench.shapes import M_VALUES, QUICK_M, SUITES
 
 LAYOUTS = ("tensor", "token_channel", "block")
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,36 +58,6 @@ def make_problem(M, N, K, layout, device, seed=0):
     w, b, sb = make_weights(N, K, layout, device, seed)
     x, a, sa = make_acts(M, K, layout, device, seed + 1)
     return x, w, a, b, sa, sb
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CPU: reference path and a correctness check
-
-
-def run_cpu(args) -> list[dict]:
-    print("fp8kern-bench: no CUDA GPU found; running the reference path (pure PyTorch, CPU) on small shapes.\n"
-          "Timings need a GPU; these rows check every layout against a float64 computation.", file=sys.stderr)
-    rows = []
-    for M, N, K in CPU_SHAPES:
-        for layout in args.layouts:
-            x, w, a, b, sa, sb = make_problem(M, N, K, layout, "cpu")
-            t0 = time.perf_counter()
-            d = fp8kern.scaled_mm(a, b, sa, sb, out_dtype=torch.float32)
-            ms = (time.perf_counter() - t0) * 1e3
-            exact = fp8kern.reference.dequantize(a, sa.reshape(M, -1) if layout != "tensor" else sa,
-                                                 (1, 128) if layout == "block" else None).double() @ \
-                fp8kern.reference.dequantize(b, sb, (128, 128) if layout == "block" else None).double().t()
-            diff_exact = calc_diff(d, exact)
-            diff_bf16 = calc_diff(d, x.double() @ w.double().t())
-            ok = diff_exact < 1e-9 and diff_bf16 < 1e-2
-            rows.append(dict(gpu="cpu", layout=layout, backend="fp8kern-reference", M=M, N=N, K=K, out_dtype="fp32",
-                             median_us=ms * 1e3, tflops=2 * M * N * K / (ms * 1e-3) / 1e12,
-                             diff_vs_fp64=diff_exact, diff_vs_bf16=diff_bf16, ok=ok))
-    print(f"{'M':>5} {'N':>6} {'K':>6}  {'layout':<14} {'ref ms':>8}  {'diff vs fp64':>12}  {'diff vs bf16':>12}  check")
-    for r in rows:
-        print(f"{r['M']:>5} {r['N']:>6} {r['K']:>6}  {r['layout']:<14} {r['median_us'] / 1e3:>8.2f}  "
-              f"{r['diff_vs_fp64']:>12.2e}  {r['diff_vs_bf16']:>12.2e}  {'ok' if r['ok'] else 'FAILED'}")
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,7 +425,7 @@ def plot(rows, path):
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([f"{l[:5]} {n}x{k} M{m}" for l, n, k, m in keys], rotation=90, fontsize=5)
     ax.set_ylabel("TFLOPS")
-    ax.set_title(f"fp8kern-bench on {timed[0]['gpu']}")
+    ax.set_title(f"fp8kern-bench on {timed[0].get('cpu', timed[0]['gpu'])}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -471,9 +442,10 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (median)")
     p.add_argument("--json", default="bench_out/results.json", help="where to write the JSON rows")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
-    p.add_argument("--cpu", action="store_true", help="run the CPU reference check even when a GPU is present")
+    p.add_argument("--cpu", action="store_true", help="run the CPU benchmark even when a GPU is present")
+    p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes and buffers, seconds (for tests); no goals")
     p.add_argument("--no-peers", action="store_true", help="time fp8kern only (e.g. a second backend's run)")
-    p.add_argument("--backend", default=None, choices=["auto", "reference", "sm89", "sm90", "torch", "dequant"],
+    p.add_argument("--backend", default=None, choices=["auto", "reference", "sm89", "sm90", "torch", "dequant", "cpu"],
                    help="fp8kern path to time (default: FP8KERN_BACKEND or auto, which times the GPU's compiled "
                         "family even unverified); rows of sm89, torch and dequant are labelled fp8kern-<name>")
     args = p.parse_args(argv)
@@ -538,10 +510,15 @@ def main(argv=None) -> int:
         rows, summary = run_gpu(args, write)
         write(rows, summary)
     else:
-        rows = run_cpu(args)
-        write(rows)
+        rows, env = cpu_bench.run(args)
+        meta["cpu"] = env
+        cpu_bench.print_table(rows)
+        summary = None if args.smoke else cpu_bench.summarize(rows, env)
+        if summary:
+            print_summary(summary)
+        write(rows, summary)
     print(f"fp8kern-bench: {len(rows)} rows written to {args.json}", file=sys.stderr)
-    if on_gpu:
+    if not args.smoke:
         plot(rows, args.plot or os.path.splitext(args.json)[0] + ".png")
     return 0 if all(r.get("ok", True) for r in rows) else 1
 

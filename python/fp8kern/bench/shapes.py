@@ -13,5 +13,3 @@ SUITES = {
 
 M_VALUES = [1, 16, 64, 128, 256, 1024, 4096, 16384]
 QUICK_M = [1, 16, 128, 4096]
-# CPU runs (reference path): small shapes that finish in seconds, odd sizes included.
-CPU_SHAPES = [(1, 256, 512), (16, 384, 1024), (33, 300, 520)]
