@@ -245,3 +245,18 @@ def test_quantize_every_bf16_value():
     q, _ = fp8kern.quantize(x, "tensor", scale=torch.ones(1))
     qr, _ = fp8kern.reference.quantize(x, "tensor", 128, torch.ones(1))
     assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+
+
+def test_auto_takes_it_as_a_verified_family(monkeypatch):
+    """'auto' runs the CPU family because it is in VERIFIED_FAMILIES, as for the GPU families; without it the CPU
+    takes the reference (scaled_mm and quantize), while FP8KERN_BACKEND=cpu still names it."""
+    from fp8kern.ops import gemm
+    cpu = torch.device("cpu")
+    assert "cpu" in _backend.VERIFIED_FAMILIES and gemm.gemm_path(cpu, True, torch.bfloat16, False) == "cpu"
+    monkeypatch.setattr(_backend, "VERIFIED_FAMILIES", frozenset())
+    assert gemm.gemm_path(cpu, True, torch.bfloat16, False) is None and not _backend.cpu_quant_available()
+    fp8kern.set_backend("cpu")
+    try:
+        assert gemm.gemm_path(cpu, False, torch.float32, True) == "cpu" and _backend.cpu_quant_available()
+    finally:
+        fp8kern.set_backend("auto")

@@ -100,7 +100,8 @@ def cpu_family_reason() -> str | None:
 def cpu_quant_available() -> bool:
     """Whether fp8kern.quantize of CPU tensors runs the CPU family (backend 'auto' or 'cpu' with fp8kern._cpu built);
     other backends keep the reference, the oracle."""
-    return _cpu is not None and _state["backend"] in ("auto", "cpu")
+    backend = _state["backend"]
+    return _cpu is not None and (backend == "cpu" or (backend == "auto" and "cpu" in VERIFIED_FAMILIES))
 
 
 def cpu_isa() -> str | None:
@@ -153,10 +154,13 @@ def quant_fallback_reason(device: torch.device) -> str | None:
     return "no compiled quantization kernel for this GPU; using the pure-PyTorch reference (correct, slower)"
 
 
-# Kernel families whose GPU tests and benchmark have passed on a lent GPU (results in benchmarks/results/): GEMM
-# families ('sm90', 'sm89') and 'quant' (the activation quantization kernels). With backend 'auto' only these run; a
-# compiled but unverified family runs only when FP8KERN_BACKEND names it.
-VERIFIED_FAMILIES: frozenset = frozenset()
+# Kernel families verified where they run, with backend 'auto' the only ones it takes (a compiled but unverified family
+# runs only when FP8KERN_BACKEND names it):
+# - GPU families, once their GPU tests and benchmark have passed on a lent GPU (results in benchmarks/results/): GEMM
+#   families ('sm90', 'sm89') and 'quant' (the activation quantization kernels); none yet;
+# - 'cpu', the CPU family: its tests run in CI on every instruction set the CI machine has (tests/test_cpu_family.py,
+#   tests/cpu/test_cpu_kernels.cpp, also for aarch64 under qemu); benchmark results in benchmarks/results/cpu_*.
+VERIFIED_FAMILIES: frozenset = frozenset({"cpu"})
 # The arch each family's kernels need.
 FAMILY_ARCH = {"sm90": 90, "sm89": 89}
 

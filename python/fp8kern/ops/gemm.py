@@ -122,7 +122,7 @@ def gemm_path(device: torch.device, block: bool, out_dtype: torch.dtype, has_bia
     backend = _backend._state["backend"]
     if backend == "cpu" or (backend == "auto" and device.type == "cpu"):
         why = _backend.cpu_family_reason() if device.type == "cpu" else f"the tensors are on {device}"
-        if why is None:
+        if why is None and (backend == "cpu" or "cpu" in _backend.VERIFIED_FAMILIES):
             return "cpu"
         if backend == "cpu":
             raise NotImplementedError(f"FP8KERN_BACKEND=cpu: the CPU kernel family cannot run this call: {why}. "
