@@ -126,21 +126,24 @@ def test_grouped_with_empty_experts(isa):
 
 
 def test_linear_layers_run_on_it():
-    """Fp8Linear (per-token and block) and block_fp8_linear take the family with no change for the user."""
+    """Fp8Linear (per-token and block) takes the family with no change for the user, within the family's bound of the
+    float64 product of the layer's own quantized operands (A: the input as the layer quantizes it, B: its weight):
+    conftest.fp32_gemm_bound (module docstring), bf16 output, with the bias."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 320, dtype=torch.bfloat16)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
-    for scheme in ("dynamic_per_token", "block128"):
+    for scheme, gran, blocks in (("dynamic_per_token", "token", None), ("block128", "group", ((1, 128), (128, 128)))):
         layer = fp8kern.Fp8Linear.from_linear(lin, scheme)
+        assert fp8kern.ops.gemm.gemm_path(torch.device("cpu"), scheme == "block128", torch.bfloat16, True) == "cpu"
         with torch.no_grad():
             y = layer(x)
-            fp8kern.set_backend("reference")
-            try:
-                r = layer(x)
-            finally:
-                fp8kern.set_backend("auto")
-        # Same quantized operands, both fp32-accumulated: they differ by summation order and one output rounding.
-        assert (y.float() - r.float()).abs().max() <= 2.0**-7 * r.float().abs().max() + 1e-3, scheme
+        q, s = fp8kern.quantize(x, gran)
+        A = fp8kern.reference.dequantize(q, s, blocks[0] if blocks else None).double()
+        B = fp8kern.reference.dequantize(layer.weight, layer.weight_scale, blocks[1] if blocks else None).double()
+        bias = layer.bias.double()
+        D, S = (A @ B.T + bias).numpy(), (A.abs() @ B.abs().T).numpy()
+        err = np.abs(y.double().numpy() - D)
+        assert (err <= fp32_gemm_bound(D, S, 256, torch.bfloat16, bias)).all(), scheme
 
 
 def test_forcing_an_isa():
