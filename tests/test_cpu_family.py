@@ -179,10 +179,10 @@ def test_native_validation():
     s = torch.ones(1)
     with pytest.raises(ValueError, match="lda=10 is shorter than a row of A"):
         _backend._cpu.scaled_mm(a.data_ptr(), a.data_ptr(), d.data_ptr(), 4, 4, 64, 10, 64, 8, 0, 0, s.data_ptr(),
-                                False, s.data_ptr(), False, False, 0, 0, 1)
+                                False, s.data_ptr(), False, False, 0, 0, 1, False)
     with pytest.raises(ValueError, match="output dtype code 3"):
         _backend._cpu.scaled_mm(a.data_ptr(), a.data_ptr(), d.data_ptr(), 4, 4, 64, 64, 64, 8, 3, 0, s.data_ptr(),
-                                False, s.data_ptr(), False, False, 0, 0, 1)
+                                False, s.data_ptr(), False, False, 0, 0, 1, False)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the C++ test")
@@ -210,7 +210,7 @@ def build_cpp_test(tmp_path, cxx, extra=()):
             objs.append(str(obj))
             defs.append(f"-D{define}=1")
     exe = tmp_path / "test_cpu_kernels"
-    sources = [str(src / f) for f in ("gemm.cpp", "quantize.cpp", "dispatch.cpp", "thread_pool.cpp",
+    sources = [str(src / f) for f in ("gemm.cpp", "quantize.cpp", "linear.cpp", "dispatch.cpp", "thread_pool.cpp",
                                       "kernel_generic.cpp")]
     subprocess.run([cxx, *flags, *defs, *sources, str(ROOT / "tests" / "cpu" / "test_cpu_kernels.cpp"), *objs,
                     "-pthread", "-ldl", "-o", str(exe)], check=True)

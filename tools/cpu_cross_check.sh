@@ -12,7 +12,7 @@ if ! command -v aarch64-linux-gnu-g++ > /dev/null || ! command -v qemu-aarch64 >
 fi
 out=$(mktemp -d)
 aarch64-linux-gnu-g++ -O2 -std=c++17 -static -pthread -Icsrc/include \
-  csrc/cpu/gemm.cpp csrc/cpu/quantize.cpp csrc/cpu/dispatch.cpp csrc/cpu/thread_pool.cpp csrc/cpu/kernel_generic.cpp \
+  csrc/cpu/gemm.cpp csrc/cpu/quantize.cpp csrc/cpu/linear.cpp csrc/cpu/dispatch.cpp csrc/cpu/thread_pool.cpp csrc/cpu/kernel_generic.cpp \
   tests/cpu/test_cpu_kernels.cpp -o "$out/test_cpu_kernels"
 aarch64-linux-gnu-readelf -h "$out/test_cpu_kernels" | grep -q "Machine: *AArch64" \
   || { echo "cpu_cross_check: not an aarch64 binary" >&2; exit 1; }

@@ -4,11 +4,13 @@
 // the output type). Threads split N only, so every output is computed by the same sequence of operations whatever
 // the thread count.
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "kernels.h"
+#include "thread_buffer.h"
 #include "thread_pool.h"
 
 namespace fp8kern {
@@ -20,29 +22,6 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 128;         // rows of B per task: a multiple of every kernel's tile_n
 constexpr int64_t kMinParallelMacs = 1 << 18;  // smaller problems run on the calling thread alone
-constexpr size_t kKeepBytes = size_t(64) << 20;  // a thread keeps buffers up to this size between calls
-
-// Working memory of one OS thread, reused across calls (a fresh allocation per call costs page faults that dominate
-// small problems): grown when a call needs more; one larger than kKeepBytes is given back at the next call that needs
-// less. Never zeroed: every kernel writes what it reads. One per thread and purpose, so concurrent calls never share
-// one.
-struct ThreadBuffer {
-  std::unique_ptr<char[]> data;
-  size_t size = 0;
-  char* get(size_t n) {
-    if (n > size || (size > kKeepBytes && n <= kKeepBytes)) {  // grow, or give back what a large call took
-      data.reset(new char[n]);
-      size = n;
-    }
-    return data.get();
-  }
-};
-
-ThreadBuffer& thread_buffer(int purpose) {  // 0: the converted A (calling thread), 1: tile scratch, 2: tile sums
-  thread_local ThreadBuffer buffers[3];
-  return buffers[purpose];
-}
-
 void require(bool ok, const std::string& what) {
   if (!ok) throw InvalidArgument("fp8kern.cpu.scaled_mm: " + what);
 }
@@ -120,6 +99,31 @@ void validate_gemm(const GemmProblem& p) {
   }
 }
 
+namespace {
+
+// Index of the first of `rows` x `cols` fp32 values (row stride ld) that is not finite and > 0, or -1.
+int64_t first_bad(const float* s, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = s[i * ld + j];
+      if (!(v > 0.0f && v <= std::numeric_limits<float>::max())) return i * cols + j;  // NaN fails both tests
+    }
+  return -1;
+}
+
+}  // namespace
+
+int bad_scales(const GemmProblem& p) {
+  if (p.m == 0 || p.n == 0) return 0;
+  if (p.block) {
+    const int64_t kb = (p.k + kBlock - 1) / kBlock;
+    if (first_bad(p.scale_a, p.m, kb, p.lds_a) >= 0) return 1;
+    return first_bad(p.scale_b, (p.n + kBlock - 1) / kBlock, kb, p.lds_b) >= 0 ? 2 : 0;
+  }
+  if (first_bad(p.scale_a, p.scale_a_vector ? p.m : 1, 1, 1) >= 0) return 1;
+  return first_bad(p.scale_b, p.scale_b_vector ? p.n : 1, 1, 1) >= 0 ? 2 : 0;
+}
+
 void scaled_mm(const GemmProblem& p) {
   validate_gemm(p);
   if (p.m == 0 || p.n == 0) return;
@@ -131,7 +135,7 @@ void scaled_mm(const GemmProblem& p) {
   const bool parallel = double(p.m) * double(p.n) * double(p.k) >= double(kMinParallelMacs);
   const int threads = parallel ? p.threads : 1;
 
-  char* a = thread_buffer(0).get(size_t(kern.a_bytes(p.m, pp.kp)) + 64);
+  char* a = thread_buffer(Scratch::kConvertedA).get(size_t(kern.a_bytes(p.m, pp.kp)) + 64);
   pp.a = a;
   const int64_t a_tasks = (p.m + kARows - 1) / kARows;
   parallel_for(threads, a_tasks, [&](int64_t t, int) {
@@ -145,8 +149,8 @@ void scaled_mm(const GemmProblem& p) {
     const int64_t end = std::min(p.n, (t + 1) * kRowsPerTask);
     for (int64_t n0 = t * kRowsPerTask; n0 < end; n0 += kern.tile_n) {
       const int nt = int(std::min<int64_t>(kern.tile_n, end - n0));
-      float* c = reinterpret_cast<float*>(thread_buffer(2).get(size_t(ctile) * sizeof(float)));
-      kern.tile(pp, n0, nt, c, thread_buffer(1).get(size_t(scratch)));
+      float* c = reinterpret_cast<float*>(thread_buffer(Scratch::kTileSums).get(size_t(ctile) * sizeof(float)));
+      kern.tile(pp, n0, nt, c, thread_buffer(Scratch::kTile).get(size_t(scratch)));
       epilogue(p, n0, nt, c);
     }
   });

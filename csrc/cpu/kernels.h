@@ -14,7 +14,6 @@
 namespace fp8kern {
 namespace cpu {
 
-constexpr int64_t kBlock = 128;  // K (and N) extent of one block scale
 constexpr int64_t kChunk = 64;   // K is converted 64 values at a time; A's converted rows are padded to a multiple
 constexpr int kTileN = 4;        // rows of B (columns of D) per tile of the AVX-512, AVX2 and portable kernels
 constexpr int64_t kARows = 32;   // rows of A per convert_a call (the last group may be shorter)

@@ -12,6 +12,7 @@ from torch import nn
 from . import _backend, ops, reference
 from ._constants import BLOCK, E4M3, E8M0, INPUT_DTYPES, OUT_DTYPES
 from .ops.gemm import scaled_mm_impl
+from .ops.linear_plan import linear_runner
 
 # scheme -> (activation granularity, dynamic activations?, default weight granularity, allowed weight granularities)
 SCHEMES = {
@@ -128,6 +129,12 @@ class Fp8Linear(_FixedDtypeBuffers):
             raise ValueError(f"Fp8Linear: input has {x.shape[-1]} features in the last dim, expected {self.in_features}")
         if x.dtype not in OUT_DTYPES:
             raise TypeError(f"Fp8Linear: input dtype {x.dtype}, expected bfloat16, float16 or float32")
+        if not torch.compiler.is_compiling():
+            run = linear_runner(self)  # ops/linear_plan.py: validated and chosen once per set of weights
+            if run is not None:
+                y = run(x)
+                if y is not None:
+                    return y
         weight, weight_scale, bias = self.weight, self.weight_scale, self.bias  # each a Module.__getattr__ lookup
         if self.scheme == "block128":
             return ops.block_fp8_linear(x, weight, weight_scale, bias, act_scale_format=self.scale_format)
@@ -141,6 +148,11 @@ class Fp8Linear(_FixedDtypeBuffers):
             bias = bias.to(x.dtype)
         y = ops.scaled_mm(q, weight, s, weight_scale, out_dtype=x.dtype, bias=bias, fast_accum=self.fast_accum)
         return y if flat else y.reshape(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_plan", None)  # holds launch closures; rebuilt on the first forward
+        return state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

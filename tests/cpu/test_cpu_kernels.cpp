@@ -1,6 +1,7 @@
 // C++ test of the CPU kernel family without Python or torch, for every instruction set this CPU runs: the exact
-// e4m3 conversion of all 256 codes, and scaled_mm in every layout and output type on odd shapes against a float64
-// product of the same operands, at 1 and 3 threads (the results must be bit-identical). Built and run by
+// e4m3 conversion of all 256 codes, scaled_mm in every layout and output type on odd shapes against a float64
+// product of the same operands, at 1 and 3 threads (the results must be bit-identical), the scale value check, and
+// linear() against quantize() then scaled_mm() (bit-identical: the same steps). Built and run by
 // tests/test_cpu_family.py (native) and, cross-compiled for aarch64 and run under qemu, by .ci/run.
 //
 // Bound: every product of two e4m3 values is exact in fp32 and every path sums them in fp32 in some order; a term
@@ -17,7 +18,10 @@
 #include "fp8kern/cpu.h"
 
 using fp8kern::cpu::GemmProblem;
+using fp8kern::cpu::LinearProblem;
 using fp8kern::cpu::OutType;
+using fp8kern::cpu::QuantKind;
+using fp8kern::cpu::QuantProblem;
 
 namespace {
 
@@ -164,6 +168,87 @@ void conversion_all_codes() {
 
 }  // namespace
 
+// linear() must equal quantize() into caller buffers followed by scaled_mm() on them, bit for bit, for every kind.
+void linear_matches_quantize_then_gemm() {
+  std::mt19937 g(7);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  const int64_t m = 5, n = 131, k = 300, kb = (k + 127) / 128, nb = (n + 127) / 128;
+  std::vector<float> x(size_t(m * k));
+  for (auto& v : x) v = nd(g);
+  std::vector<uint8_t> w(size_t(n * k));
+  for (auto& v : w) v = random_e4m3(g);
+  std::vector<float> ws_vec(size_t(n), 0.03f), ws_blk(size_t(nb * kb), 0.02f);
+  const float static_scale = 0.05f;
+  struct Case { QuantKind kind; bool e8m0; };
+  for (Case c : {Case{QuantKind::kToken, false}, Case{QuantKind::kTensor, false}, Case{QuantKind::kGroup, false},
+                 Case{QuantKind::kGroup, true}, Case{QuantKind::kStatic, false}}) {
+    const bool block = c.kind == QuantKind::kGroup;
+    GemmProblem gp;
+    gp.b = w.data(), gp.m = m, gp.n = n, gp.k = k, gp.ldb = k, gp.ldd = n, gp.d_type = OutType::kFloat32;
+    gp.scale_b = block ? ws_blk.data() : ws_vec.data(), gp.scale_b_vector = !block, gp.block = block;
+    gp.lds_b = kb, gp.threads = 2;
+    QuantProblem qp;
+    qp.kind = c.kind, qp.x = x.data(), qp.x_type = OutType::kFloat32, qp.m = m, qp.k = k, qp.x_rs = k;
+    qp.scale_e8m0 = c.e8m0, qp.group = 128, qp.threads = 2;
+    // the two calls, by hand
+    std::vector<uint8_t> q(size_t(m * k)), s8(size_t(m * kb));
+    std::vector<float> s(size_t(m * kb));
+    QuantProblem q1 = qp;
+    q1.q = q.data(), q1.q_rs = k;
+    if (c.kind == QuantKind::kStatic) {
+      q1.scale = const_cast<float*>(&static_scale), q1.s_rs = q1.s_cs = 0, q1.group = k;
+    } else {
+      q1.scale = c.e8m0 ? static_cast<void*>(s8.data()) : static_cast<void*>(s.data());
+      q1.s_rs = block ? kb : 1, q1.s_cs = 1;
+    }
+    fp8kern::cpu::quantize(q1);
+    if (c.e8m0)
+      for (size_t i = 0; i < s.size(); ++i) s[i] = std::ldexp(1.0f, int(s8[i]) - 127);
+    GemmProblem g1 = gp;
+    std::vector<float> d1(size_t(m * n)), d2(size_t(m * n), NAN);
+    g1.a = q.data(), g1.lda = k, g1.d = d1.data(), g1.lds_a = kb;
+    g1.scale_a = c.kind == QuantKind::kStatic ? &static_scale : s.data();
+    g1.scale_a_vector = c.kind == QuantKind::kToken;
+    fp8kern::cpu::scaled_mm(g1);
+    // one call
+    LinearProblem lp;
+    lp.quant = qp, lp.gemm = gp;
+    lp.gemm.d = d2.data();
+    if (c.kind == QuantKind::kStatic) lp.quant.scale = const_cast<float*>(&static_scale);
+    fp8kern::cpu::linear(lp);
+    expect(std::memcmp(d1.data(), d2.data(), d1.size() * sizeof(float)) == 0, "linear == quantize then scaled_mm");
+  }
+  LinearProblem bad;
+  bad.quant.m = bad.gemm.m = 2, bad.quant.k = bad.gemm.k = 64, bad.quant.kind = QuantKind::kGroup;
+  bad.quant.group = 64, bad.gemm.block = true;
+  bool refused = false;
+  try {
+    fp8kern::cpu::validate_linear(bad);
+  } catch (const fp8kern::cpu::InvalidArgument&) {
+    refused = true;
+  }
+  expect(refused, "linear refuses groups of other than 128 columns");
+}
+
+// bad_scales names the first scale tensor holding a value that is not finite and > 0, among the values read.
+void scale_value_check() {
+  std::vector<float> sa(4, 1.0f), sb(6, 1.0f);
+  GemmProblem p;
+  p.m = 4, p.n = 6, p.k = 8, p.scale_a = sa.data(), p.scale_b = sb.data();
+  p.scale_a_vector = p.scale_b_vector = true;
+  expect(fp8kern::cpu::bad_scales(p) == 0, "good scales pass");
+  sb[5] = NAN;
+  expect(fp8kern::cpu::bad_scales(p) == 2, "a NaN in scale_b is found");
+  p.scale_b_vector = false;
+  expect(fp8kern::cpu::bad_scales(p) == 0, "a per-tensor scale_b reads only its first value");
+  sa[3] = 0.0f;
+  expect(fp8kern::cpu::bad_scales(p) == 1, "a zero in scale_a is found first");
+  sa[3] = -INFINITY;
+  expect(fp8kern::cpu::bad_scales(p) == 1, "-inf in scale_a is found");
+  sa[3] = INFINITY;
+  expect(fp8kern::cpu::bad_scales(p) == 1, "inf in scale_a is found");
+}
+
 int main() {
   const char* isas[] = {"amx", "avx512", "avx2", "generic"};
   for (const char* name : isas) {
@@ -174,6 +259,7 @@ int main() {
     fp8kern::cpu::set_isa(name);
     std::printf("%s\n", fp8kern::cpu::isa());
     conversion_all_codes();
+    linear_matches_quantize_then_gemm();
     unsigned seed = 1;
     const int64_t shapes[][3] = {{1, 1, 1}, {1, 37, 200}, {3, 130, 129}, {4, 260, 256}, {5, 9, 64},
                                  {17, 131, 300}, {129, 33, 70}, {2, 300, 1000}, {40, 70, 520}};
@@ -189,6 +275,7 @@ int main() {
       }
     }
   }
+  scale_value_check();
   bool refused = false;
   try {
     fp8kern::cpu::set_isa("no-such-isa");

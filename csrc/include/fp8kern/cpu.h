@@ -8,6 +8,9 @@
 namespace fp8kern {
 namespace cpu {
 
+// K (and N) extent of one block scale, and the activation group size of block-scaled problems.
+constexpr int64_t kBlock = 128;
+
 // Output element types. Values equal fp8kern::DType's (the binding's dtype codes).
 enum class OutType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -48,6 +51,9 @@ struct GemmProblem {
 // row, scale strides shorter than ceil(k/128)).
 void validate_gemm(const GemmProblem& p);
 void scaled_mm(const GemmProblem& p);
+// Which of a valid problem's scales, among the values it reads, are not all finite and > 0 (a NaN, infinite, zero or
+// negative scale poisons or flips the result): 0 none, 1 scale_a, 2 scale_b (scale_a is looked at first).
+int bad_scales(const GemmProblem& p);
 
 // Activation quantization on the CPU, bit for bit the reference's (fp8kern.reference.quantize):
 //   dynamic: amax of the segment (row, group or tensor; NaN propagates), clamped to scale_ub when > 0,
@@ -75,6 +81,20 @@ struct QuantProblem {
 
 void validate_quantize(const QuantProblem& p);
 void quantize(const QuantProblem& p);
+
+// One linear layer in one call: the activations x [m, k] quantized as `quant` says (kinds token, group, tensor or
+// static per-tensor; q, scale and the strides of `quant` are the call's own, in per-thread scratch), then
+// D = scaled_mm(q, B) with `gemm`'s weight, weight scales, output and bias (its a, scale_a, lda and lds_a are the
+// call's own too). Exactly quantize() followed by scaled_mm() on their results, with no intermediate buffers for the
+// caller to allocate. quant.kind kStatic reads one fp32 scale at quant.scale; a group size other than 128 is
+// refused (the block-scaled GEMM's 1x128 groups), as is a group kind without gemm.block or the reverse.
+struct LinearProblem {
+  QuantProblem quant;
+  GemmProblem gemm;
+};
+
+void validate_linear(const LinearProblem& p);
+void linear(const LinearProblem& p);
 
 // Instruction sets, best first: "amx" (AMX-BF16 tiles, with the AVX-512 kernel for problems of at most four rows of
 // A), "avx512" (AVX-512 F/BW/VL with BF16 dot products and VBMI byte lookups), "avx2" (AVX2 + FMA + F16C), "generic"

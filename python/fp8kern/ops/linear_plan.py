@@ -1,0 +1,182 @@
+"""The plan of one Fp8Linear: what its forward needs that depends only on the module's own tensors and the backend,
+decided and checked once and kept on the module, so that an eager forward checks only its input.
+
+At decode a layer's arithmetic takes microseconds, so the host work around it sets the speed. A plan holds:
+- the path (ops/gemm.py: gemm_path) and the scaling layout, with the weight side validated once (validation.py);
+- the weight scales' values checked once (finite, > 0: validation.check_values) where the device checks values;
+- block scales converted to fp32 once where they are stored as bf16 / fp16 / UE8M0, and the bias cast once per
+  input dtype;
+- the launch itself: on the CPU family one binding call (fp8kern._cpu.linear: quantization and GEMM together, no
+  intermediate tensors); on a compiled GPU family the quantization launch and the GEMM launch with the validation
+  and path choice already done (ops/quantization.py: _quantize_impl, ops/gemm_launch.py: run_gemm).
+Other paths (torch's FP8 GEMM, the dequantizing GEMM, the reference), torch.compile tracing and FP8KERN_PRINT_CONFIG
+take the unplanned forward, which validates everything on each call.
+
+A plan is keyed by the identity, version counter and data address of the module's weight, weight_scale, bias and
+input_scale, and by the backend: replacing any of them (load_state_dict copies in place, bumping the version; .to()
+and assignment give new tensors; `.data =` changes the address) or switching the backend builds a new plan on the next
+forward. The plan keeps the tensors it was built from alive, so an identity is never reused while it is in use.
+Tensors made under torch.inference_mode track no version, so a module holding them takes the unplanned forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .._constants import BLOCK, DTYPE_CODE, E4M3
+from .gemm import gemm_path
+from .gemm_launch import _k_run, run_gemm
+from .layout import _BLOCK_LAYOUT
+from .quantization import _CPU_KIND, _quantize_impl, as_rows
+from .validation import check_values, validate_scaled_mm
+
+
+class LinearPlan:
+    __slots__ = ("key", "keep", "run")
+
+    def __init__(self, key, keep, run):
+        self.key, self.keep, self.run = key, keep, run
+
+
+def plan_key(weight, weight_scale, bias, input_scale) -> tuple:
+    """What a plan depends on (raises RuntimeError for inference tensors, which have no version counter)."""
+    key = (id(weight), weight._version, weight.data_ptr(), id(weight_scale), weight_scale._version,
+           weight_scale.data_ptr(), _backend._state["backend"], _backend._state["print_config"])
+    if bias is not None:
+        key += (id(bias), bias._version, bias.data_ptr())
+    if input_scale is not None:
+        key += (id(input_scale), input_scale._version, input_scale.data_ptr())
+    return key
+
+
+def linear_runner(module):
+    """The planned forward of an Fp8Linear (a callable x -> y, or None where x must take the unplanned forward),
+    building the plan when the module's tensors or the backend changed since the last one."""
+    weight, weight_scale, bias = module.weight, module.weight_scale, module.bias
+    input_scale = module.input_scale
+    try:
+        key = plan_key(weight, weight_scale, bias, input_scale)
+    except RuntimeError:  # inference tensors: no version counter, so no plan can be trusted across calls
+        return None
+    plan = module.__dict__.get("_plan")
+    if plan is None or plan.key != key:
+        run = _build(module, weight, weight_scale, bias, input_scale)
+        plan = module.__dict__["_plan"] = LinearPlan(key, (weight, weight_scale, bias, input_scale), run)
+    return plan.run
+
+
+def _build(module, weight, weight_scale, bias, input_scale):
+    """The planned forward for these tensors, or None (the unplanned forward then runs, and raises what is wrong)."""
+    if _backend._state["print_config"] or not isinstance(weight, torch.Tensor) or weight.dtype != E4M3:
+        return None
+    device = weight.device
+    block = module.act_granularity == "group"
+    try:
+        path = gemm_path(device, block, torch.bfloat16, bias is not None)
+    except NotImplementedError:
+        return None
+    if path != "cpu" and path not in _backend.FAMILY_ARCH:
+        return None
+    N, K = module.out_features, module.in_features
+    # The weight side of scaled_mm's validation, once: a one-row activation stands in for x.
+    probe = torch.empty((1, K), dtype=E4M3, device=device)
+    probe_scale = torch.ones((1, -(-K // BLOCK)) if block else (1, 1), dtype=torch.float32, device=device)
+    try:
+        layout = validate_scaled_mm(probe, weight, probe_scale, weight_scale, torch.bfloat16, None, None)
+    except (TypeError, ValueError):
+        return None
+    if (layout is _BLOCK_LAYOUT) != block or weight.shape[0] != N:
+        return None
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != device):
+        return None
+    if _backend.value_checks_on(device):
+        check_values(weight_scale, "scale_b")
+        if input_scale is not None:
+            check_values(input_scale, "scale")
+    biases = _BiasCasts(bias)
+    if path == "cpu":
+        return _cpu_runner(module, weight, weight_scale, biases, input_scale, block)
+    if _k_run(path, block, K) != K or weight.data_ptr() % 16:
+        return None  # the unplanned launch pads K (a copy of the weight per call) or aligns a view
+    return _gpu_runner(module, path, weight, weight_scale, biases, input_scale, layout, device.index)
+
+
+class _BiasCasts:
+    """The bias in each input dtype, cast once."""
+
+    __slots__ = ("casts",)
+
+    def __init__(self, bias):
+        self.casts = None if bias is None else {bias.dtype: bias.contiguous()}
+
+    def get(self, dtype):
+        if self.casts is None:
+            return None
+        b = self.casts.get(dtype)
+        if b is None:
+            b = self.casts[dtype] = next(iter(self.casts.values())).to(dtype).contiguous()
+        return b
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] rows the kernels read: unit column stride, rows that do not overlap."""
+    if x.dim() == 2 and x.stride(1) == 1 and (x.stride(0) >= x.shape[1] or x.shape[0] <= 1):
+        return x
+    x2 = as_rows(x)
+    return x2 if x2.stride(0) >= x2.shape[1] or x2.shape[0] <= 1 else x2.contiguous()
+
+
+def _cpu_runner(module, weight, weight_scale, biases, input_scale, block):
+    """One fp8kern._cpu.linear call per forward."""
+    N, K = weight.shape
+    ws = weight_scale
+    if ws.dtype is not torch.float32 or not ws.is_contiguous():
+        ws = ws.float().contiguous()
+    kind = 3 if not module.dynamic else _CPU_KIND[module.act_granularity]
+    e8m0 = module.scale_format == "ue8m0"
+    static = input_scale.data_ptr() if input_scale is not None else 0
+    ldw = weight.stride(0) if N > 1 else K
+    lds_w = ws.stride(0) if block and ws.shape[0] > 1 else -(-K // BLOCK)
+    w_ptr, ws_ptr, vector = weight.data_ptr(), ws.data_ptr(), module.weight_granularity == "channel"
+    linear = _backend._cpu.linear
+
+    def run(x):
+        if not x.is_cpu:
+            return None
+        x2 = _rows(x)
+        M = x2.shape[0]
+        y = torch.empty((M, N), dtype=x.dtype)
+        if M:
+            bias = biases.get(x.dtype)
+            code = DTYPE_CODE[x.dtype]
+            linear(kind, x2.data_ptr(), code, M, K, x2.stride(0) if M > 1 else K, e8m0, static, 0.0, w_ptr, N, ldw,
+                   ws_ptr, vector, block, lds_w, y.data_ptr(), N, code, bias.data_ptr() if bias is not None else 0,
+                   torch.get_num_threads())
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+    run.weight_scale = ws  # the address passed on each call stays valid while the runner lives
+    return run
+
+
+def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layout, index):
+    """The quantization launch and the GEMM launch, validated and chosen once."""
+    N = weight.shape[0]
+    ws = weight_scale
+    if layout is _BLOCK_LAYOUT and (ws.dtype is not torch.float32 or not ws.is_contiguous()):
+        ws = ws.float().contiguous()  # run_gemm would convert it on every call
+    granularity = module.act_granularity if module.dynamic else "tensor"
+    scale_format, fast_accum = module.scale_format, module.fast_accum
+
+    def run(x):
+        if x.get_device() != index:
+            return None
+        x2 = _rows(x)
+        M = x2.shape[0]
+        if M == 0:
+            return torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+        q, s = _quantize_impl(x2, granularity, BLOCK, input_scale, None, scale_format)
+        y = run_gemm(family, q, weight, s, ws, x.dtype, biases.get(x.dtype), layout, fast_accum, None)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+    return run
