@@ -145,6 +145,23 @@ def test_one_token_expert_first(scheme):
     check_experts(m, x, idx, torch.full((5, 2), 0.5), x_exact=True)
 
 
+@pytest.mark.parametrize("scheme", ["dynamic_per_token", "block128"])
+def test_bad_scale_of_a_later_expert_is_refused(scheme):
+    """The GEMMs after the first run from addresses (ops/gemm.py: row_gemms): a NaN or zero in the weight scale of
+    an expert that is not the first active one still raises the message every path gives, naming the scale."""
+    m = Fp8Experts.from_experts(make_experts(), scheme)
+    x = torch.randn(3, H, dtype=torch.bfloat16)
+    idx = torch.tensor([[0, 2], [2, 4], [4, 0]])
+    w = torch.full((3, 2), 0.5)
+    m(x, idx, w)
+    for value in (float("nan"), 0.0):
+        bad = Fp8Experts.from_experts(make_experts(), scheme)
+        with torch.no_grad():
+            bad.down_scale[4].view(-1)[0] = value
+        with pytest.raises(ValueError, match="scale_b holds 1 non-finite or non-positive value"):
+            bad(x, idx, w)
+
+
 def test_edge_cases_and_errors():
     ex = make_experts()
     m = Fp8Experts.from_experts(ex)

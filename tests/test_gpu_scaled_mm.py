@@ -275,6 +275,37 @@ def test_block_fp8_linear(block_family, dtype):
     assert (err <= bound(D, S, 700, dtype, False)).all()
 
 
+@pytest.mark.parametrize("scheme", ["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor", "block128"])
+@pytest.mark.parametrize("N", [304, 300])
+def test_fp8_linear_planned_forward(family, scheme, N):
+    """Fp8Linear's planned forward (ops/linear_plan.py) on a compiled family: from addresses, activations and scales
+    in one buffer (N = 304: output rows in whole 16-byte units), or through _quantize_impl and run_gemm (N = 300).
+    The GPU quantizer is bit-exact with the reference, so the GEMM bound holds against the CPU-quantized
+    operands; a second forward reuses the plan."""
+    g = torch.Generator().manual_seed(8)
+    lin = torch.nn.Linear(704, N, generator=None).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, 704, generator=g) / 16)
+        lin.bias.copy_(torch.randn(N, generator=g))
+    static = {"input_scale": 0.03} if scheme.startswith("static") else {}
+    layer = fp8kern.Fp8Linear.from_linear(lin, scheme, **static)
+    x = (torch.randn(2, 9, 704, generator=g) * 3).bfloat16()
+    x2 = x.reshape(-1, 704)
+    if scheme == "static_per_tensor":
+        xq, xs = fp8kern.quantize(x2, "tensor", scale=layer.input_scale)
+    else:
+        xq, xs = fp8kern.quantize(x2, {"dynamic_per_token": "token", "dynamic_per_tensor": "tensor",
+                                       "block128": "group"}[scheme])
+    D, S = exact_scaled_mm(xq, layer.weight, xs, layer.weight_scale, layer.bias)
+    layer = layer.cuda()
+    for _ in range(2):
+        y = layer(x.cuda())
+        assert y.shape == (2, 9, N) and y.dtype == torch.bfloat16
+        assert layer.__dict__["_plan"].run is not None
+        err = np.abs(y.reshape(-1, N).double().cpu().numpy() - D)
+        assert (err <= bound(D, S, 704, torch.bfloat16, False)).all()
+
+
 # Grouped block-scaled GEMM (MoE experts, sm90 only): one launch over groups of rows, offsets read on the device.
 # Each group's rows are a block-scaled GEMM like the ones above, so the same promoted-mode bound applies per group.
 

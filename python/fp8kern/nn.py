@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _backend, ops, reference
 from ._constants import BLOCK, E4M3, E8M0, INPUT_DTYPES, OUT_DTYPES
-from .ops.gemm import scaled_mm_impl
+from .ops.gemm import row_gemms, scaled_mm_impl
 from .ops.linear_plan import linear_runner
 
 # scheme -> (activation granularity, dynamic activations?, default weight granularity, allowed weight granularities)
@@ -329,9 +329,14 @@ class Fp8Experts(_FixedDtypeBuffers):
         for e, c in enumerate(counts):
             if c:
                 a, sa, d = q[r:r + c], (s[r:r + c] if per_row else s), out[r:r + c]
-                if first or compiling:
+                if compiling:
+                    ops.scaled_mm(a, weight[e], sa, scale[e], out_dtype=out.dtype, out=d, fast_accum=self.fast_accum)
+                elif first:
                     ops.scaled_mm(a, weight[e], sa, scale[e], out_dtype=out.dtype, out=d, fast_accum=self.fast_accum)
                     first = False
+                    # The rest from addresses, one launch each, where the path and operands allow it.
+                    if row_gemms(q, s, weight, scale, counts, out, layout, self.fast_accum, e + 1, r + c):
+                        return
                 else:
                     scaled_mm_impl(a, weight[e], sa, scale[e], out.dtype, None, layout, self.fast_accum, d)
             r += c

@@ -64,3 +64,38 @@ def run(a, b, scale_a, scale_b, out_dtype, bias, layout, out):
         out.copy_(d)
         return out
     return d
+
+
+def row_gemms(q, s, weight, scale, counts, out, layout, e0: int, r0: int) -> bool:
+    """gemm_launch.row_gemms for the CPU family: group e's counts[e] rows of q times weight[e] into the same rows of
+    out, from group e0 and row r0 on, one binding call per group with addresses computed, no tensor view per call.
+    Returns False, running nothing, where an operand is not laid out for that (the caller then runs the groups one
+    by one). Scale values are checked by the binding, per group; a bad one raises check_values' message for it."""
+    rows, K = q.shape
+    G, N = weight.shape[0], weight.shape[1]
+    block = layout is _BLOCK_LAYOUT
+    if (not (q.is_contiguous() and weight.is_contiguous() and s.is_contiguous() and scale.is_contiguous())
+            or out.stride(1) != 1 or s.dtype is not torch.float32 or scale.dtype is not torch.float32):
+        return False
+    isz, ldd, dcode = out.element_size(), out.stride(0), DTYPE_CODE[out.dtype]
+    qp, wp, dp, sp, wsp = q.data_ptr(), weight.data_ptr(), out.data_ptr(), s.data_ptr(), scale.data_ptr()
+    kb = -(-K // 128)
+    per_row = s.numel() == rows and layout.a != "tensor"
+    a_step = kb * 4 if block else (4 if per_row else 0)
+    w_step = scale.stride(0) * 4
+    lds = kb if block else 0
+    threads = torch.get_num_threads()
+    mm = _backend._cpu.scaled_mm
+    r = r0
+    for e in range(e0, G):
+        c = counts[e]
+        if c:
+            bad = mm(qp + r * K, wp + e * N * K, dp + r * ldd * isz, c, N, K, K, K, ldd, dcode, 0, sp + r * a_step,
+                     per_row, wsp + e * w_step, layout.b == "channel", block, lds, lds, threads, True)
+            if bad:
+                sa = s[r:r + c] if per_row or block else s
+                name, t = ("scale_a", sa) if bad == 1 else ("scale_b", scale[e])
+                check_values(t, name)
+                raise ValueError(f"{name} holds non-finite or non-positive values; scales must be finite and > 0")
+        r += c
+    return True

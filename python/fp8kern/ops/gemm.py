@@ -9,6 +9,7 @@ import torch
 
 from .. import _backend, reference
 from . import cpu_gemm, dequant_gemm, torch_gemm
+from . import gemm_launch
 from .gemm_launch import config_label, run_gemm
 from .layout import _BLOCK_LAYOUT, Layout, infer_layout
 from .validation import as_scale, check_values, validate_scaled_mm
@@ -107,6 +108,21 @@ def scaled_mm_impl(a, b, scale_a, scale_b, out_dtype, bias, layout: Layout, fast
             _warn_dequant_once(device, block, out_dtype, bias is not None)
         return dequant_gemm.run(a, b, scale_a, scale_b, out_dtype, bias, layout, out)
     return run_gemm(path, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum, out)
+
+
+def row_gemms(q, s, weight, scale, counts: list, out, layout: Layout, fast_accum: bool, e0: int, r0: int) -> bool:
+    """Fp8Experts' per-expert GEMMs after the first, validated one (group e0 on, from row r0), launched from
+    addresses on the path gemm_path picks (cpu_gemm.row_gemms, gemm_launch.row_gemms). False, running nothing, where
+    that path or the operands need the one-at-a-time loop: other paths, GPU value checks, FP8KERN_PRINT_CONFIG."""
+    if _backend._state["print_config"]:
+        return False
+    device = q.device
+    path = gemm_path(device, layout is _BLOCK_LAYOUT, out.dtype, False)
+    if path == "cpu":
+        return cpu_gemm.row_gemms(q, s, weight, scale, counts, out, layout, e0, r0)
+    if path in _backend.FAMILY_ARCH and not _backend.value_checks_on(device):
+        return gemm_launch.row_gemms(path, q, s, weight, scale, counts, out, layout, fast_accum, e0, r0)
+    return False
 
 
 def gemm_path(device: torch.device, block: bool, out_dtype: torch.dtype, has_bias: bool) -> str | None:

@@ -40,29 +40,42 @@ def run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum
     # kernels read only its row 0: pass a stride they accept.
     lda = a.stride(0) if M > 1 else k_run
     ldb = b.stride(0) if N > 1 else k_run
-    stream = _backend.current_stream(index)
     bias_ptr = bias.data_ptr() if bias is not None else 0
     if block:
         sa = scale_a if scale_a.dtype is torch.float32 and scale_a.is_contiguous() else scale_a.float().contiguous()
         sb = scale_b if scale_b.dtype is torch.float32 and scale_b.is_contiguous() else scale_b.float().contiguous()
-        args = (family, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
-                DTYPE_CODE[out_dtype], sa.data_ptr(), sb.data_ptr(), bias_ptr,
-                _config_override.get(family + "_block", -1))
-        ws = _launch_workspace(args, block, fast_accum)
-        _backend._C.scaled_mm_block(*args, ws.data_ptr(), ws.numel(), stream)
+        launch(family, True, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+               DTYPE_CODE[out_dtype], sa.data_ptr(), False, sb.data_ptr(), False, bias_ptr, fast_accum)
     else:
         # Per-tensor, per-token and per-channel scales are read as flat vectors: a contiguous tensor of any of their
         # shapes ((), (1,), (M,), (M, 1), ...) already is one.
         sa = scale_a if scale_a.is_contiguous() else scale_a.reshape(-1).contiguous()
         sb = scale_b if scale_b.is_contiguous() else scale_b.reshape(-1).contiguous()
-        args = (family, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
-                DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel",
-                bias_ptr, bool(fast_accum), _config_override.get(family, -1))
-        ws = _launch_workspace(args, block, fast_accum)
-        _backend._C.scaled_mm(*args, ws.data_ptr(), ws.numel(), stream)
+        launch(family, False, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+               DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel",
+               bias_ptr, fast_accum)
     if out is not None:
         return out if d is out else out.copy_(d)
     return d if d.is_contiguous() else d.contiguous()
+
+
+def launch(family: str, block: bool, index: int, a: int, b: int, d: int, M: int, N: int, K: int, lda: int, ldb: int,
+           ldd: int, d_code: int, scale_a: int, a_vector: bool, scale_b: int, b_vector: bool, bias: int,
+           fast_accum: bool) -> None:
+    """One launch of a compiled GEMM family from addresses, on the current stream, with its workspace: the binding's
+    argument order, stated once (run_gemm, row_gemms and the linear plans launch through here). Block-scaled
+    launches read fp32 scales [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)] and ignore the vector flags."""
+    stream = _backend.current_stream(index)
+    if block:
+        args = (family, index, a, b, d, M, N, K, lda, ldb, ldd, d_code, scale_a, scale_b, bias,
+                _config_override.get(family + "_block", -1))
+        ws = _launch_workspace(args, True, fast_accum)
+        _backend._C.scaled_mm_block(*args, ws.data_ptr(), ws.numel(), stream)
+    else:
+        args = (family, index, a, b, d, M, N, K, lda, ldb, ldd, d_code, scale_a, a_vector, scale_b, b_vector, bias,
+                bool(fast_accum), _config_override.get(family, -1))
+        ws = _launch_workspace(args, False, fast_accum)
+        _backend._C.scaled_mm(*args, ws.data_ptr(), ws.numel(), stream)
 
 
 # Config forced per query family ('sm90', 'sm89', 'sm90_block', 'sm89_block') instead of select_config's choice:
@@ -125,3 +138,36 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     p = torch.zeros((t.shape[0], cols), dtype=t.dtype, device=t.device)
     p[:, :t.shape[1]] = t
     return p
+
+
+def row_gemms(family, q, s, weight, scale, counts, out, layout, fast_accum, e0: int, r0: int) -> bool:
+    """The GEMMs of consecutive row ranges against one weight each (Fp8Experts' per-expert path), from group e0 and
+    row r0 on: group e's counts[e] rows of q (scales s, per row or one per-tensor value; per 1x128 group when
+    block-scaled) times weight[e] (scale[e]) into the same rows of out. The problems are validated by the caller
+    (the first group's went through scaled_mm); the binding's arguments are computed from addresses, with no tensor
+    view per launch. Returns False, launching nothing, where an operand needs what run_gemm does per call (padding K,
+    aligning an address, converting scales): the caller then runs the groups one by one."""
+    rows, K = q.shape
+    G, N = weight.shape[0], weight.shape[1]
+    block = layout is _BLOCK_LAYOUT
+    isz = out.element_size()
+    if (_k_run(family, block, K) != K or not (q.is_contiguous() and weight.is_contiguous() and s.is_contiguous()
+                                              and scale.is_contiguous() and out.stride(1) == 1)
+            or q.data_ptr() % 16 or weight.data_ptr() % 16 or out.data_ptr() % 16 or (out.stride(0) * isz) % 16
+            or s.dtype is not torch.float32 or scale.dtype is not torch.float32):
+        return False
+    index = q.device.index
+    dcode, ldd = DTYPE_CODE[out.dtype], out.stride(0)
+    qp, wp, dp, sp, wsp = q.data_ptr(), weight.data_ptr(), out.data_ptr(), s.data_ptr(), scale.data_ptr()
+    kb = -(-K // 128)
+    a_step = kb * 4 if block else (4 if s.numel() == rows else 0)  # scale bytes per row of q
+    w_step = scale.stride(0) * 4
+    per_row = layout.a == "token"
+    r = r0
+    for e in range(e0, G):
+        c = counts[e]
+        if c:
+            launch(family, block, index, qp + r * K, wp + e * N * K, dp + r * ldd * isz, c, N, K, K, K, ldd, dcode,
+                   sp + r * a_step, per_row, wsp + e * w_step, True, 0, fast_accum)
+        r += c
+    return True

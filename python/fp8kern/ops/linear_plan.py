@@ -26,7 +26,7 @@ import torch
 from .. import _backend
 from .._constants import BLOCK, DTYPE_CODE, E4M3
 from .gemm import gemm_path
-from .gemm_launch import _k_run, run_gemm
+from .gemm_launch import _k_run, launch, run_gemm
 from .layout import _BLOCK_LAYOUT
 from .quantization import _CPU_KIND, _quantize_impl, as_rows
 from .validation import check_values, validate_scaled_mm
@@ -53,8 +53,18 @@ def plan_key(weight, weight_scale, bias, input_scale) -> tuple:
 def linear_runner(module):
     """The planned forward of an Fp8Linear (a callable x -> y, or None where x must take the unplanned forward),
     building the plan when the module's tensors or the backend changed since the last one."""
-    weight, weight_scale, bias = module.weight, module.weight_scale, module.bias
-    input_scale = module.input_scale
+    # The module's dicts directly (each attribute read through Module.__getattr__ costs more than the key itself);
+    # tensors a user moved elsewhere (a weight assigned as an nn.Parameter) are found by the attribute.
+    buffers = module._buffers
+    weight, weight_scale = buffers.get("weight"), buffers.get("weight_scale")
+    if weight is None or weight_scale is None:
+        weight, weight_scale = module.weight, module.weight_scale
+    bias = module._parameters.get("bias")
+    if bias is None:
+        bias = module.bias
+    input_scale = buffers.get("input_scale")
+    if input_scale is None and not module.dynamic:
+        input_scale = module.input_scale
     try:
         key = plan_key(weight, weight_scale, bias, input_scale)
     except RuntimeError:  # inference tensors: no version counter, so no plan can be trusted across calls
@@ -99,7 +109,7 @@ def _build(module, weight, weight_scale, bias, input_scale):
         return _cpu_runner(module, weight, weight_scale, biases, input_scale, block)
     if _k_run(path, block, K) != K or weight.data_ptr() % 16:
         return None  # the unplanned launch pads K (a copy of the weight per call) or aligns a view
-    return _gpu_runner(module, path, weight, weight_scale, biases, input_scale, layout, device.index)
+    return _gpu_runner(module, path, weight, weight_scale, biases, input_scale, layout)
 
 
 class _BiasCasts:
@@ -159,16 +169,22 @@ def _cpu_runner(module, weight, weight_scale, biases, input_scale, block):
     return run
 
 
-def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layout, index):
-    """The quantization launch and the GEMM launch, validated and chosen once."""
-    N = weight.shape[0]
+def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layout):
+    """The quantization launch and the GEMM launch, validated and chosen once: from addresses, with the activations
+    and their scales in one allocation, where the fused quantization kernels run and the output rows are whole
+    16-byte units; else through _quantize_impl and run_gemm (the reference quantization, UE8M0 activation scales,
+    odd N)."""
+    N, K = weight.shape
+    index = weight.get_device()
+    block = layout is _BLOCK_LAYOUT
     ws = weight_scale
-    if layout is _BLOCK_LAYOUT and (ws.dtype is not torch.float32 or not ws.is_contiguous()):
+    if block and (ws.dtype is not torch.float32 or not ws.is_contiguous()):
         ws = ws.float().contiguous()  # run_gemm would convert it on every call
     granularity = module.act_granularity if module.dynamic else "tensor"
     scale_format, fast_accum = module.scale_format, module.fast_accum
+    device = weight.device
 
-    def run(x):
+    def run_tensors(x):
         if x.get_device() != index:
             return None
         x2 = _rows(x)
@@ -179,4 +195,47 @@ def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layou
         y = run_gemm(family, q, weight, s, ws, x.dtype, biases.get(x.dtype), layout, fast_accum, None)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
+    if not _backend.quant_kernels_available(device) or scale_format != "fp32" or N % 8:
+        run_tensors.weight_scale = ws
+        return run_tensors
+
+    kind = "static" if input_scale is not None else granularity
+    kb = -(-K // BLOCK)
+    scales_per_row = kb if block else 1 if granularity == "token" else 0
+    gs = min(BLOCK, K) if block else 1
+    static_ptr = input_scale.data_ptr() if input_scale is not None else 0
+    w_ptr, ws_ptr = weight.data_ptr(), ws.data_ptr()
+    ldw = weight.stride(0) if N > 1 else K
+    vector_a, vector_b = granularity == "token", layout.b == "channel"
+    f32 = DTYPE_CODE[torch.float32]
+    quantize = _backend._C.quantize
+
+    def run(x):
+        if x.get_device() != index:
+            return None
+        x2 = _rows(x)
+        M = x2.shape[0]
+        if M == 0:
+            return torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+        # [M, K] e4m3 activations (K % 16 == 0 keeps what follows 16-byte aligned), then their fp32 scales (per row,
+        # per row and 128 of K, or one with the per-tensor kernel's int32 scratch after it)
+        buf = torch.empty(M * K + max(M * scales_per_row * 4, 32), dtype=torch.uint8, device=x.device)
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        q = buf.data_ptr()
+        s = q + M * K
+        code = DTYPE_CODE[x.dtype]
+        if kind == "static":
+            quantize(kind, index, x2.data_ptr(), code, M, K, x2.stride(0), q, K, static_ptr, f32, 0, 0, 1, 0.0, 0,
+                     _backend.current_stream(index))
+            s = static_ptr
+        else:
+            quantize(kind, index, x2.data_ptr(), code, M, K, x2.stride(0), q, K, s, f32,
+                     scales_per_row if M > 1 else 0, 1, gs, 0.0, s + 16 if kind == "tensor" else 0,
+                     _backend.current_stream(index))
+        bias = biases.get(x.dtype)
+        launch(family, block, index, q, w_ptr, y.data_ptr(), M, N, K, K, ldw, N, code, s, vector_a, ws_ptr, vector_b,
+               bias.data_ptr() if bias is not None else 0, fast_accum)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+    run.weight_scale = ws
     return run
