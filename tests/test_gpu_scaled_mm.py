@@ -283,7 +283,7 @@ def test_fp8_linear_planned_forward(family, scheme, N):
     The GPU quantizer is bit-exact with the reference, so the GEMM bound holds against the CPU-quantized
     operands; a second forward reuses the plan."""
     g = torch.Generator().manual_seed(8)
-    lin = torch.nn.Linear(704, N, generator=None).bfloat16()
+    lin = torch.nn.Linear(704, N).bfloat16()
     with torch.no_grad():
         lin.weight.copy_(torch.randn(N, 704, generator=g) / 16)
         lin.bias.copy_(torch.randn(N, generator=g))

@@ -27,7 +27,7 @@ from .. import _backend
 from .._constants import BLOCK, DTYPE_CODE, E4M3
 from .gemm import gemm_path
 from .gemm_launch import _k_run, launch, run_gemm
-from .layout import _BLOCK_LAYOUT
+from .layout import _BLOCK_LAYOUT, Layout
 from .quantization import _CPU_KIND, _quantize_impl, as_rows
 from .validation import check_values, validate_scaled_mm
 
@@ -98,6 +98,10 @@ def _build(module, weight, weight_scale, bias, input_scale):
         return None
     if (layout is _BLOCK_LAYOUT) != block or weight.shape[0] != N:
         return None
+    # The layout the layer's operands always have, stated: the one-row probe's scale also fits per-tensor, which
+    # would apply row 0's scale to every row of a per-token layer.
+    if not block:
+        layout = Layout("token" if module.dynamic and module.act_granularity == "token" else "tensor", layout.b)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != device):
         return None
     if _backend.value_checks_on(device):
@@ -206,7 +210,7 @@ def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layou
     static_ptr = input_scale.data_ptr() if input_scale is not None else 0
     w_ptr, ws_ptr = weight.data_ptr(), ws.data_ptr()
     ldw = weight.stride(0) if N > 1 else K
-    vector_a, vector_b = granularity == "token", layout.b == "channel"
+    vector_a, vector_b = layout.a == "token", layout.b == "channel"
     f32 = DTYPE_CODE[torch.float32]
     quantize = _backend._C.quantize
 
