@@ -306,6 +306,13 @@ def host_overhead_rows(args, gpu) -> list[dict]:
              args.label: lambda: fp8kern.scaled_mm(a, b, sa1, sb1)}
     xq = torch.ones(16, 4096, dtype=torch.bfloat16, device="cuda")
     calls["fp8kern.quantize"] = lambda: fp8kern.quantize(xq)
+    # A layer's forward (quantize + GEMM, planned once per set of weights) against nn.Linear's, at M = 1.
+    lin = torch.nn.Linear(128, 128, dtype=torch.bfloat16, device="cuda")
+    x1 = torch.ones(1, 128, dtype=torch.bfloat16, device="cuda")
+    calls["nn.Linear forward"] = lambda: lin(x1)
+    for scheme in ("dynamic_per_token", "block128"):
+        layer = fp8kern.Fp8Linear.from_linear(lin, scheme)
+        calls[f"Fp8Linear forward ({scheme})"] = lambda layer=layer: layer(x1)
     rows = []
     for name, fn in calls.items():
         try:
@@ -313,7 +320,8 @@ def host_overhead_rows(args, gpu) -> list[dict]:
         except Exception as e:
             _note_once(f"overhead {name}", f"host overhead of {name} not measured: {type(e).__name__}: {e}")
             continue
-        rows.append(dict(gpu=gpu, layout="token_channel", backend=name, M=16, N=128, K=128, out_dtype="bf16",
+        rows.append(dict(gpu=gpu, layout="token_channel", backend=name, M=1 if "Linear" in name else 16, N=128,
+                         K=4096 if name == "fp8kern.quantize" else 128, out_dtype="bf16",
                          median_us=None, tflops=None, host_overhead_us=us))
     return rows
 
