@@ -61,11 +61,13 @@ def run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum
 
 def launch(family: str, block: bool, index: int, a: int, b: int, d: int, M: int, N: int, K: int, lda: int, ldb: int,
            ldd: int, d_code: int, scale_a: int, a_vector: bool, scale_b: int, b_vector: bool, bias: int,
-           fast_accum: bool) -> None:
+           fast_accum: bool, stream: int | None = None) -> None:
     """One launch of a compiled GEMM family from addresses, on the current stream, with its workspace: the binding's
     argument order, stated once (run_gemm, row_gemms and the linear plans launch through here). Block-scaled
-    launches read fp32 scales [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)] and ignore the vector flags."""
-    stream = _backend.current_stream(index)
+    launches read fp32 scales [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)] and ignore the vector flags. stream:
+    the current stream's handle where the caller already has it."""
+    if stream is None:
+        stream = _backend.current_stream(index)
     if block:
         args = (family, index, a, b, d, M, N, K, lda, ldb, ldd, d_code, scale_a, scale_b, bias,
                 _config_override.get(family + "_block", -1))

@@ -220,25 +220,26 @@ def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layou
         x2 = _rows(x)
         M = x2.shape[0]
         if M == 0:
-            return torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+            return x.new_empty((*x.shape[:-1], N))
         # [M, K] e4m3 activations (K % 16 == 0 keeps what follows 16-byte aligned), then their fp32 scales (per row,
         # per row and 128 of K, or one with the per-tensor kernel's int32 scratch after it)
-        buf = torch.empty(M * K + max(M * scales_per_row * 4, 32), dtype=torch.uint8, device=x.device)
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        buf = x.new_empty(M * K + max(M * scales_per_row * 4, 32), dtype=torch.uint8)
+        y = x.new_empty((M, N))
         q = buf.data_ptr()
         s = q + M * K
-        code = DTYPE_CODE[x.dtype]
+        dtype = x.dtype
+        code = DTYPE_CODE[dtype]
+        stream = _backend.current_stream(index)
         if kind == "static":
             quantize(kind, index, x2.data_ptr(), code, M, K, x2.stride(0), q, K, static_ptr, f32, 0, 0, 1, 0.0, 0,
-                     _backend.current_stream(index))
+                     stream)
             s = static_ptr
         else:
             quantize(kind, index, x2.data_ptr(), code, M, K, x2.stride(0), q, K, s, f32,
-                     scales_per_row if M > 1 else 0, 1, gs, 0.0, s + 16 if kind == "tensor" else 0,
-                     _backend.current_stream(index))
-        bias = biases.get(x.dtype)
+                     scales_per_row if M > 1 else 0, 1, gs, 0.0, s + 16 if kind == "tensor" else 0, stream)
+        bias = biases.get(dtype)
         launch(family, block, index, q, w_ptr, y.data_ptr(), M, N, K, K, ldw, N, code, s, vector_a, ws_ptr, vector_b,
-               bias.data_ptr() if bias is not None else 0, fast_accum)
+               bias.data_ptr() if bias is not None else 0, fast_accum, stream)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
     run.weight_scale = ws
