@@ -301,7 +301,8 @@ def test_fp8_linear_planned_forward(family, scheme, N):
     for _ in range(2):
         y = layer(x.cuda())
         assert y.shape == (2, 9, N) and y.dtype == torch.bfloat16
-        assert layer.__dict__["_plan"].run is not None
+        # N = 304: one fp8kern._C.linear call; N = 300: the quantization and GEMM launches apart
+        assert layer.__dict__["_plan"].run.__name__ == ("run" if N % 8 == 0 else "run_tensors")
         err = np.abs(y.reshape(-1, N).double().cpu().numpy() - D)
         assert (err <= bound(D, S, 704, torch.bfloat16, False)).all()
 

@@ -602,6 +602,23 @@ class EmulatedC:
 
         _launch(device, stream, resolve, compute)
 
+    def linear(self, *args):
+        """Fp8Linear's one-call layer: the real binding validates both problems; then the quantization and the GEMM
+        are emulated as their own launches would be, with the arguments the binding derives (fp32 scales, q rows of
+        `cols`, the GEMM's A = q and K = cols)."""
+        self._validate(self._real.linear, args)
+        (kind, device, x, x_dtype, rows, cols, x_rs, q, scale, s_rs, gs, q_ws, family, block, b, d, n, ldb, ldd,
+         d_dtype, a_vec, scale_b, b_vec, bias, fast_accum, config, workspace, workspace_bytes, stream) = args
+        from fp8kern._constants import DTYPE_CODE
+        self.quantize(kind, device, x, x_dtype, rows, cols, x_rs, q, cols, scale, DTYPE_CODE[torch.float32], s_rs,
+                      0 if kind == "static" else 1, gs, 0.0, q_ws, stream)
+        if block:
+            self.scaled_mm_block(family, device, q, b, d, rows, n, cols, cols, ldb, ldd, d_dtype, scale, scale_b,
+                                 bias, config, workspace, workspace_bytes, stream)
+        else:
+            self.scaled_mm(family, device, q, b, d, rows, n, cols, cols, ldb, ldd, d_dtype, scale, a_vec, scale_b,
+                           b_vec, bias, fast_accum, config, workspace, workspace_bytes, stream)
+
     def quantize(self, *args):
         self._validate(self._real.quantize, args)
         (kind, device, x, x_dtype, rows, cols, x_rs, q, q_rs, scale, s_dtype, s_rs, s_cs, gs, scale_ub, workspace,

@@ -36,10 +36,10 @@ DType to_dtype(int code, const char* arg) {
   return static_cast<DType>(code);
 }
 
-void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype, int64_t rows, int64_t cols,
-              int64_t x_row_stride, std::uintptr_t q, int64_t q_row_stride, std::uintptr_t scale, int scale_dtype,
-              int64_t scale_row_stride, int64_t scale_col_stride, int64_t group_size, double scale_ub,
-              std::uintptr_t workspace, std::uintptr_t stream) {
+QuantProblem quant_problem(const std::string& kind, std::uintptr_t x, int x_dtype, int64_t rows, int64_t cols,
+                          int64_t x_row_stride, std::uintptr_t q, int64_t q_row_stride, std::uintptr_t scale,
+                          int scale_dtype, int64_t scale_row_stride, int64_t scale_col_stride, int64_t group_size,
+                          double scale_ub, std::uintptr_t workspace, std::uintptr_t stream) {
   QuantProblem p;
   p.x = reinterpret_cast<const void*>(x);
   p.x_dtype = to_dtype(x_dtype, "x");
@@ -59,13 +59,26 @@ void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype
   p.scale_ub = static_cast<float>(scale_ub);
   p.workspace = reinterpret_cast<void*>(workspace);
   p.stream = reinterpret_cast<cudaStream_t>(stream);
-
-  auto* run = kind == "token"    ? &fp8kern::quantize_per_token
-              : kind == "group"  ? &fp8kern::quantize_per_group
-              : kind == "tensor" ? &fp8kern::quantize_per_tensor
-              : kind == "static" ? &fp8kern::quantize_static
-                                 : nullptr;
   fp8kern::validate_quantize(p, kind.c_str());  // before touching the device: bad input fails the same way anywhere
+  return p;
+}
+
+using QuantKernel = void (*)(const QuantProblem&);
+
+QuantKernel quant_kernel(const std::string& kind) {  // validate_quantize has refused any other kind
+  return kind == "token" ? &fp8kern::quantize_per_token
+         : kind == "group" ? &fp8kern::quantize_per_group
+         : kind == "tensor" ? &fp8kern::quantize_per_tensor
+                            : &fp8kern::quantize_static;
+}
+
+void quantize(const std::string& kind, int device, std::uintptr_t x, int x_dtype, int64_t rows, int64_t cols,
+              int64_t x_row_stride, std::uintptr_t q, int64_t q_row_stride, std::uintptr_t scale, int scale_dtype,
+              int64_t scale_row_stride, int64_t scale_col_stride, int64_t group_size, double scale_ub,
+              std::uintptr_t workspace, std::uintptr_t stream) {
+  const auto p = quant_problem(kind, x, x_dtype, rows, cols, x_row_stride, q, q_row_stride, scale, scale_dtype,
+                               scale_row_stride, scale_col_stride, group_size, scale_ub, workspace, stream);
+  const QuantKernel run = quant_kernel(kind);
   py::gil_scoped_release release;
   DeviceGuard guard(device);
   run(p);
@@ -171,6 +184,40 @@ void scaled_mm_block(const std::string& family, int device, std::uintptr_t a, st
   DeviceGuard guard(device);
   if (family == "sm90") fp8kern::blockwise_sm90(p);
   else fp8kern::blockwise_sm89(p);
+}
+
+// One linear layer's two launches in one call, both problems validated before either runs: x [rows, cols]
+// quantized (kind as for quantize, fp32 scales at `scale` with row stride scale_row_stride and column stride 1, or
+// the one static scale there) into q [rows, cols] (row stride cols), then the family's GEMM of q against b [n, cols]
+// into d, block-scaled (scale per row and 128 of cols) or not (scale per row when a_vector).
+void linear(const std::string& kind, int device, std::uintptr_t x, int x_dtype, int64_t rows, int64_t cols,
+            int64_t x_row_stride, std::uintptr_t q, std::uintptr_t scale, int64_t scale_row_stride, int64_t group_size,
+            std::uintptr_t quant_workspace, const std::string& family, bool block, std::uintptr_t b, std::uintptr_t d,
+            int64_t n, int64_t ldb, int64_t ldd, int d_dtype, bool a_vector, std::uintptr_t scale_b, bool b_vector,
+            std::uintptr_t bias, bool fast_accum, int config, std::uintptr_t workspace, std::size_t workspace_bytes,
+            std::uintptr_t stream) {
+  const bool is_static = kind == "static";
+  const auto qp = quant_problem(kind, x, x_dtype, rows, cols, x_row_stride, q, cols, scale,
+                                static_cast<int>(DType::kFloat32), scale_row_stride, is_static ? 0 : 1, group_size,
+                                0.0, quant_workspace, stream);
+  const QuantKernel run = quant_kernel(kind);
+  if (block) {
+    const auto gp = block_problem(family, q, b, d, rows, n, cols, cols, ldb, ldd, d_dtype, scale, scale_b, bias,
+                                  config, workspace, workspace_bytes, stream);
+    py::gil_scoped_release release;
+    DeviceGuard guard(device);
+    run(qp);
+    if (family == "sm90") fp8kern::blockwise_sm90(gp);
+    else fp8kern::blockwise_sm89(gp);
+  } else {
+    const auto gp = scaled_mm_problem(family, q, b, d, rows, n, cols, cols, ldb, ldd, d_dtype, scale, a_vector,
+                                      scale_b, b_vector, bias, fast_accum, config, workspace, workspace_bytes, stream);
+    py::gil_scoped_release release;
+    DeviceGuard guard(device);
+    run(qp);
+    if (family == "sm90") fp8kern::scaled_mm_sm90(gp);
+    else fp8kern::scaled_mm_sm89(gp);
+  }
 }
 
 fp8kern::GroupedGemmProblem grouped_problem(bool block, std::uintptr_t a, std::uintptr_t b, std::uintptr_t d,
@@ -288,4 +335,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), py::arg("scale_dtype"), py::arg("scale_row_stride"), py::arg("scale_col_stride"),
         py::arg("group_size"), py::arg("scale_ub"), py::arg("workspace"), py::arg("stream"),
         "Launch an activation quantization kernel on the given stream (see fp8kern.quantize).");
+  m.def("linear", &linear, py::arg("kind"), py::arg("device"), py::arg("x"), py::arg("x_dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("x_row_stride"), py::arg("q"), py::arg("scale"), py::arg("scale_row_stride"),
+        py::arg("group_size"), py::arg("quant_workspace"), py::arg("family"), py::arg("block"), py::arg("b"),
+        py::arg("d"), py::arg("n"), py::arg("ldb"), py::arg("ldd"), py::arg("d_dtype"), py::arg("a_vector"),
+        py::arg("scale_b"), py::arg("b_vector"), py::arg("bias"), py::arg("fast_accum"), py::arg("config"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+        "One linear layer: the quantization launch, then the family's GEMM of its result, on the given stream "
+        "(Fp8Linear's planned forward).");
 }

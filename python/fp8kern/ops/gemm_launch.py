@@ -61,22 +61,30 @@ def run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum
 
 def launch(family: str, block: bool, index: int, a: int, b: int, d: int, M: int, N: int, K: int, lda: int, ldb: int,
            ldd: int, d_code: int, scale_a: int, a_vector: bool, scale_b: int, b_vector: bool, bias: int,
-           fast_accum: bool, stream: int | None = None) -> None:
-    """One launch of a compiled GEMM family from addresses, on the current stream, with its workspace: the binding's
-    argument order, stated once (run_gemm, row_gemms and the linear plans launch through here). Block-scaled
+           fast_accum: bool, stream: int | None = None, quantize: tuple | None = None) -> None:
+    """One launch of a compiled GEMM family from addresses, on the current stream, with its workspace: the bindings'
+    argument orders, stated once (run_gemm, row_gemms and the linear plans launch through here). Block-scaled
     launches read fp32 scales [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)] and ignore the vector flags. stream:
-    the current stream's handle where the caller already has it."""
+    the current stream's handle where the caller already has it. quantize: (kind, x, x dtype code, x row stride,
+    scale row stride, group size, per-tensor scratch) to quantize x [M, K] into a (row stride K) and scale_a (fp32;
+    the static scale for kind 'static') in the same binding call, first (fp8kern._C.linear)."""
     if stream is None:
         stream = _backend.current_stream(index)
     if block:
         args = (family, index, a, b, d, M, N, K, lda, ldb, ldd, d_code, scale_a, scale_b, bias,
                 _config_override.get(family + "_block", -1))
-        ws = _launch_workspace(args, True, fast_accum)
-        _backend._C.scaled_mm_block(*args, ws.data_ptr(), ws.numel(), stream)
     else:
         args = (family, index, a, b, d, M, N, K, lda, ldb, ldd, d_code, scale_a, a_vector, scale_b, b_vector, bias,
                 bool(fast_accum), _config_override.get(family, -1))
-        ws = _launch_workspace(args, False, fast_accum)
+    ws = _launch_workspace(args, block, fast_accum)
+    if quantize is not None:
+        kind, x, x_code, x_rs, s_rs, group, scratch = quantize
+        _backend._C.linear(kind, index, x, x_code, M, K, x_rs, a, scale_a, s_rs, group, scratch, family, block, b, d, N,
+                           ldb, ldd, d_code, a_vector, scale_b, b_vector, bias, bool(fast_accum), args[-1],
+                           ws.data_ptr(), ws.numel(), stream)
+    elif block:
+        _backend._C.scaled_mm_block(*args, ws.data_ptr(), ws.numel(), stream)
+    else:
         _backend._C.scaled_mm(*args, ws.data_ptr(), ws.numel(), stream)
 
 

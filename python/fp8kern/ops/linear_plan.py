@@ -6,9 +6,11 @@ At decode a layer's arithmetic takes microseconds, so the host work around it se
 - the weight scales' values checked once (finite, > 0: validation.check_values) where the device checks values;
 - block scales converted to fp32 once where they are stored as bf16 / fp16 / UE8M0, and the bias cast once per
   input dtype;
-- the launch itself: on the CPU family one binding call (fp8kern._cpu.linear: quantization and GEMM together, no
-  intermediate tensors); on a compiled GPU family the quantization launch and the GEMM launch with the validation
-  and path choice already done (ops/quantization.py: _quantize_impl, ops/gemm_launch.py: run_gemm).
+- the launch itself: one binding call that quantizes and multiplies, on the CPU family (fp8kern._cpu.linear, no
+  intermediate tensors) and on a compiled GPU family (fp8kern._C.linear: both launches, the activations and their
+  scales in one allocation); where the fused quantizer does not run or the output needs padding, the quantization
+  and GEMM launches with validation and path choice already done (ops/quantization.py: _quantize_impl,
+  ops/gemm_launch.py: run_gemm).
 Other paths (torch's FP8 GEMM, the dequantizing GEMM, the reference), torch.compile tracing and FP8KERN_PRINT_CONFIG
 take the unplanned forward, which validates everything on each call.
 
@@ -211,8 +213,6 @@ def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layou
     w_ptr, ws_ptr = weight.data_ptr(), ws.data_ptr()
     ldw = weight.stride(0) if N > 1 else K
     vector_a, vector_b = layout.a == "token", layout.b == "channel"
-    f32 = DTYPE_CODE[torch.float32]
-    quantize = _backend._C.quantize
 
     def run(x):
         if x.get_device() != index:
@@ -229,17 +229,15 @@ def _gpu_runner(module, family, weight, weight_scale, biases, input_scale, layou
         s = q + M * K
         dtype = x.dtype
         code = DTYPE_CODE[dtype]
-        stream = _backend.current_stream(index)
         if kind == "static":
-            quantize(kind, index, x2.data_ptr(), code, M, K, x2.stride(0), q, K, static_ptr, f32, 0, 0, 1, 0.0, 0,
-                     stream)
-            s = static_ptr
+            s, s_rs, scratch = static_ptr, 0, 0
         else:
-            quantize(kind, index, x2.data_ptr(), code, M, K, x2.stride(0), q, K, s, f32,
-                     scales_per_row if M > 1 else 0, 1, gs, 0.0, s + 16 if kind == "tensor" else 0, stream)
+            s_rs, scratch = (scales_per_row if M > 1 else 0), (s + 16 if kind == "tensor" else 0)
         bias = biases.get(dtype)
+        # one binding call: the quantization launch, then the GEMM's (fp8kern._C.linear)
         launch(family, block, index, q, w_ptr, y.data_ptr(), M, N, K, K, ldw, N, code, s, vector_a, ws_ptr, vector_b,
-               bias.data_ptr() if bias is not None else 0, fast_accum, stream)
+               bias.data_ptr() if bias is not None else 0, fast_accum, None,
+               (kind, x2.data_ptr(), code, x2.stride(0), s_rs, gs, scratch))
         return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
     run.weight_scale = ws
