@@ -33,6 +33,11 @@ PRESETS = {  # published config.json values
                         "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
                         "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
                         "tie_word_embeddings": False},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                      "tie_word_embeddings": False},
     "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                      "tie_word_embeddings": False},
@@ -77,7 +82,8 @@ def per_rank_bytes(config_dict: dict, tp: int, granularity: str, expert_parallel
             if is_fused_experts(m):
                 E, two_i, H = m.gate_up_proj.shape
                 (e0, e1), (r0, r1) = shares[name]
-                fp8 += experts_bytes(e1 - e0, H, granularity, **shard_layout(granularity, r0, r1))
+                layout = {"intermediate_size": r1 - r0} if expert_parallel else shard_layout(granularity, r0, r1)
+                fp8 += experts_bytes(e1 - e0, H, granularity, **layout)
                 seen.update(id(p) for p in m.parameters(recurse=False))
                 one_device += experts_bytes(E, H, granularity, intermediate_size=two_i // 2) if rank == 0 else 0
             elif isinstance(m, nn.Linear) and not name.endswith("lm_head"):

@@ -203,12 +203,12 @@ class Fp8Experts(_FixedDtypeBuffers):
     host (one synchronization) to size them: the layer then cannot be captured in a CUDA graph, and torch.compile
     breaks its graph there.
 
-    block_offset (block scales only; fp8kern.parallel's tensor-parallel experts): the intermediate rows start
-    block_offset rows into a 128-row block of the whole experts' grid (a shard of rows [r0, r1) passes r0 % 128).
-    The gate and up rows are then stored unpadded (I' = I, scale rows ceil((block_offset + I) / 128) each) and
-    their GEMMs cut where the whole grid's blocks end; the down projection's input is front-padded with
+    block_offset (block scales only; fp8kern.parallel's tensor-parallel experts): None for whole experts; for a
+    shard of the whole experts' intermediate rows [r0, r1), r0 % 128, where its rows start in a 128-row block of
+    the whole grid. The gate and up rows are then stored unpadded (I' = I, scale rows ceil((block_offset + I) / 128)
+    each) and their GEMMs cut where the whole grid's blocks end; the down projection's input is front-padded with
     block_offset zero columns, in down_weight [E, H, block_offset + I] and in the activations, so that its 1x128
-    groups are the whole grid's. Such a layer runs one GEMM per expert (not the grouped kernels).
+    groups are the whole grid's. Such a layer runs one GEMM per expert and cut (not the grouped kernels).
     """
 
     _FIXED_DTYPE = ("gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "gate_up_input_scale",
@@ -216,7 +216,8 @@ class Fp8Experts(_FixedDtypeBuffers):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, scheme: str = "dynamic_per_token",
                  *, act_fn=None, weight_granularity: str | None = None, scale_format: str = "fp32",
-                 fast_accum: bool = False, block_offset: int = 0, device=None, dtype: torch.dtype = torch.bfloat16):
+                 fast_accum: bool = False, block_offset: int | None = None, device=None,
+                 dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
                         ("intermediate_size", intermediate_size)):
@@ -227,14 +228,16 @@ class Fp8Experts(_FixedDtypeBuffers):
             raise TypeError(f"act_fn must be callable (the experts' activation, e.g. nn.SiLU()), got {type(act_fn)}")
         E, H, I = num_experts, hidden_size, intermediate_size
         block = weight_granularity == "block"
-        if not isinstance(block_offset, int) or not 0 <= block_offset < BLOCK or (block_offset and not block):
-            raise ValueError(f"block_offset={block_offset!r}, expected an int in [0, {BLOCK}), and 0 unless the "
-                             "weights have block scales")
-        Ip = -(-I // BLOCK) * BLOCK if block and not block_offset else I
+        if block_offset is not None and (not block or not isinstance(block_offset, int)
+                                         or not 0 <= block_offset < BLOCK):
+            raise ValueError(f"block_offset={block_offset!r}, expected None, or an int in [0, {BLOCK}) with block "
+                             "scales")
+        Ip = -(-I // BLOCK) * BLOCK if block and block_offset is None else I
         self.num_experts, self.hidden_size, self.intermediate_size, self.padded_intermediate = E, H, I, Ip
         self.block_offset = block_offset
+        pad = block_offset or 0  # the down projection's leading zero columns
         # Scale rows of the gate (and of the up) projection: block rows of the whole grid the rows touch.
-        self.scale_blocks = -(-(block_offset + I) // BLOCK) if block else I
+        self.scale_blocks = -(-(pad + I) // BLOCK) if block else I
         self.scheme, self.weight_granularity, self.scale_format = scheme, weight_granularity, scale_format
         self.act_granularity, self.dynamic, self.fast_accum = act, dynamic, fast_accum
         self.act_fn = act_fn if act_fn is not None else nn.SiLU()
@@ -243,8 +246,8 @@ class Fp8Experts(_FixedDtypeBuffers):
         self.register_buffer("gate_up_weight", torch.zeros(E, 2 * Ip, H, dtype=E4M3, device=device))
         gu_scale = (2 * self.scale_blocks, -(-H // BLOCK)) if block else (2 * Ip, 1)
         self.register_buffer("gate_up_scale", torch.ones((E,) + gu_scale, dtype=s_dtype, device=device))
-        self.register_buffer("down_weight", torch.zeros(E, H, block_offset + I, dtype=E4M3, device=device))
-        self.register_buffer("down_scale", torch.ones((E,) + _scale_shape(gran, H, block_offset + I), dtype=s_dtype,
+        self.register_buffer("down_weight", torch.zeros(E, H, pad + I, dtype=E4M3, device=device))
+        self.register_buffer("down_scale", torch.ones((E,) + _scale_shape(gran, H, pad + I), dtype=s_dtype,
                                                       device=device))
         if not dynamic:
             self.register_buffer("gate_up_input_scale", torch.ones(E, dtype=torch.float32, device=device))
@@ -319,17 +322,18 @@ class Fp8Experts(_FixedDtypeBuffers):
         return m
 
     def _gate_up_cuts(self) -> tuple:
-        """(weight rows, scale rows) of each GEMM call over gate_up_weight: all at once, or with a block_offset the
-        gate and the up rows each cut where the first block of the whole grid ends."""
-        if not self.block_offset:
+        """(weight rows, scale rows) of each GEMM call over gate_up_weight: all at once for whole experts; for a
+        shard (block_offset) the gate and the up rows apart, each cut where the whole grid's first block ends."""
+        if self.block_offset is None:
             return ((slice(None), slice(None)),)
         I, Ip, G = self.intermediate_size, self.padded_intermediate, self.scale_blocks
-        head = min(I, BLOCK - self.block_offset)  # rows in the first (shared) block
+        head = (BLOCK - self.block_offset) % BLOCK  # rows in the first block, when it is shared with another shard
         cuts = []
         for r, b in ((0, 0), (Ip, G)):  # gate, up
-            cuts.append((slice(r, r + head), slice(b, b + 1)))
-            if head < I:
-                cuts.append((slice(r + head, r + I), slice(b + 1, b + G)))
+            if 0 < head < I:
+                cuts += [(slice(r, r + head), slice(b, b + 1)), (slice(r + head, r + I), slice(b + 1, b + G))]
+            else:
+                cuts.append((slice(r, r + I), slice(b, b + G)))
         return tuple(cuts)
 
     def _gemms(self, q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, counts: list,
@@ -426,7 +430,8 @@ class Fp8Experts(_FixedDtypeBuffers):
         """Whether forward runs the grouped kernels: self.grouped, promoted accumulation (the grouped kernels have no
         fast mode; block scales always promote), and both projections supported (ops.grouped_supported)."""
         H, I, Ip = self.hidden_size, self.intermediate_size, self.padded_intermediate
-        return (self.grouped and not self.block_offset and (self.weight_granularity == "block" or not self.fast_accum)
+        return (self.grouped and self.block_offset is None
+                and (self.weight_granularity == "block" or not self.fast_accum)
                 and x.shape[0] > 0
                 and ops.grouped_supported(x.device, 2 * Ip, H, x.dtype)
                 and ops.grouped_supported(x.device, H, I, x.dtype))
@@ -501,7 +506,7 @@ class Fp8Experts(_FixedDtypeBuffers):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size="
                 f"{self.intermediate_size}, scheme={self.scheme}, weight={self.weight_granularity}"
-                + (f", block_offset={self.block_offset}" if self.block_offset else ""))
+                + (f", block_offset={self.block_offset}" if self.block_offset is not None else ""))
 
 
 @dataclass

@@ -215,12 +215,13 @@ def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of
         (e0, e1), (r0, r1) = tp.experts_share(name) if tp is not None else ((0, E), (0, I))
         foreign = {mod for (e, _), mod in names.items() if not e0 <= e < e1}
         names = {(e - e0, role): mod for (e, role), mod in names.items() if e0 <= e < e1}
+        rows = (r0, r1) if tp is not None and not tp.expert_parallel else None
+        layout = shard_layout(spec.weight_granularity, r0, r1) if rows else {"intermediate_size": I}
         fp8 = Fp8Experts(e1 - e0, H, scheme=spec.scheme, act_fn=module.act_fn,
                          weight_granularity=spec.weight_granularity, scale_format=spec.scale_format, device=device,
-                         dtype=dtype, **shard_layout(spec.weight_granularity, r0, r1))
+                         dtype=dtype, **layout)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, fp8)
-        rows = (r0, r1) if tp is not None and not tp.expert_parallel else None
         loads[name] = _ExpertsLoad(fp8, spec, names, experts=(e0, e1), foreign=foreign, sizes=(H, I), rows=rows)
     return loads
 

@@ -36,7 +36,7 @@ def intermediate_rows(intermediate_size: int, size: int, rank: int, where: str =
 
 def shard_layout(granularity: str, r0: int, r1: int) -> dict:
     """The Fp8Experts arguments of the shard holding rows [r0, r1) (see Fp8Experts' block_offset)."""
-    return {"intermediate_size": r1 - r0, "block_offset": block_pad(r0) if granularity == "block" else 0}
+    return {"intermediate_size": r1 - r0, "block_offset": block_pad(r0) if granularity == "block" else None}
 
 
 def read_range(role: str, r0: int, r1: int) -> dict:
@@ -81,7 +81,7 @@ class TensorParallelExperts(nn.Module):
     def from_experts(cls, experts: Fp8Experts, r0: int, r1: int, group=None,
                      match_single_device: bool = True) -> "TensorParallelExperts":
         """The shard of whole experts in memory."""
-        if not isinstance(experts, Fp8Experts) or experts.block_offset:
+        if not isinstance(experts, Fp8Experts) or experts.block_offset is not None:
             raise TypeError(f"tensor-parallel experts shard whole Fp8Experts, got {type(experts).__name__}")
         I = experts.intermediate_size
         if not 0 <= r0 < r1 <= I:
