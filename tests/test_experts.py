@@ -399,7 +399,8 @@ def static_input_scale(model, inputs: dict, mod: str) -> torch.Tensor:
         s = 2 * float(X.abs().max()) / 448
         return torch.tensor([s * (1.5 if hit[3] in ("up_proj", "w3") else 1.0)])
     W = ex.gate_up_proj[e].detach().double()
-    h = torch.nn.functional.silu(X @ W[:I].T) * (X @ W[I:].T)
+    i = W.shape[0] // 2  # the model's intermediate size (I, or another the caller's config sets)
+    h = torch.nn.functional.silu(X @ W[:i].T) * (X @ W[i:].T)
     return torch.tensor([2 * float(h.abs().max()) / 448])
 
 
