@@ -406,8 +406,16 @@ def run_load(world: int, name: str, path: str, ep: bool) -> str:
         assert held == counted["fp8_layers"] + counted["replicated_bf16"], (held, counted)
 
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    experts = {n: m for n, m in tp.named_modules() if isinstance(m, fp8kern.parallel.TensorParallelExperts)}
+    assert bool(experts) == (moe and not ep)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, a)) for n, m in experts.items()]
     with torch.no_grad():
         got, want, one = tp(ids).logits, ref(ids).logits, single(ids).logits
+        for h in hooks:
+            h.remove()
+        for n, layer in experts.items():  # every experts layer within its bound, its FP8 down inputs one device's
+            check_tp_experts_layer(n, single.get_submodule(n), layer, *seen[n], world)
     assert torch.equal(got, want)
     # Against one process, a sanity check (the byte-equal shard above, and the per-layer bounds of the in-memory
     # tests, are the claim): MoE logits move more, through near-ties in routing and FP8 requantization downstream.
