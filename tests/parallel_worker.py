@@ -423,7 +423,8 @@ def run_load(world: int, name: str, path: str, ep: bool) -> str:
     cos = float(x @ y / (x.norm() * y.norm()))
     assert cos > (0.999 if moe else 0.9999), cos
     # The FP8 weight bytes (e4m3 tensors) this rank holds, of one process's.
-    fp8_bytes = [sum(t.numel() for t in m.state_dict().values() if t.dtype == torch.float8_e4m3fn) for m in (tp, single)]
+    fp8_bytes = [sum(t.numel() for t in m.state_dict().values() if t.dtype == torch.float8_e4m3fn)
+                 for m in (tp, single)]
     fraction = fp8_bytes[0] / fp8_bytes[1]
     if name == DONE_WHEN:
         assert fraction <= 0.55, fraction

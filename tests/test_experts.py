@@ -182,8 +182,8 @@ def test_edge_cases_and_errors():
 
 @pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
 def test_shard_layout(scale_format):
-    """The first tensor-parallel shard of the intermediate rows, [0, 80) of 96 (fp8kern.parallel.TensorParallelExperts:
-    block_offset 0, gate and up stored unpadded, 2 x 80 rows instead of 2 x 128, run as two GEMMs), computes what
+    """The first tensor-parallel shard of the intermediate rows, [0, 80) of 96 (TensorParallelExperts: block_offset
+    0, gate and up stored unpadded, 2 x 80 rows instead of 2 x 128, run as two GEMMs), computes what
     experts of those 80 rows in the whole-experts layout (tested against the oracle above) compute with the same FP8
     weights and scales, bit for bit: the same products, summed the same way per output."""
     from fp8kern.parallel import TensorParallelExperts

@@ -101,29 +101,25 @@ def checkpoints(tmp_path_factory):
         out[name] = str(root / name)
 
     # MoE checkpoints (12 experts of intermediate size 160) in every format the loader reads MoE experts in, written
-    # as test_experts writes them, with the configs of parallel_worker; one whose experts are kept in bf16.
+    # as test_experts writes them, with the configs of parallel_worker; one whose experts are kept in bf16; the
+    # done-when checkpoint of issue 26.
     import json
     import shutil
 
     import test_experts as tx
 
+    pw = parallel_worker
+    moe = [(f"moe-{v}", v, {}, None) for v in pw.MOE_LOADS] + [
+        ("moe-qwen3-ct-fp8-dynamic-bf16-experts", "qwen3-ct-fp8-dynamic", {}, r".*\.experts\."),
+        (pw.DONE_WHEN, "qwen3-fp8-block", {"experts": 4, "hidden": 256}, None)]
     saved = dict(tx.ARCHS)
     try:
-        for variant, keep in [(v, None) for v in parallel_worker.MOE_LOADS] + [("qwen3-ct-fp8-dynamic",
-                                                                               r".*\.experts\.")]:
+        for name, variant, kw, keep in moe:
             arch = variant.split("-")[0]
-            tx.ARCHS[arch] = (lambda arch=arch: parallel_worker.moe_config(arch, inter=parallel_worker.MOE_INTER),
-                              saved[arch][1])
-            name = f"moe-{variant}" + ("-bf16-experts" if keep else "")
-            _, d = tx.write_moe(str(root / name), variant, ids, keep=keep)
-            out[name] = d
+            tx.ARCHS[arch] = (lambda arch=arch, kw=kw: pw.moe_config(arch, inter=pw.MOE_INTER, **kw), saved[arch][1])
+            out[name] = tx.write_moe(str(root / name), variant, ids, keep=keep)[1]
     finally:
         tx.ARCHS.clear()
-        tx.ARCHS.update(saved)
-    tx.ARCHS["qwen3"] = (lambda: parallel_worker.moe_config("qwen3", 4, parallel_worker.MOE_INTER, 256), saved["qwen3"][1])
-    try:
-        out[parallel_worker.DONE_WHEN] = tx.write_moe(str(root / parallel_worker.DONE_WHEN), "qwen3-fp8-block", ids)[1]
-    finally:
         tx.ARCHS.update(saved)
     # Experts of 1 row, narrower than any W: the config alone decides the refusal, before any tensor is read.
     narrow = str(root / "moe-qwen3-fp8-block-narrow")
