@@ -288,15 +288,70 @@ def expected_read(key: str, shape: tuple, dtype: str, style: str, start: int, en
     return (shape[0], end - start)
 
 
-def run_load(world: int, name: str, path: str) -> str:
-    """name 'moe-*': a MoE checkpoint, loaded with ep_size = W too."""
+# MoE checkpoints (test_parallel.py writes them): experts of intermediate size MOE_INTER, in every format the loader
+# reads MoE experts in; W = 3 and 4 load the first three only (the test file's time), each of MOE_LOADS_EP with
+# ep_size = W too.
+MOE_INTER = 160
+MOE_LOADS = ["qwen3-fp8-block", "deepseek-fp8-block", "qwen3-quark-int4-fp8", "qwen3-fp8-block-ue8m0",
+             "qwen3-ct-fp8-dynamic", "qwen3-ct-fp8-static", "qwen3-fp8-tensor-static"]
+MOE_LOADS_EP = ["qwen3-fp8-block", "deepseek-fp8-block", "qwen3-quark-int4-fp8"]
+# Issue 26's done-when, W = 2 only: Qwen3-MoE, hidden 256 (attention shards on whole blocks), 4 block-scaled experts
+# of 160 split into two shards of 80: at most 55% of one process's FP8 bytes a rank.
+DONE_WHEN = "moe-qwen3-fp8-block-4x160"
+REFUSED = ("-narrow", "-bf16-experts")  # checkpoints tp_size cannot load: 1-row experts, experts kept in bf16
+
+
+def loads_at(world: int, paths: dict) -> list[tuple]:
+    """[(checkpoint name, ep)] that load_job runs at world ranks."""
+    out = []
+    for name in paths:
+        variant = name[len("moe-"):]
+        if name == DONE_WHEN:
+            out += [(name, False)] if world == 2 else []
+        elif not name.startswith("moe-"):
+            out.append((name, False))
+        elif variant in MOE_LOADS:
+            if world == 2 or variant in MOE_LOADS[:3]:
+                out.append((name, False))
+            if variant in MOE_LOADS_EP:
+                out.append((name, True))
+        else:  # REFUSED
+            out.append((name, False))
+    return out
+
+
+def run_refused(world: int, name: str, path: str) -> str:
+    """A MoE checkpoint tp_size = W cannot shard: refused with the reason, before any tensor is read."""
+    from unittest import mock
+
+    import fp8kern
+    from fp8kern.checkpoints import loader
+
+    want = ("fewer rows than the tensor-parallel size" if name.endswith("-narrow") else
+            "the checkpoint stores these experts in high precision")
+    probe = ReadProbe()
+    try:
+        with mock.patch.object(loader, "open_shard", probe.wrap(loader.open_shard)):
+            fp8kern.from_pretrained(path, tp_size=world)
+    except ValueError as e:
+        assert want in str(e), str(e)
+    else:
+        raise AssertionError(f"{name}: from_pretrained(tp_size={world}) did not raise")
+    assert not probe.reads, f"{name}: read {sorted(probe.reads)[:3]} before refusing"
+    return f"{name}: refused before reading"
+
+
+def run_load(world: int, name: str, path: str, ep: bool) -> str:
+    """name 'moe-*': a MoE checkpoint, its experts tensor parallel, or spread whole over the ranks with ep."""
     from unittest import mock
 
     import fp8kern
     from fp8kern.checkpoints import common, loader
+    from fp8kern.parallel import split_bounds
     from fp8kern.parallel.plan import plan_shards
 
-    ep = {"ep_size": world} if name.startswith("moe-") else {}
+    moe = name.startswith("moe-")
+    ep = {"ep_size": world} if ep else {}
     probe = ReadProbe()
     with mock.patch.object(loader, "open_shard", probe.wrap(loader.open_shard)):
         tp = fp8kern.from_pretrained(path, tp_size=world, **ep)
@@ -310,13 +365,21 @@ def run_load(world: int, name: str, path: str) -> str:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
 
-    # Each planned weight read as this rank's rows or columns only, once; nothing else read twice.
+    # Each planned weight read as this rank's rows or columns only, once; nothing else read twice. Tensor-parallel
+    # experts: every expert's gate / up rows and down columns [r0, r1) of MOE_INTER, read as a planned layer's.
     header = common.read_header(path)
-    planned = {n: (style, s, e) for n, style, s, e in plan_shards(single, world, dist.get_rank(), None, bool(ep))}
-    per = 12 // world  # the MoE checkpoints have 12 experts: this rank reads experts [rank * per, (rank + 1) * per)
+    rank = dist.get_rank()
+    planned = {n: (style, s, e) for n, style, s, e in plan_shards(single, world, rank, None)}
+    if moe and not ep:
+        r0, r1 = split_bounds(MOE_INTER, world)[rank]
+        for key in header:
+            hit = re.search(r"^(.+\.experts\.\d+\.(gate_proj|up_proj|down_proj))\.weight$", key)
+            if hit:
+                planned[hit[1]] = ("rowwise" if hit[2] == "down_proj" else "colwise", r0, r1)
+    per = 12 // world  # EP: 12 experts; this rank reads experts [rank * per, (rank + 1) * per)
     for key in header:
         hit = re.search(r"\.experts\.(\d+)\.", key)
-        if ep and hit and not dist.get_rank() * per <= int(hit[1]) < (dist.get_rank() + 1) * per:
+        if ep and hit and not rank * per <= int(hit[1]) < (rank + 1) * per:
             assert key not in probe.reads, f"read {key}, an expert of another rank"
     for key, shapes in probe.reads.items():
         assert len(shapes) == 1, (key, shapes)
@@ -326,11 +389,11 @@ def run_load(world: int, name: str, path: str) -> str:
             assert shapes[0] == want, (key, shapes[0], want)
         else:
             assert shapes[0] == header[key].shape, (key, shapes[0])
-    sizes = {"F8_E4M3": 1, "I32": 4, "U32": 4, "F32": 4, "BF16": 2, "F16": 2}
+    sizes = {"F8_E4M3": 1, "F8_E8M0": 1, "I32": 4, "U32": 4, "F32": 4, "BF16": 2, "F16": 2}
     nbytes = sum(math.prod(s[0]) * sizes[header[k].dtype] for k, s in probe.reads.items())
     whole = sum(math.prod(i.shape) * sizes[i.dtype] for i in header.values())
 
-    if name in ("fp8-block-3-shards", "moe-qwen3-fp8-block"):  # the bytes tools/tp_memory.py computes, exactly
+    if name in ("fp8-block-3-shards", "moe-qwen3-fp8-block", DONE_WHEN):  # the bytes tools/tp_memory.py counts
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
         import json
 
@@ -338,37 +401,56 @@ def run_load(world: int, name: str, path: str) -> str:
 
         with open(os.path.join(path, "config.json")) as f:
             cfg = {k: v for k, v in json.load(f).items() if k != "quantization_config"}
-        counted = tp_memory.per_rank_bytes(cfg, world, "block")["ranks"][dist.get_rank()]
+        counted = tp_memory.per_rank_bytes(cfg, world, "block", bool(ep))["ranks"][rank]
         held = sum(t.numel() * t.element_size() for t in tp.state_dict().values())
         assert held == counted["fp8_layers"] + counted["replicated_bf16"], (held, counted)
 
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    experts = {n: m for n, m in tp.named_modules() if isinstance(m, fp8kern.parallel.TensorParallelExperts)}
+    assert bool(experts) == (moe and not ep)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, a)) for n, m in experts.items()]
     with torch.no_grad():
         got, want, one = tp(ids).logits, ref(ids).logits, single(ids).logits
+        for h in hooks:
+            h.remove()
+        for n, layer in experts.items():  # every experts layer within its bound, its FP8 down inputs one device's
+            check_tp_experts_layer(n, single.get_submodule(n), layer, *seen[n], world)
     assert torch.equal(got, want)
     # Against one process, a sanity check (the byte-equal shard above, and the per-layer bounds of the in-memory
     # tests, are the claim): MoE logits move more, through near-ties in routing and FP8 requantization downstream.
     x, y = got.double().flatten(), one.double().flatten()
     cos = float(x @ y / (x.norm() * y.norm()))
-    assert cos > (0.999 if ep else 0.9999), cos
-    return f"{name}: read {nbytes} of {whole} bytes, cosine to one process {cos:.7f}"
+    assert cos > (0.999 if moe else 0.9999), cos
+    # The FP8 weight bytes (e4m3 tensors) this rank holds, of one process's.
+    fp8_bytes = [sum(t.numel() for t in m.state_dict().values() if t.dtype == torch.float8_e4m3fn)
+                 for m in (tp, single)]
+    fraction = fp8_bytes[0] / fp8_bytes[1]
+    if name == DONE_WHEN:
+        assert fraction <= 0.55, fraction
+    return (f"{name}{' ep' if ep else ''}: read {nbytes} of {whole} bytes, holds {fraction:.1%} of the FP8 bytes, "
+            f"cosine to one process {cos:.7f}")
 
 
-def load_job(world: int, paths: dict) -> list[str]:
-    return [run_load(world, name, path) for name, path in paths.items()]
+def load_job(world: int, paths: dict, loads: list) -> list[str]:
+    return [run_refused(world, name, paths[name]) if name.endswith(REFUSED) else run_load(world, name, paths[name], ep)
+            for name, ep in loads]
 
 
-def moe_config(arch: str, experts: int = 12):
-    """Tiny Qwen3-MoE (a dense layer too) or DeepSeek-V3 (MLA attention, replicated; a dense first layer, a shared
-    expert): 12 experts of intermediate size 96 (not a multiple of 128: padded gate/up rows for block scales)."""
+def moe_config(arch: str, experts: int = 12, inter: int = 96, hidden: int = 192):
+    """Tiny Qwen3-MoE (a dense layer too; hidden / 16 heads) or DeepSeek-V3 (MLA attention, replicated; a dense
+    first layer, a shared expert; hidden 192): 12 experts of intermediate size inter (96 or 160: not a multiple of
+    128, so padded gate/up rows for block scales; 160 splits into tensor-parallel shards of 80, 54 / 53 / 53 and 40
+    rows)."""
     import transformers
 
     if arch == "qwen3":
-        return transformers.Qwen3MoeConfig(hidden_size=192, intermediate_size=320, moe_intermediate_size=96,
-                                           num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=12,
+        return transformers.Qwen3MoeConfig(hidden_size=hidden, intermediate_size=320, moe_intermediate_size=inter,
+                                           num_hidden_layers=2, num_attention_heads=hidden // 16,
+                                           num_key_value_heads=hidden // 16,
                                            head_dim=16, vocab_size=256, num_experts=experts, num_experts_per_tok=2,
                                            max_position_embeddings=64, mlp_only_layers=[1])
-    return transformers.DeepseekV3Config(hidden_size=192, intermediate_size=320, moe_intermediate_size=96,
+    return transformers.DeepseekV3Config(hidden_size=192, intermediate_size=320, moe_intermediate_size=inter,
                                          num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=experts,
                                          num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
                                          q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32,
@@ -376,7 +458,7 @@ def moe_config(arch: str, experts: int = 12):
                                          max_position_embeddings=64)
 
 
-def build_moe(arch: str, scheme: str, experts: int = 12):
+def build_moe(arch: str, scheme: str, experts: int = 12, inter: int = 96):
     """The MoE model quantized by quantize_model (on this seed and input some experts receive no token, which
     run_moe_case asserts)."""
     import transformers
@@ -384,7 +466,7 @@ def build_moe(arch: str, scheme: str, experts: int = 12):
     import fp8kern
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(moe_config(arch, experts))
+    model = transformers.AutoModelForCausalLM.from_config(moe_config(arch, experts, inter))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name and "lm_head" not in name and not name.endswith("gate.weight"):
@@ -467,6 +549,160 @@ def run_moe_case(world: int, arch: str, scheme: str) -> str:
     return f"{arch}/{scheme}: cosine {cos:.7f}, tokens per expert {counts.tolist()}"
 
 
+def record_down_operands(experts) -> dict:
+    """Make experts (an Fp8Experts) record its down projection's operands on each forward: the quantized input q,
+    its scales s and the rows per expert (its rows are sorted by expert, as Fp8Experts documents)."""
+    seen = {}
+    gemms = experts._gemms
+
+    def recording(q, s, weight, scale, counts, out, *cuts):
+        if weight is experts.down_weight:
+            seen.update(q=q.clone(), s=s.clone(), counts=list(counts))
+        return gemms(q, s, weight, scale, counts, out, *cuts)
+
+    experts._gemms = recording
+    return seen
+
+
+def dequantized_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float64 q * s for activation scales per tensor ([1]), per row ([rows] or [rows, 1]) or per 1x128 group."""
+    Q, S = q.double(), s.float().double()
+    if S.numel() == 1:
+        return Q * S.reshape(())
+    S = S.reshape(Q.shape[0], -1)
+    return Q * (S if S.shape[1] == 1 else S.repeat_interleave(128, dim=1)[:, :Q.shape[1]])
+
+
+def check_tp_experts_layer(name, single, tp, x, idx, w, world):
+    """Tensor-parallel experts against one device on the same input and routing. First the claim that every FP8
+    value is one device's: the down projection's quantized input on this rank (its columns [r0, r1), after the
+    block_offset padding) and its scales are bit for bit the single-device ones. Then, with those operands (A: the
+    dequantized down input, D_e: expert e's dequantized down weight, Y_j = A_j D_e^T exactly and S_j = |A_j| |D_e|^T
+    for the (token, slot) row j of weight w_j, k slots a token):
+
+        |y_tp - y_1| <= 2 gamma_M sum_j |w_j| S_j + 2u (k + 2) sum_j A_j + (k + 4) 2^-133,
+        A_j = |w_j| (|Y_j| + gamma_M S_j),  u = 2^-8,  gamma_M = M 2^-24 / (1 - M 2^-24),  M = I + G + k + W + 4
+
+    fp32 arithmetic: one device's down GEMM sums the exact FP8 products (exact in fp32) in fp32 over I columns, in
+    G = ceil(I / 128) block partial sums each scaled (2 roundings) and added; a rank does the same over its columns,
+    then multiplies by w_j, adds k rows per token and the all_reduce adds W partials, all in fp32: each side is
+    within gamma_M sum_j |w_j| S_j of the exact sum_j w_j Y_j. bf16 (u): one device rounds y_j, then y_j w_j, then
+    each of its k additions (of partial sums at most sum A_j, grown by (1 + u)^2); the tensor-parallel result is
+    rounded once: (k + 3) u (1 + u)^2 + 2^-24 <= 2u (k + 2) of sum A_j, plus half the bf16 subnormal step per
+    rounding. The gate/up GEMMs need no term: their inputs and weights are one device's, so h is too (checked
+    through its FP8 values)."""
+    from experts_oracle import deq64
+
+    from fp8kern.parallel.sharding import block_range
+
+    one, mine = record_down_operands(single), record_down_operands(tp.local)
+    ref, got = single(x, idx, w), tp(x, idx, w)
+    del single._gemms, tp.local._gemms
+    if "q" not in one:  # no row routed to any expert: nothing computed on either side
+        assert "q" not in mine and not bool(ref.any()) and not bool(got.any())
+        return
+    r0, r1 = tp.rows
+    pad = tp.local.block_offset
+    assert one["counts"] == mine["counts"]
+    assert torch.equal(mine["q"][:, pad:].view(torch.uint8), one["q"][:, r0:r1].view(torch.uint8)), \
+        f"{name}: the down projection's FP8 input differs from one device's"
+    s1, s_tp = one["s"], mine["s"]
+    if single.act_granularity == "group" and single.dynamic:
+        s1 = s1[:, block_range(r0, r1)]
+    assert torch.equal(s_tp.float(), s1.float()), f"{name}: the down projection's input scales differ"
+
+    block = single.weight_granularity == "block"
+    A = dequantized_rows(one["q"], one["s"])
+    k, I, H = idx.shape[1], single.intermediate_size, single.hidden_size
+    flat = idx.reshape(-1).long()
+    sel = torch.argsort(flat, stable=True)[:A.shape[0]]  # the rows' (token, slot) pairs, grouped by expert
+    Y, S = torch.zeros(A.shape[0], H, dtype=torch.float64), torch.zeros(A.shape[0], H, dtype=torch.float64)
+    r = 0
+    for e, c in enumerate(one["counts"]):
+        if c:
+            D = deq64(*single.projection(e, "down"), block)
+            Y[r:r + c], S[r:r + c] = A[r:r + c] @ D.T, A[r:r + c].abs() @ D.abs().T
+        r += c
+    M = I + -(-I // 128) + k + world + 4
+    gamma = M * 2.0**-24 / (1 - M * 2.0**-24)
+    wj = w.reshape(-1)[sel].double().abs()[:, None]
+    token = sel // k
+    fp32 = torch.zeros(x.shape, dtype=torch.float64).index_add_(0, token, wj * S)
+    Aj = torch.zeros(x.shape, dtype=torch.float64).index_add_(0, token, wj * (Y.abs() + gamma * S))
+    bound = 2 * gamma * fp32 + 2 * 2.0**-8 * (k + 2) * Aj + (k + 4) * 2.0**-133
+    err = (got.double() - ref.double()).abs()
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), (f"{name}: |tp - single| = {float(err.flatten()[worst])} > bound "
+                                        f"{float(bound.flatten()[worst])}")
+
+
+def run_tp_experts_case(world: int, arch: str, scheme: str, match: bool = True) -> str:
+    """Experts of intermediate size 160 split into W shards (80; 54 / 53 / 53; 40 rows: below 128 and, at W = 3 and
+    4, not multiples of 16), with tp_size = W and no ep_size: every experts layer against one device
+    (check_tp_experts_layer) on the model's routing and on crafted routing where most experts receive no token,
+    every tensor-parallel layer within its bound, an out-of-range expert index raising on every rank."""
+    import fp8kern
+    from fp8kern.parallel import ColumnParallel, RowParallel, TensorParallelExperts, split_bounds
+
+    model, ids = build_moe(arch, scheme, inter=160)
+    single = copy.deepcopy(model)
+    fp8kern.parallel.shard_model(model, tp_size=world, match_single_device=match)
+    tpe = {n: m for n, m in model.named_modules() if isinstance(m, TensorParallelExperts)}
+    tps = {n: m for n, m in model.named_modules() if isinstance(m, (ColumnParallel, RowParallel))}
+    assert tpe and tps
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, (*a, out)))
+             for n, m in {**tpe, **tps}.items()]
+    with torch.no_grad():
+        got, want = model(ids).logits, single(ids).logits
+        for h in hooks:
+            h.remove()
+        if match:
+            for n, layer in tpe.items():
+                x, idx, w, _ = seen[n]
+                assert layer.rows == split_bounds(160, world)[dist.get_rank()] and layer.local.num_experts == 12
+                check_tp_experts_layer(n, single.get_submodule(n), layer, x, idx, w, world)
+                crafted = torch.zeros_like(idx)  # most slots to expert 0, some to 5, some to no expert (12)
+                crafted[1::3, 1] = 5
+                crafted[2::4, 0] = 12
+                check_tp_experts_layer(n, single.get_submodule(n), layer, x, crafted, w, world)
+                check_tp_experts_layer(n, single.get_submodule(n), layer, x, torch.full_like(idx, 12), w, world)
+                bad = crafted.clone()
+                bad[0, 0] = 13
+                try:
+                    layer(x, bad, w)
+                except ValueError as e:
+                    assert "outside" in str(e), str(e)
+                else:
+                    raise AssertionError("an expert index outside [0, 12] did not raise")
+            check_tp_layers(single, tps, {n: (seen[n][0], seen[n][-1]) for n in tps}, world)
+    # A sanity check (the per-layer bounds are the claim): the experts' outputs are rounded to bf16 once here and
+    # several times on one device, and a one-ulp difference can flip an FP8 rounding or a routing near-tie
+    # downstream.
+    cos = logits_agree(got, want, world, 0.999 if match else 0.99)
+    return f"{arch}/{scheme}/match={match}: cosine {cos:.7f}"
+
+
+TP_EXPERTS_CASES = [("qwen3", "block128"), ("deepseek", "block128"), ("qwen3", "dynamic_per_token"),
+                    ("deepseek", "dynamic_per_tensor"), ("qwen3", "block128", False)]
+
+
+def tp_experts_job(world: int) -> list[str]:
+    lines = [run_tp_experts_case(world, *case) for case in TP_EXPERTS_CASES]
+    import fp8kern
+
+    model, _ = build_moe("qwen3", "block128", inter=world - 1)  # fewer intermediate rows than ranks
+    try:
+        fp8kern.parallel.shard_model(model, tp_size=world)
+    except ValueError as e:
+        assert f"intermediate size {world - 1}, fewer rows than the tensor-parallel size {world}" in str(e), str(e)
+        assert "pass ep_size" in str(e), str(e)
+    else:
+        raise AssertionError("experts narrower than the number of ranks did not raise")
+    assert not any(type(m).__name__ in ("ColumnParallel", "TensorParallelExperts") for m in model.modules())
+    return lines
+
+
 MOE_CASES = [("qwen3", "dynamic_per_token"), ("qwen3", "dynamic_per_tensor"), ("qwen3", "block128"),
              ("deepseek", "block128"), ("deepseek", "dynamic_per_token")]
 
@@ -474,13 +710,6 @@ MOE_CASES = [("qwen3", "dynamic_per_token"), ("qwen3", "dynamic_per_tensor"), ("
 def run_moe_errors(world: int) -> None:
     import fp8kern
 
-    model, _ = build_moe("qwen3", "dynamic_per_token")
-    try:
-        fp8kern.parallel.shard_model(model, tp_size=world)
-    except NotImplementedError as e:
-        assert "pass ep_size" in str(e), str(e)
-    else:
-        raise AssertionError("MoE experts without ep_size did not raise")
     if world == 4:  # 6 experts over 4 ranks
         model, _ = build_moe("qwen3", "dynamic_per_token", experts=6)
         try:

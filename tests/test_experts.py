@@ -189,8 +189,39 @@ def test_edge_cases_and_errors():
         Fp8Experts.from_experts(ex, "static_per_tensor")
     with pytest.raises(ValueError, match="weight_granularity='block'"):
         Fp8Experts(E, H, I, "dynamic_per_token", weight_granularity="block")
+    with pytest.raises(ValueError, match=r"block_offset=5, expected None, or an int in \[0, 128\) with block scales"):
+        Fp8Experts(E, H, I, "dynamic_per_token", block_offset=5)
+    with pytest.raises(ValueError, match="block_offset=128"):
+        Fp8Experts(E, H, I, "block128", block_offset=128)
     with pytest.raises(TypeError, match="fused experts module"):
         Fp8Experts.from_experts(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
+def test_shard_layout(scale_format):
+    """The first tensor-parallel shard of the intermediate rows, [0, 80) of 96 (TensorParallelExperts: block_offset
+    0, gate and up stored unpadded, 2 x 80 rows instead of 2 x 128, run as two GEMMs), computes what
+    experts of those 80 rows in the whole-experts layout (tested against the oracle above) compute with the same FP8
+    weights and scales, bit for bit: the same products, summed the same way per output."""
+    from fp8kern.parallel import TensorParallelExperts
+
+    ex = make_experts()
+    with torch.no_grad():  # up's block scales 16x gate's: a scale applied to the other projection's rows shows
+        ex.gate_up_proj[:, I:] *= 16
+    m = Fp8Experts.from_experts(ex, "block128", scale_format=scale_format)
+    local = TensorParallelExperts.from_experts(m, 0, 80, match_single_device=False).local  # no collective
+    assert local.block_offset == 0 and local.gate_up_weight.shape == (E, 160, H)
+    local.partial_sums = False  # the shard's output as it is, in bf16
+    whole = Fp8Experts(E, H, 80, "block128", scale_format=scale_format)
+    assert whole.gate_up_weight.shape == (E, 256, H)
+    with torch.no_grad():
+        for e in range(E):
+            for role in ("gate", "up", "down"):
+                for dst, src in zip(whole.projection(e, role), local.projection(e, role)):
+                    dst.copy_(src)
+    idx, w = routing(9, E, K_TOP)
+    x = torch.randn(9, H, dtype=torch.bfloat16)
+    assert torch.equal(local(x, idx, w), whole(x, idx, w))
 
 
 def test_state_dict_and_dtype_casts():
@@ -416,7 +447,8 @@ def static_input_scale(model, inputs: dict, mod: str) -> torch.Tensor:
         s = 2 * float(X.abs().max()) / 448
         return torch.tensor([s * (1.5 if hit[3] in ("up_proj", "w3") else 1.0)])
     W = ex.gate_up_proj[e].detach().double()
-    h = torch.nn.functional.silu(X @ W[:I].T) * (X @ W[I:].T)
+    i = W.shape[0] // 2  # the model's intermediate size (I, or another the caller's config sets)
+    h = torch.nn.functional.silu(X @ W[:i].T) * (X @ W[i:].T)
     return torch.tensor([2 * float(h.abs().max()) / 448])
 
 

@@ -100,30 +100,48 @@ def checkpoints(tmp_path_factory):
         write(str(root / name))
         out[name] = str(root / name)
 
-    # MoE checkpoints (12 experts), written as test_experts writes them, with the configs of parallel_worker.
+    # MoE checkpoints (12 experts of intermediate size 160) in every format the loader reads MoE experts in, written
+    # as test_experts writes them, with the configs of parallel_worker; one whose experts are kept in bf16; the
+    # done-when checkpoint of issue 26.
+    import json
+    import shutil
+
     import test_experts as tx
 
+    pw = parallel_worker
+    moe = [(f"moe-{v}", v, {}, None) for v in pw.MOE_LOADS] + [
+        ("moe-qwen3-ct-fp8-dynamic-bf16-experts", "qwen3-ct-fp8-dynamic", {}, r".*\.experts\."),
+        (pw.DONE_WHEN, "qwen3-fp8-block", {"experts": 4, "hidden": 256}, None)]
     saved = dict(tx.ARCHS)
     try:
-        for arch, variant in (("qwen3", "qwen3-fp8-block"), ("deepseek", "deepseek-fp8-block"),
-                              ("qwen3", "qwen3-quark-int4-fp8")):
-            tx.ARCHS[arch] = (lambda arch=arch: parallel_worker.moe_config(arch), saved[arch][1])
-            _, d = tx.write_moe(str(root), variant, ids)
-            out[f"moe-{variant}"] = d
+        for name, variant, kw, keep in moe:
+            arch = variant.split("-")[0]
+            tx.ARCHS[arch] = (lambda arch=arch, kw=kw: pw.moe_config(arch, inter=pw.MOE_INTER, **kw), saved[arch][1])
+            out[name] = tx.write_moe(str(root / name), variant, ids, keep=keep)[1]
     finally:
         tx.ARCHS.clear()
         tx.ARCHS.update(saved)
+    # Experts of 1 row, narrower than any W: the config alone decides the refusal, before any tensor is read.
+    narrow = str(root / "moe-qwen3-fp8-block-narrow")
+    shutil.copytree(out["moe-qwen3-fp8-block"], narrow)
+    with open(f"{narrow}/config.json") as f:
+        cfg = json.load(f)
+    with open(f"{narrow}/config.json", "w") as f:
+        json.dump({**cfg, "moe_intermediate_size": 1}, f)
+    out["moe-qwen3-fp8-block-narrow"] = narrow
     return out
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_from_pretrained_tensor_parallel(tmp_path, checkpoints, world):
-    """from_pretrained(tp_size=W) on every rank (and ep_size=W for the MoE checkpoints): the same shard as loading
-    whole and sharding in memory, byte for byte, with each planned weight read as the rank's rows or columns only
-    and no other rank's expert read at all (a probe records every read), and the logits of the whole model on
-    every rank (tests/parallel_worker.py: run_load)."""
-    reports = spawn(world, tmp_path, "load_job", checkpoints)
-    assert all(len(r.splitlines()) == len(checkpoints) for r in reports)
+    """from_pretrained(tp_size=W) on every rank, MoE checkpoints with tensor-parallel experts and (some) with
+    ep_size=W too: the same shard as loading whole and sharding in memory, byte for byte, with each planned weight
+    and each expert weight read as the rank's rows or columns only and no other rank's expert read at all (a probe
+    records every read), the bytes tools/tp_memory.py counts, and the logits of the whole model on every rank
+    (tests/parallel_worker.py: run_load); experts that cannot be split refused before any read."""
+    loads = parallel_worker.loads_at(world, checkpoints)
+    reports = spawn(world, tmp_path, "load_job", checkpoints, loads)
+    assert all(len(r.splitlines()) == len(loads) for r in reports)
     print(f"W={world}:\n" + "\n".join(reports))
 
 
@@ -133,4 +151,15 @@ def test_expert_parallel_moe(tmp_path, world):
     receives no token) and every tensor-parallel layer within its derived bound (tests/parallel_worker.py)."""
     reports = spawn(world, tmp_path, "moe_job")
     assert all(len(r.splitlines()) == len(parallel_worker.MOE_CASES) for r in reports)
+    print(f"W={world}:\n" + reports[0])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_tensor_parallel_experts(tmp_path, world):
+    """Qwen3-MoE and DeepSeek-V3 with tp_size = W and no ep_size: every expert's intermediate rows split over the
+    ranks (160 into 80; 54 / 53 / 53; 40), each experts layer's FP8 down inputs bit for bit one device's and its
+    output within the derived bound, on the model's routing and on routings where most experts, or all, receive no
+    token (tests/parallel_worker.py: check_tp_experts_layer); too narrow experts refused before any change."""
+    reports = spawn(world, tmp_path, "tp_experts_job")
+    assert all(len(r.splitlines()) == len(parallel_worker.TP_EXPERTS_CASES) for r in reports)
     print(f"W={world}:\n" + reports[0])

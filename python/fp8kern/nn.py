@@ -214,6 +214,13 @@ class Fp8Experts(_FixedDtypeBuffers):
     Every other case runs one GEMM per active expert and projection, reading the number of tokens per expert on the
     host (one synchronization) to size them: the layer then cannot be captured in a CUDA graph, and torch.compile
     breaks its graph there.
+
+    block_offset (block scales only; fp8kern.parallel's tensor-parallel experts): None for whole experts; for a
+    shard of the whole experts' intermediate rows [r0, r1), r0 % 128, where its rows start in a 128-row block of
+    the whole grid. The gate and up rows are then stored unpadded (I' = I, scale rows ceil((block_offset + I) / 128)
+    each) and their GEMMs cut where the whole grid's blocks end; the down projection's input is front-padded with
+    block_offset zero columns, in down_weight [E, H, block_offset + I] and in the activations, so that its 1x128
+    groups are the whole grid's. Such a layer runs one GEMM per expert and cut (not the grouped kernels).
     """
 
     _FIXED_DTYPE = ("gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "gate_up_input_scale",
@@ -221,7 +228,8 @@ class Fp8Experts(_FixedDtypeBuffers):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, scheme: str = "dynamic_per_token",
                  *, act_fn=None, weight_granularity: str | None = None, scale_format: str = "fp32",
-                 fast_accum: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
+                 fast_accum: bool = False, block_offset: int | None = None, device=None,
+                 dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
                         ("intermediate_size", intermediate_size)):
@@ -232,18 +240,27 @@ class Fp8Experts(_FixedDtypeBuffers):
             raise TypeError(f"act_fn must be callable (the experts' activation, e.g. nn.SiLU()), got {type(act_fn)}")
         E, H, I = num_experts, hidden_size, intermediate_size
         block = weight_granularity == "block"
-        Ip = -(-I // BLOCK) * BLOCK if block else I
+        if block_offset is not None and (not block or not isinstance(block_offset, int)
+                                         or not 0 <= block_offset < BLOCK):
+            raise ValueError(f"block_offset={block_offset!r}, expected None, or an int in [0, {BLOCK}) with block "
+                             "scales")
+        Ip = -(-I // BLOCK) * BLOCK if block and block_offset is None else I
         self.num_experts, self.hidden_size, self.intermediate_size, self.padded_intermediate = E, H, I, Ip
+        self.block_offset = block_offset
+        pad = block_offset or 0  # the down projection's leading zero columns
+        # Scale rows of the gate (and of the up) projection: block rows of the whole grid the rows touch.
+        self.scale_blocks = -(-(pad + I) // BLOCK) if block else I
         self.scheme, self.weight_granularity, self.scale_format = scheme, weight_granularity, scale_format
         self.act_granularity, self.dynamic, self.fast_accum = act, dynamic, fast_accum
         self.act_fn = act_fn if act_fn is not None else nn.SiLU()
         s_dtype = E8M0 if scale_format == "ue8m0" else torch.float32
         gran = "block" if block else "channel"
         self.register_buffer("gate_up_weight", torch.zeros(E, 2 * Ip, H, dtype=E4M3, device=device))
-        self.register_buffer("gate_up_scale", torch.ones((E,) + _scale_shape(gran, 2 * Ip, H), dtype=s_dtype,
-                                                         device=device))
-        self.register_buffer("down_weight", torch.zeros(E, H, I, dtype=E4M3, device=device))
-        self.register_buffer("down_scale", torch.ones((E,) + _scale_shape(gran, H, I), dtype=s_dtype, device=device))
+        gu_scale = (2 * self.scale_blocks, -(-H // BLOCK)) if block else (2 * Ip, 1)
+        self.register_buffer("gate_up_scale", torch.ones((E,) + gu_scale, dtype=s_dtype, device=device))
+        self.register_buffer("down_weight", torch.zeros(E, H, pad + I, dtype=E4M3, device=device))
+        self.register_buffer("down_scale", torch.ones((E,) + _scale_shape(gran, H, pad + I), dtype=s_dtype,
+                                                      device=device))
         if not dynamic:
             self.register_buffer("gate_up_input_scale", torch.ones(E, dtype=torch.float32, device=device))
             self.register_buffer("down_input_scale", torch.ones(E, dtype=torch.float32, device=device))
@@ -252,25 +269,30 @@ class Fp8Experts(_FixedDtypeBuffers):
         # On Hopper both projections run as one grouped launch each (see the class docstring); False runs one GEMM
         # per active expert, as every other case does.
         self.grouped = True
-        # Expert parallel (fp8kern.parallel.ExpertParallel): with dynamic per-tensor activations, a callable that
-        # reduces the down projection's input amax (fp32, shape (1,)) over the ranks, so that the scale is the one
-        # all the experts' rows would get on one device. Called on every forward, rows or not.
+        # Set by fp8kern.parallel where the down projection's dynamic input scale depends on other ranks' data: a
+        # callable taking this rank's amax on the scale grid (fp32 [1] per tensor, [rows, 1] per token, [rows, G]
+        # per 1x128 group) and returning the amax one device would see. Per tensor it is called on every forward,
+        # rows or not (expert parallel: another rank's rows wait for it); per token or group only with rows, which
+        # then are the same rows on every rank (tensor parallel).
         self.amax_reduce = None
+        # Tensor-parallel experts: the down projection's output and the combination kept in fp32, unrounded, for the
+        # fp32 sum over the ranks; forward then returns fp32.
+        self.partial_sums = False
 
     def projection(self, expert: int, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, weight_scale) views of one expert's 'gate', 'up' or 'down' projection, in Fp8Linear's layout
-        ([N, K] e4m3; (N, 1) per channel or (ceil(N/128), ceil(K/128)) per block): loaders fill them in place."""
+        ([N, K] e4m3; (N, 1) per channel or (ceil(N/128), ceil(K/128)) per block; with a block_offset the gate and up
+        scales have ceil((block_offset + I) / 128) rows and down is [H, block_offset + I], its first block_offset
+        columns zero): loaders fill them in place."""
         I, Ip = self.intermediate_size, self.padded_intermediate
         if role == "down":
             return self.down_weight[expert], self.down_scale[expert]
         if role not in ("gate", "up"):
             raise ValueError(f"role={role!r}, expected 'gate', 'up' or 'down'")
-        r0 = 0 if role == "gate" else Ip
-        b0 = r0 // BLOCK
-        w = self.gate_up_weight[expert, r0:r0 + I]
-        if self.weight_granularity == "block":
-            return w, self.gate_up_scale[expert, b0:b0 + -(-I // BLOCK)]
-        return w, self.gate_up_scale[expert, r0:r0 + I]
+        up = role == "up"
+        w = self.gate_up_weight[expert, Ip * up:Ip * up + I]
+        G = self.scale_blocks
+        return w, self.gate_up_scale[expert, G * up:G * up + G]
 
     @classmethod
     def from_experts(cls, experts: nn.Module, scheme: str = "dynamic_per_token", *,
@@ -311,9 +333,25 @@ class Fp8Experts(_FixedDtypeBuffers):
                 m.down_input_scale.copy_(s[:, 1])
         return m
 
+    def _gate_up_cuts(self) -> tuple:
+        """(weight rows, scale rows) of each GEMM call over gate_up_weight: all at once for whole experts; for a
+        shard (block_offset) the gate and the up rows apart, each cut where the whole grid's first block ends."""
+        if self.block_offset is None:
+            return ((slice(None), slice(None)),)
+        I, Ip, G = self.intermediate_size, self.padded_intermediate, self.scale_blocks
+        head = (BLOCK - self.block_offset) % BLOCK  # rows in the first block, when it is shared with another shard
+        cuts = []
+        for r, b in ((0, 0), (Ip, G)):  # gate, up
+            if 0 < head < I:
+                cuts += [(slice(r, r + head), slice(b, b + 1)), (slice(r + head, r + I), slice(b + 1, b + G))]
+            else:
+                cuts.append((slice(r, r + I), slice(b, b + G)))
+        return tuple(cuts)
+
     def _gemms(self, q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, counts: list,
-               out: torch.Tensor) -> None:
-        """out[rows of e] = expert e's GEMM of q's rows of e (rows sorted by expert, counts[e] of them)."""
+               out: torch.Tensor, cuts=((slice(None), slice(None)),)) -> None:
+        """out[rows of e] = expert e's GEMM of q's rows of e (rows sorted by expert, counts[e] of them); cuts: the
+        (weight rows, scale rows) of each call (_gate_up_cuts), whose outputs are the same columns of out."""
         per_row = not (self.dynamic and self.act_granularity == "tensor")  # else s is the one (1,) scale
         # Host cost per expert matters (prefill runs every expert): the first GEMM goes through scaled_mm's full
         # validation; the others differ from it only in row count and expert index, so they take the validated
@@ -324,21 +362,24 @@ class Fp8Experts(_FixedDtypeBuffers):
         else:
             layout = ops.Layout("token" if per_row else "tensor", "channel")
         compiling = torch.compiler.is_compiling()  # then every GEMM goes through scaled_mm (its custom op)
+        whole = cuts == ((slice(None), slice(None)),)
         first = True
         r = 0
         for e, c in enumerate(counts):
             if c:
-                a, sa, d = q[r:r + c], (s[r:r + c] if per_row else s), out[r:r + c]
-                if compiling:
-                    ops.scaled_mm(a, weight[e], sa, scale[e], out_dtype=out.dtype, out=d, fast_accum=self.fast_accum)
-                elif first:
-                    ops.scaled_mm(a, weight[e], sa, scale[e], out_dtype=out.dtype, out=d, fast_accum=self.fast_accum)
-                    first = False
-                    # The rest from addresses, one launch each, where the path and operands allow it.
-                    if row_gemms(q, s, weight, scale, counts, out, layout, self.fast_accum, e + 1, r + c):
-                        return
-                else:
-                    scaled_mm_impl(a, weight[e], sa, scale[e], out.dtype, None, layout, self.fast_accum, d)
+                a, sa = q[r:r + c], (s[r:r + c] if per_row else s)
+                for rows, blocks in cuts:
+                    w, sw, d = weight[e, rows], scale[e, blocks], out[r:r + c, rows]
+                    if first or compiling:
+                        ops.scaled_mm(a, w, sa, sw, out_dtype=out.dtype, out=d, fast_accum=self.fast_accum)
+                        first = False
+                        # Whole experts: the rest from addresses, one launch each, where the path and operands
+                        # allow it (ops/gemm.py: row_gemms).
+                        if whole and not compiling and row_gemms(q, s, weight, scale, counts, out, layout,
+                                                                 self.fast_accum, e + 1, r + c):
+                            return
+                    else:
+                        scaled_mm_impl(a, w, sa, sw, out.dtype, None, layout, self.fast_accum, d)
             r += c
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -371,9 +412,10 @@ class Fp8Experts(_FixedDtypeBuffers):
                              f"{E}] (num_experts={E}; {E} means no expert)")
         counts = bins[1:E + 1]
         rows = sum(counts)
-        out = torch.zeros_like(x)
+        acc = torch.float32 if self.partial_sums else x.dtype  # the dtype of the down GEMM and the combination
+        out = torch.zeros(x.shape, dtype=acc, device=x.device)
         if rows == 0:
-            if self._reduces_amax():  # the other ranks' reduction waits for this one's
+            if self._reduces_amax() and self.act_granularity == "tensor":  # another rank's reduction waits for it
                 self.amax_reduce(torch.zeros(1, dtype=torch.float32, device=x.device))
             return out
         sel = torch.argsort(flat, stable=True)[:rows]  # (token, slot) pairs grouped by expert; no-expert ones last
@@ -387,36 +429,40 @@ class Fp8Experts(_FixedDtypeBuffers):
             expert = flat[sel]
             q, s = ops.quantize(ops.as_rows(x)[token], "token", scale=self.gate_up_input_scale[expert])
         gate_up = torch.empty((rows, 2 * Ip), dtype=x.dtype, device=x.device)
-        self._gemms(q, s, self.gate_up_weight, self.gate_up_scale, counts, gate_up)
+        self._gemms(q, s, self.gate_up_weight, self.gate_up_scale, counts, gate_up, self._gate_up_cuts())
         h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
+        if self.block_offset:  # the 1x128 groups of the whole grid (the padding is zero: it adds nothing)
+            h = torch.nn.functional.pad(h, (self.block_offset, 0))
         if self._reduces_amax():
             q, s = self._quantize_reduced(h)
         elif self.dynamic:
             q, s = ops.quantize(h, self.act_granularity, scale_format=self.scale_format)
         else:
             q, s = ops.quantize(h, "token", scale=self.down_input_scale[expert])
-        y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
+        y = torch.empty((rows, H), dtype=acc, device=x.device)
         self._gemms(q, s, self.down_weight, self.down_scale, counts, y)
         weights = top_k_weights.reshape(-1)[sel]
-        return out.index_add_(0, token, (y * weights[:, None]).to(x.dtype))
+        return out.index_add_(0, token, (y * weights[:, None]).to(acc))
 
     def _grouped_runs(self, x: torch.Tensor) -> bool:
         """Whether forward runs the grouped kernels: self.grouped, promoted accumulation (the grouped kernels have no
         fast mode; block scales always promote), and both projections supported (ops.grouped_supported)."""
         H, I, Ip = self.hidden_size, self.intermediate_size, self.padded_intermediate
-        return (self.grouped and (self.weight_granularity == "block" or not self.fast_accum) and x.shape[0] > 0
+        return (self.grouped and self.block_offset is None
+                and (self.weight_granularity == "block" or not self.fast_accum)
+                and x.shape[0] > 0
                 and ops.grouped_supported(x.device, 2 * Ip, H, x.dtype)
                 and ops.grouped_supported(x.device, H, I, x.dtype))
 
     def _reduces_amax(self) -> bool:
-        return self.amax_reduce is not None and self.dynamic and self.act_granularity == "tensor"
+        return self.amax_reduce is not None and self.dynamic
 
     def _quantize_reduced(self, h: torch.Tensor):
-        """Per-tensor dynamic quantization of h with its amax reduced by amax_reduce (the dynamic scale rule)."""
-        amax = h.detach().abs().amax().float().reshape(1) if h.numel() else h.new_zeros(1, dtype=torch.float32)
+        """Dynamic quantization of h [rows, K] with its amax reduced by amax_reduce (the dynamic scale rule)."""
+        gran = self.act_granularity
         ue8m0 = self.scale_format == "ue8m0"
-        s = reference.scale_from_amax(self.amax_reduce(amax), None, ue8m0)
-        q, _ = ops.quantize(h, "tensor", scale=s)
+        s = reference.scale_from_amax(self.amax_reduce(reference.activation_amax(h.detach(), gran)), None, ue8m0)
+        q, _ = ops.quantize(h, gran, scale=s)
         return q, (s.to(E8M0) if ue8m0 else s)
 
     def _forward_grouped(self, x: torch.Tensor, flat: torch.Tensor, k: int, top_k_weights: torch.Tensor):
@@ -448,11 +494,11 @@ class Fp8Experts(_FixedDtypeBuffers):
             the grouped kernel takes it: [rows, ceil(K/128)] per group, else one per row."""
             if not self.dynamic:
                 return ops.quantize(h if gathered else h[token], "token", scale=input_scale[expert])
-            if gathered and self.act_granularity == "tensor":  # rows never computed must not enter the amax
-                h = torch.where(routed[:, None], h, 0)
+            if gathered and (self.act_granularity == "tensor" or self._reduces_amax()):
+                h = torch.where(routed[:, None], h, 0)  # rows never computed must not enter an amax
             if gathered and self._reduces_amax():
                 q, s = self._quantize_reduced(h)
-                return q, s.expand(rows)
+                return q, (s.expand(rows) if self.act_granularity == "tensor" else s)
             q, s = ops.quantize(h, self.act_granularity, scale_format=self.scale_format)
             if not gathered:
                 q = q[token]
@@ -465,18 +511,20 @@ class Fp8Experts(_FixedDtypeBuffers):
         mm(q, s, self.gate_up_weight, self.gate_up_scale, offsets, gate_up)
         h = self.act_fn(gate_up[:, :I]) * gate_up[:, Ip:Ip + I]
         q, s = quantize(h, self.down_input_scale, gathered=True)
-        y = torch.empty((rows, H), dtype=x.dtype, device=x.device)
+        acc = torch.float32 if self.partial_sums else x.dtype
+        y = torch.empty((rows, H), dtype=acc, device=x.device)
         mm(q, s, self.down_weight, self.down_scale, offsets, y)
         weights = top_k_weights.reshape(-1)[order]
         # Rows routed nowhere (never computed: they hold anything) are summed into a scratch row T, sliced off.
         dest = torch.where(routed, token, T)
-        out = x.new_zeros((T + 1, H)).index_add_(0, dest, (y * weights[:, None]).to(x.dtype))[:T]
+        out = x.new_zeros((T + 1, H), dtype=acc).index_add_(0, dest, (y * weights[:, None]).to(acc))[:T]
         # An index outside [0, E] cannot raise here without a host read: its token's row becomes NaN instead.
         return out.masked_fill_((~valid).view(T, k).any(1, keepdim=True), float("nan"))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size="
-                f"{self.intermediate_size}, scheme={self.scheme}, weight={self.weight_granularity}")
+                f"{self.intermediate_size}, scheme={self.scheme}, weight={self.weight_granularity}"
+                + (f", block_offset={self.block_offset}" if self.block_offset is not None else ""))
 
 
 @dataclass

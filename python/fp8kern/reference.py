@@ -14,7 +14,7 @@ import torch
 from ._constants import BLOCK, E4M3, E4M3_MAX, E8M0, MIN_SCALE
 
 __all__ = [
-    "E4M3_MAX", "MIN_SCALE", "scale_from_amax", "quantize", "quantize_weight", "dequantize", "expand_scale",
+    "E4M3_MAX", "MIN_SCALE", "scale_from_amax", "activation_amax", "quantize", "quantize_weight", "dequantize", "expand_scale",
     "scaled_mm",
 ]
 
@@ -69,20 +69,23 @@ def quantize(x: torch.Tensor, granularity: str = "token", group_size: int = BLOC
     if scale is not None:
         return _apply(x, expand_scale(scale.float().reshape(_scale_grid(scale, M, K, granularity, group_size)),
                                       M, K, *_block_of(granularity, M, K, group_size))), scale
-    if granularity == "token":
-        s = scale_from_amax(_amax(x, dim=1, keepdim=True), scale_ub, ue8m0)
-        q = _apply(x, s)
-    elif granularity == "tensor":
-        s = scale_from_amax(_amax(x).reshape(1) if x.numel() else torch.zeros(1, device=x.device), scale_ub, ue8m0)
-        q = _apply(x, s)
-    elif granularity == "group":
-        G = math.ceil(K / group_size)
-        xp = torch.nn.functional.pad(x.float(), (0, G * group_size - K)).reshape(M, G, group_size)
-        s = scale_from_amax(_amax(xp, dim=2), scale_ub, ue8m0)
-        q = _apply(x, expand_scale(s, M, K, 1, group_size))
-    else:
-        raise ValueError(f"granularity={granularity!r}, expected 'token', 'tensor' or 'group'")
+    s = scale_from_amax(activation_amax(x, granularity, group_size), scale_ub, ue8m0)
+    q = _apply(x, expand_scale(s, M, K, 1, group_size) if granularity == "group" else s)
     return q, (s.to(E8M0) if ue8m0 else s)
+
+
+def activation_amax(x: torch.Tensor, granularity: str = "token", group_size: int = BLOCK) -> torch.Tensor:
+    """fp32 amax of x [M, K] on the grid of its dynamic scales: [M, 1] per token, [1] per tensor (0 when x is
+    empty), [M, ceil(K / group_size)] per group (the last group may be partial)."""
+    M, K = x.shape
+    if granularity == "token":
+        return _amax(x, dim=1, keepdim=True)
+    if granularity == "tensor":
+        return _amax(x).reshape(1) if x.numel() else torch.zeros(1, device=x.device)
+    if granularity == "group":
+        G = math.ceil(K / group_size)
+        return _amax(torch.nn.functional.pad(x.float(), (0, G * group_size - K)).reshape(M, G, group_size), dim=2)
+    raise ValueError(f"granularity={granularity!r}, expected 'token', 'tensor' or 'group'")
 
 
 def _block_of(granularity: str, M: int, K: int, group_size: int):

@@ -19,6 +19,7 @@ from .compressed_tensors import CompressedTensors
 from .fp8_block import Fp8Block
 from .grok2 import Grok2
 from .quark import Quark
+from ..parallel.tensor_parallel_experts import local_scale, local_weight, read_range, shard_layout
 from .tensor_parallel import TensorParallelLoad
 from .torchao import TorchAO
 
@@ -152,6 +153,8 @@ class _ExpertsLoad:
     filled: set = field(default_factory=set)  # (expert, role, buffer)
     experts: tuple = (0, 0)  # [e0, e1): the experts this process holds (all of them, or its expert-parallel share)
     foreign: set = field(default_factory=set)  # checkpoint modules of experts other ranks hold: never read here
+    sizes: tuple = (0, 0)  # (H, I) of the whole experts, as stored
+    rows: tuple | None = None  # tensor-parallel experts: the intermediate rows [r0, r1) this process holds
 
     def missing(self, fmt: CheckpointFormat) -> list[str]:
         buffers = ("weight", "weight_scale") + (() if self.module.dynamic else ("input_scale",))
@@ -160,11 +163,12 @@ class _ExpertsLoad:
 
 
 def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of: dict, dtype,
-                  device, expert_range=None) -> dict[str, _ExpertsLoad]:
+                  device, tp: TensorParallelLoad | None = None) -> dict[str, _ExpertsLoad]:
     """Replace each fused experts module (3-D gate_up_proj / down_proj) whose per-expert projections the checkpoint
     stores in FP8 by an Fp8Experts allocated on device, which the loading loop fills in place.
-    stored and ckpt_of as for _swap_linears. expert_range(name, E) -> [e0, e1): hold only those experts (expert
-    parallel), numbered from 0. Returns {experts module name: its _ExpertsLoad}."""
+    stored and ckpt_of as for _swap_linears. tp: hold only this rank's share (tp.experts_share): experts [e0, e1),
+    numbered from 0 (expert parallel), or every expert's intermediate rows [r0, r1) (tensor parallel).
+    Returns {experts module name: its _ExpertsLoad}."""
     groups: dict[str, list] = {}
     for mod in stored:
         hit = _EXPERT_PROJ.match(mod)
@@ -208,14 +212,17 @@ def _swap_experts(model: nn.Module, fmt: CheckpointFormat, stored: dict, ckpt_of
             raise ValueError(f"the experts of {name} are quantized in different ways ({sorted(map(str, kinds))}); "
                              "fp8kern holds one scheme per experts module")
         spec = kinds.pop()
-        e0, e1 = expert_range(name, E) if expert_range is not None else (0, E)
+        (e0, e1), (r0, r1) = tp.experts_share(name) if tp is not None else ((0, E), (0, I))
         foreign = {mod for (e, _), mod in names.items() if not e0 <= e < e1}
         names = {(e - e0, role): mod for (e, role), mod in names.items() if e0 <= e < e1}
-        fp8 = Fp8Experts(e1 - e0, H, I, spec.scheme, act_fn=module.act_fn, weight_granularity=spec.weight_granularity,
-                         scale_format=spec.scale_format, device=device, dtype=dtype)
+        rows = (r0, r1) if tp is not None and not tp.expert_parallel else None
+        layout = shard_layout(spec.weight_granularity, r0, r1) if rows else {"intermediate_size": I}
+        fp8 = Fp8Experts(e1 - e0, H, scheme=spec.scheme, act_fn=module.act_fn,
+                         weight_granularity=spec.weight_granularity, scale_format=spec.scale_format, device=device,
+                         dtype=dtype, **layout)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, fp8)
-        loads[name] = _ExpertsLoad(fp8, spec, names, experts=(e0, e1), foreign=foreign)
+        loads[name] = _ExpertsLoad(fp8, spec, names, experts=(e0, e1), foreign=foreign, sizes=(H, I), rows=rows)
     return loads
 
 
@@ -247,16 +254,26 @@ def _plain_expert_tensor(module: nn.Module, e: int, role: str, value: torch.Tens
     filled.add((e, role))
 
 
+def _read_expert_weight(fmt: CheckpointFormat, load: _ExpertsLoad, f, key: str, module: str, role: str):
+    """One expert's stored weight, converted: whole, or (tensor-parallel experts) only this rank's rows of gate and
+    up or columns of down, laid out as the shard holds them."""
+    if load.rows is None:
+        return fmt.read_weight(f, key, module)
+    part = fmt.read_weight(f, key, module, **read_range(role, *load.rows))
+    return local_weight(role, part, load.spec.weight_granularity, load.rows[0])
+
+
 def _expert_tensor(fmt: CheckpointFormat, load: _ExpertsLoad, e: int, role: str, buffer: str, raw: torch.Tensor,
                    key: str, shard: str) -> None:
-    """Copy a stored tensor of one expert's projection into its Fp8Experts (converted like an Fp8Linear's; a weight
-    scale arrives already converted, from the format's checked_weight_scale)."""
+    """Copy a tensor of one expert's projection into its Fp8Experts: a weight and a weight scale already converted
+    (by _read_expert_weight, and by the format's checked_weight_scale: this rank's part of it), a static input
+    scale as stored."""
     if (e, role, buffer) in load.filled:
         raise ValueError(f"checkpoint holds {key!r} twice")
     fp8, spec = load.module, load.spec
     weight, scale = fp8.projection(e, role)
     if buffer == "weight":
-        weight.copy_(fmt.weight(raw, load.names[e, role], key))
+        weight.copy_(raw)
     elif buffer == "weight_scale":
         scale.copy_(raw.reshape(-1, 1).expand(scale.shape) if spec.weight_granularity == "tensor" else raw)
     else:
@@ -311,8 +328,10 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     process group, returns this rank's shard: the layers of the model's tensor-parallel plan (tp_plan, default
     config.base_model_tp_plan) as ColumnParallel / RowParallel, each reading only its rows or columns from the
     files; everything else whole. Every rank given the same inputs returns the full output. match_single_device:
-    see fp8kern.parallel.RowParallel. ep_size (= the number of ranks): each MoE layer's experts are spread over the
-    ranks (fp8kern.parallel.ExpertParallel), each rank reading only its experts' tensors.
+    see fp8kern.parallel.RowParallel. MoE experts are tensor parallel (fp8kern.parallel.TensorParallelExperts), each
+    rank reading only its rows of every expert's gate and up and its columns of down; with ep_size (= the number of
+    ranks) each MoE layer's experts are spread over the ranks whole (fp8kern.parallel.ExpertParallel), each rank
+    reading only its experts' tensors.
     """
     transformers = require("transformers")
     tp = None
@@ -348,10 +367,10 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     if tp is not None:  # before any weight memory is allocated: a plan it cannot shard raises here
         tp.install(model, tp_plan, match_single_device)
     experts = _swap_experts(model, fmt, {m: v for m, v in stored.items() if m not in swapped}, ckpt_of, dtype,
-                            device, tp.expert_range if tp is not None and tp.expert_parallel else None)
+                            device, tp)
     slots = {ckpt: (name, e, role) for name, load in experts.items() for (e, role), ckpt in load.names.items()}
     foreign = {mod for load in experts.values() for mod in load.foreign}
-    if tp is not None and tp.expert_parallel:
+    if tp is not None:
         tp.check_experts(model)
     unplaced = sorted(ckpt_of[m] for m in stored
                       if m not in swapped and ckpt_of[m] not in slots and ckpt_of[m] not in foreign)
@@ -382,9 +401,13 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
         scale_keys.update(fmt.weight_scale_keys(ckpt))
     for ckpt, (name, e, role) in slots.items():
         keys = fmt.weight_scale_keys(ckpt)
-        n, k = experts[name].module.projection(e, role)[0].shape
-        value = fmt.checked_weight_scale(ckpt, raw_scales[ckpt], experts[name].spec, n, k)
-        _expert_tensor(fmt, experts[name], e, role, "weight_scale", value, keys[0], header[keys[0]].shard)
+        load = experts[name]
+        H, I = load.sizes
+        n, k = (H, I) if role == "down" else (I, H)
+        value = fmt.checked_weight_scale(ckpt, raw_scales[ckpt], load.spec, n, k)
+        if load.rows is not None:
+            value = local_scale(role, value, load.spec.weight_granularity, *load.rows)
+        _expert_tensor(fmt, load, e, role, "weight_scale", value, keys[0], header[keys[0]].shard)
         scale_keys.update(keys)
 
     for shard in progress(sorted({i.shard for i in header.values()}), desc=f"Loading {fmt.name} checkpoint"):
@@ -400,7 +423,9 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
                     continue
                 if hit is not None and hit[0] in slots:
                     name, e, role = slots[hit[0]]
-                    _expert_tensor(fmt, experts[name], e, role, hit[1], f.get_tensor(key), key, shard)
+                    value = (_read_expert_weight(fmt, experts[name], f, key, hit[0], role) if hit[1] == "weight"
+                             else f.get_tensor(key))
+                    _expert_tensor(fmt, experts[name], e, role, hit[1], value, key, shard)
                     continue
                 module = module_name(hit[0]) if hit is not None else None
                 mkey = rename(key)
@@ -480,8 +505,8 @@ def from_pretrained(path: str, *, format: str = "auto", device=None, dtype: torc
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise ValueError(f"no checkpoint tensor filled {leftover}; they are still on the meta device")
-    if tp is not None and tp.expert_parallel:
-        tp.wrap_experts(model, {name: load.experts for name, load in experts.items()}, match_single_device)
+    if tp is not None:
+        tp.wrap_experts(model, experts, match_single_device)
     return model.to(device).eval()
 
 

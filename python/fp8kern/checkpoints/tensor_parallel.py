@@ -1,7 +1,9 @@
 """from_pretrained's tensor-parallel side: the planned layers become this rank's ColumnParallel / RowParallel
 shells before any weight is read, and each of their tensors is read as the rank's slice only (safetensors
 get_slice on contiguous rows or columns), then laid on the block grid as fp8kern.parallel.sharding says. Scales,
-static input scales and row-parallel biases are small and read whole."""
+static input scales and row-parallel biases are small and read whole. MoE experts: this rank's share of each
+experts module (fp8kern.parallel.plan_experts: whole experts with ep_size, else every expert's intermediate rows),
+which the loader reads into an Fp8Experts of the share's shape and wrap_experts wraps."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from torch import nn
 
 from ..nn import Fp8Linear
 from ..nn import is_fused_experts
-from ..parallel.experts import ExpertParallel, expert_range
+from ..parallel.experts import ExpertParallel
 from ..parallel.layers import COLUMN_STYLES, shard_of
-from ..parallel.plan import expert_parallel_of, group_of, plan_shards
+from ..parallel.plan import expert_parallel_of, group_of, plan_experts, plan_shards
 from ..parallel.sharding import column_scale, column_weight, row_scale, row_weight
+from ..parallel.tensor_parallel_experts import TensorParallelExperts
 
 
 class TensorParallelLoad:
@@ -26,15 +29,14 @@ class TensorParallelLoad:
         self.rank = dist.get_rank(self.group)
         self.expert_parallel = expert_parallel_of(ep_size, self.size)
         self.layers: dict[str, tuple] = {}
+        self.experts: dict[str, tuple] = {}  # experts module name -> ((e0, e1), (r0, r1)) this rank holds
 
     def install(self, model: nn.Module, plan, match_single_device: bool) -> None:
-        """Replace each planned (meta) layer by an empty shard of this rank's shape, on the meta device; with
-        expert parallelism, check that every experts module splits evenly."""
-        if self.expert_parallel:
-            for name, m in model.named_modules():
-                if is_fused_experts(m):
-                    self.expert_range(name, m.gate_up_proj.shape[0])
-        for name, style, start, end in plan_shards(model, self.size, self.rank, plan, self.expert_parallel):
+        """Replace each planned (meta) layer by an empty shard of this rank's shape, on the meta device, after
+        checking that every experts module splits (evenly by experts, or into non-empty row ranges)."""
+        self.experts = {name: (e, r) for name, e, r in plan_experts(model, self.size, self.rank,
+                                                                   self.expert_parallel)}
+        for name, style, start, end in plan_shards(model, self.size, self.rank, plan):
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             layer = getattr(owner, child)
@@ -42,25 +44,29 @@ class TensorParallelLoad:
             setattr(owner, child, shell)
             self.layers[name] = (style, start, end, shell, layer)
 
-    def expert_range(self, name: str, num_experts: int) -> tuple[int, int]:
-        return expert_range(num_experts, self.size, self.rank, name)
+    def experts_share(self, name: str) -> tuple:
+        """((e0, e1), (r0, r1)): the experts of module name this rank holds, and their intermediate rows."""
+        return self.experts[name]
 
     def check_experts(self, model: nn.Module) -> None:
         """Before any weight is read: every experts module left is one the checkpoint stores in high precision,
-        which expert parallelism does not shard."""
+        which neither tensor-parallel nor expert-parallel experts shard."""
         for name, m in model.named_modules():
             if is_fused_experts(m):
-                raise ValueError(f"{name}: the checkpoint stores these experts in high precision; expert "
-                                 "parallelism shards FP8 experts")
+                raise ValueError(f"{name}: the checkpoint stores these experts in high precision; fp8kern.parallel "
+                                 "shards FP8 experts (load without tp_size / ep_size, or quantize the experts)")
 
-    def wrap_experts(self, model: nn.Module, ranges: dict, match_single_device: bool = True) -> None:
-        """Wrap each loaded experts module (this rank's experts) in ExpertParallel."""
-        for name, (e0, e1) in ranges.items():
+    def wrap_experts(self, model: nn.Module, loads: dict, match_single_device: bool = True) -> None:
+        """Wrap each loaded experts module (this rank's share, see experts_share) in ExpertParallel or
+        TensorParallelExperts. loads: experts module name -> the loader's record of it (experts, sizes)."""
+        for name, load in loads.items():
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            E = e1 - e0
-            setattr(owner, child, ExpertParallel(getattr(owner, child), e0, e1, E * self.size, self.group,
-                                                 match_single_device))
+            (e0, e1), (r0, r1) = self.experts[name]
+            local = getattr(owner, child)
+            setattr(owner, child, ExpertParallel(local, e0, e1, (e1 - e0) * self.size, self.group, match_single_device)
+                    if self.expert_parallel else
+                    TensorParallelExperts(local, r0, r1, load.sizes[1], self.group, match_single_device))
 
     def _range(self, name):
         style, start, end, _, _ = self.layers[name]

@@ -45,7 +45,9 @@ class ExpertParallel(nn.Module):
         self.local, self.experts, self.num_experts, self.group = local, (e0, e1), num_experts, group
         self.match_single_device = match_single_device
         # Dynamic per-tensor activations: the down projection's input scale from every rank's rows, as on one device
-        local.amax_reduce = self._max_over_ranks if match_single_device else None
+        # (per-token and per-group scales depend only on the row, which is whole on its rank)
+        per_tensor = local.dynamic and local.act_granularity == "tensor"
+        local.amax_reduce = self._max_over_ranks if match_single_device and per_tensor else None
 
     def _max_over_ranks(self, amax: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)

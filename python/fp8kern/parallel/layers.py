@@ -13,17 +13,15 @@ scales its own slice (one collective fewer, results a little further from one de
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
-from .._constants import BLOCK, E8M0
+from .._constants import E8M0
 from ..nn import Fp8Linear
-from .sharding import block_pad, column_shard, row_shard, split_bounds
+from .sharding import block_pad, block_range, column_shard, on_whole_grid, row_shard, split_bounds
 
 
 def _local_fp8(layer: Fp8Linear, in_features: int, out_features: int, bias: bool, device) -> Fp8Linear:
@@ -156,17 +154,12 @@ class RowParallel(nn.Module):
         per tensor, [M, ceil(K / 128)] per 1x128 group (zero outside this rank's groups), so that the max over the
         ranks is the whole input's amax."""
         gran, M = self.inner.act_granularity, x2.shape[0]
-        a = x2.detach().abs().float()
         if gran == "token":
-            return a.amax(dim=1, keepdim=True) if a.shape[1] else a.new_zeros(M, 1)
+            return reference.activation_amax(x2.detach(), gran) if x2.shape[1] else x2.new_zeros(M, 1).float()
         if gran == "tensor":
-            return a.amax().reshape(1, 1) if a.numel() else a.new_zeros(1, 1)
-        a = F.pad(a, (self.pad, -(self.pad + a.shape[1]) % BLOCK))
-        local = a.reshape(M, -1, BLOCK).amax(dim=2)
-        first = self.cols[0] // BLOCK
-        out = a.new_zeros(M, math.ceil(self.full_in_features / BLOCK))
-        out[:, first:first + local.shape[1]] = local
-        return out
+            return reference.activation_amax(x2.detach(), gran).reshape(1, 1)
+        local = reference.activation_amax(F.pad(x2.detach(), (self.pad, 0)), gran)
+        return on_whole_grid(local, *self.cols, self.full_in_features)
 
     def partial(self, x2: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's fp32 partial product of its 2-D input slice x2 [M, c1 - c0], no collective. amax: the whole
@@ -182,8 +175,7 @@ class RowParallel(nn.Module):
         elif amax is not None:
             gran = inner.act_granularity
             if gran == "group":
-                first = self.cols[0] // BLOCK
-                amax = amax[:, first:first + math.ceil(x2.shape[1] / BLOCK)]
+                amax = amax[:, block_range(*self.cols)]
             ue8m0 = inner.scale_format == "ue8m0"
             s = reference.scale_from_amax(amax, None, ue8m0)  # the rule dynamic quantization applies
             if gran == "tensor":

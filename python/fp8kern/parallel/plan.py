@@ -8,8 +8,10 @@ projections such as Phi-3's qkv_proj and gate_up_proj, whose parts are not conti
 'replicated_with_grad_allreduce' (kept whole: per-head norms). Attention projections of the 'colwise' /
 'rowwise' styles split on head boundaries (q/o by attention heads, k/v by KV heads), everything else on any row
 or column: block-scaled shards that are not multiples of 128 are exact (sharding.py). Embeddings, norms and
-lm_head stay whole on every rank, so every rank returns the full logits. MoE experts: experts.py (ep_size).
-Everything is checked before the model is touched.
+lm_head stay whole on every rank, so every rank returns the full logits. MoE routed experts, named by the plan or
+not: tensor parallel (tensor_parallel_experts.py: every expert's intermediate rows split over the ranks), or with
+ep_size expert parallel (experts.py: whole experts spread over the ranks). Everything is checked before the model
+is touched.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..nn import Fp8Experts, Fp8Linear, is_fused_experts
 from .experts import ExpertParallel, expert_range
 from .layers import COLUMN_STYLES, ROW_STYLES, shard_of
 from .sharding import split_bounds
+from .tensor_parallel_experts import TensorParallelExperts, intermediate_rows
 
 STYLES = COLUMN_STYLES + ROW_STYLES + ("replicated_with_grad_allreduce",)
 _MOE_STYLES = ("packed_colwise", "moe_tp_experts", "ep_router", "grouped_gemm")
@@ -66,12 +69,10 @@ def _heads(config, name: str):
     return heads, head_dim, "num_attention_heads"
 
 
-def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None,
-                expert_parallel: bool = False) -> list[tuple]:
+def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None) -> list[tuple]:
     """[(module name, style, start, end)] of this rank for model's tensor-parallel plan (default
     its config's base_model_tp_plan); reads only module types and shapes (works on the meta device) and raises
-    for anything it cannot shard exactly. expert_parallel: the plan's MoE experts entries are left to expert
-    parallelism (experts.py) instead of refused."""
+    for anything it cannot shard exactly. MoE experts modules are left to plan_experts, whatever the plan says."""
     config = getattr(model, "config", None)
     if plan is None:
         plan = getattr(config, "base_model_tp_plan", None)
@@ -87,12 +88,11 @@ def plan_shards(model: nn.Module, size: int, rank: int, plan: dict | None = None
         if len(styles) > 1:
             raise ValueError(f"plan gives {name} several styles: {sorted(styles)}")
         style = styles.pop()
-        if style in _MOE_STYLES or isinstance(module, Fp8Experts) or is_fused_experts(module):
-            if expert_parallel:
-                continue
-            raise NotImplementedError(f"{name}: the plan's style {style!r} splits MoE experts inside each expert, "
-                                      "which fp8kern.parallel does not do; pass ep_size (= the number of ranks) to "
-                                      "spread the experts over the ranks instead")
+        if isinstance(module, Fp8Experts) or is_fused_experts(module):
+            continue
+        if style in _MOE_STYLES:
+            raise ValueError(f"{name}: plan style {style!r} applies to MoE experts modules (3-D gate_up_proj and "
+                             f"down_proj), not to {type(module).__name__}")
         if style not in STYLES:
             raise ValueError(f"{name}: plan style {style!r} is not one fp8kern.parallel reads: {STYLES}")
         if style == "replicated_with_grad_allreduce":
@@ -132,13 +132,22 @@ def expert_parallel_of(ep_size, size: int) -> bool:
     return True
 
 
-def plan_experts(model: nn.Module, size: int, rank: int) -> list[tuple]:
-    """[(experts module name, e0, e1)] of this rank for every fused experts module (Fp8Experts or transformers')."""
+def plan_experts(model: nn.Module, size: int, rank: int, expert_parallel: bool) -> list[tuple]:
+    """[(experts module name, (e0, e1), (r0, r1))] of this rank for every fused experts module (Fp8Experts or
+    transformers'): the experts it holds and their intermediate rows, [e0, e1) of E whole experts with expert
+    parallelism, else every expert's rows [r0, r1) of I (tensor parallel)."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, Fp8Experts) or is_fused_experts(m):
-            E = m.num_experts if isinstance(m, Fp8Experts) else m.gate_up_proj.shape[0]
-            out.append((name, *expert_range(E, size, rank, name)))
+        if isinstance(m, Fp8Experts):
+            E, I = m.num_experts, m.intermediate_size
+        elif is_fused_experts(m):
+            E, I = m.gate_up_proj.shape[0], m.gate_up_proj.shape[1] // 2
+        else:
+            continue
+        if expert_parallel:
+            out.append((name, expert_range(E, size, rank, name), (0, I)))
+        else:
+            out.append((name, (0, E), intermediate_rows(I, size, rank, name)))
     return out
 
 
@@ -150,26 +159,29 @@ def shard_model(model: nn.Module, *, tp_size: int | None = None, ep_size: int | 
 
     tp_size: the expected group size (checked); group / device_mesh: the tensor-parallel group (default: the whole
     default group); plan: {module pattern: style}, default the model config's base_model_tp_plan (patterns relative
-    to the base model, '*' for a layer index); match_single_device: see RowParallel. ep_size: spread each MoE
-    layer's Fp8Experts over the ranks (ExpertParallel; it must equal the group's size); routers, attention, dense
-    MLPs and shared experts stay tensor parallel.
+    to the base model, '*' for a layer index); match_single_device: see RowParallel. MoE layers' Fp8Experts are
+    tensor parallel (TensorParallelExperts: every expert's intermediate rows split over the ranks) or, with ep_size
+    (it must equal the group's size), spread over the ranks as whole experts (ExpertParallel); routers, attention,
+    dense MLPs and shared experts follow the plan.
     """
     group, size = group_of(tp_size, group, device_mesh)
     rank = dist.get_rank(group)
     ep = expert_parallel_of(ep_size, size)
-    todo = plan_shards(model, size, rank, plan, expert_parallel=ep)
-    moe = plan_experts(model, size, rank) if ep else []
+    todo = plan_shards(model, size, rank, plan)
+    moe = plan_experts(model, size, rank, ep)
     for name, *_ in moe:
         if not isinstance(model.get_submodule(name), Fp8Experts):
-            raise TypeError(f"{name} is {type(model.get_submodule(name)).__name__}; expert parallelism shards "
-                            "Fp8Experts (quantize_model or from_pretrained make them)")
+            raise TypeError(f"{name} is {type(model.get_submodule(name)).__name__} (experts in high precision); "
+                            "fp8kern.parallel shards Fp8Experts (quantize_model or from_pretrained make them)")
     for name, style, start, end in todo:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         layer = getattr(owner, child)
         setattr(owner, child, shard_of(layer, style, start, end, size, group, match_single_device))
-    for name, e0, e1 in moe:
+    for name, (e0, e1), (r0, r1) in moe:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, ExpertParallel.from_experts(getattr(owner, child), e0, e1, group, match_single_device))
+        experts = getattr(owner, child)
+        setattr(owner, child, ExpertParallel.from_experts(experts, e0, e1, group, match_single_device) if ep else
+                TensorParallelExperts.from_experts(experts, r0, r1, group, match_single_device))
     return model

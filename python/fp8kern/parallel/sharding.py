@@ -42,6 +42,20 @@ def block_pad(start: int) -> int:
     return start % BLOCK
 
 
+def block_range(start: int, end: int) -> slice:
+    """The 128-blocks of the whole grid that rows (or columns) [start, end) touch: start // 128 .. ceil(end / 128),
+    the scale rows (columns) a shard keeps and the 1x128 activation groups a row shard's slice falls in."""
+    return slice(start // BLOCK, math.ceil(end / BLOCK))
+
+
+def on_whole_grid(local: torch.Tensor, start: int, end: int, size: int) -> torch.Tensor:
+    """Per-group values of a row shard of columns [start, end) (local [M, groups of block_range], e.g. activation
+    amax) placed on the grid of all size columns, [M, ceil(size / 128)], zero in the other groups."""
+    out = local.new_zeros(local.shape[0], math.ceil(size / BLOCK))
+    out[:, block_range(start, end)] = local
+    return out
+
+
 def _check(granularity: str) -> None:
     if granularity not in ("tensor", "channel", "block"):
         raise ValueError(f"granularity={granularity!r}, expected 'tensor', 'channel' or 'block'")
@@ -63,7 +77,7 @@ def column_scale(scale: torch.Tensor, granularity: str, r0: int, r1: int) -> tor
         return scale.clone()
     if granularity == "channel":
         return scale[r0:r1].clone()
-    return scale[r0 // BLOCK: math.ceil(r1 / BLOCK)].clone()
+    return scale[block_range(r0, r1)].clone()
 
 
 def row_weight(cols: torch.Tensor, granularity: str, c0: int) -> torch.Tensor:
@@ -80,7 +94,7 @@ def row_scale(scale: torch.Tensor, granularity: str, c0: int, c1: int) -> torch.
     _check(granularity)
     if granularity in ("tensor", "channel"):
         return scale.clone()
-    return scale[:, c0 // BLOCK: math.ceil(c1 / BLOCK)].clone()
+    return scale[:, block_range(c0, c1)].clone()
 
 
 def column_shard(weight: torch.Tensor, scale: torch.Tensor, granularity: str, r0: int, r1: int):
