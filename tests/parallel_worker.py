@@ -23,6 +23,20 @@ import torch
 import torch.distributed as dist
 
 
+def logits_and_io(model, single, ids, modules: dict):
+    """(logits of the sharded model, of the single-device one, {name: (inputs..., output)} of `modules` in the sharded
+    model's forward)."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, (*a, out)))
+             for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            return model(ids).logits, single(ids).logits, seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def llama(heads: int = 12, kv_heads: int = 12, arch: str = "llama"):
     """A tiny Llama; arch 'phi3': the same sizes as Phi-3, whose fused qkv_proj and gate_up_proj the plan shards
     with gathered outputs."""
@@ -514,13 +528,8 @@ def run_moe_case(world: int, arch: str, scheme: str) -> str:
     eps = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallel)}
     tps = {n: m for n, m in model.named_modules() if isinstance(m, (ColumnParallel, RowParallel))}
     assert eps and tps and not any(isinstance(m, Fp8Experts) and n in eps for n, m in model.named_modules())
-    seen = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, (*a, out)))
-             for n, m in {**eps, **tps}.items()]
+    got, want, seen = logits_and_io(model, single, ids, {**eps, **tps})
     with torch.no_grad():
-        got, want = model(ids).logits, single(ids).logits
-        for h in hooks:
-            h.remove()
         counts = torch.zeros(12, dtype=torch.long)
         for n, layer in eps.items():
             x, idx, w, y = seen[n]
@@ -650,13 +659,8 @@ def run_tp_experts_case(world: int, arch: str, scheme: str, match: bool = True) 
     tpe = {n: m for n, m in model.named_modules() if isinstance(m, TensorParallelExperts)}
     tps = {n: m for n, m in model.named_modules() if isinstance(m, (ColumnParallel, RowParallel))}
     assert tpe and tps
-    seen = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, (*a, out)))
-             for n, m in {**tpe, **tps}.items()]
+    got, want, seen = logits_and_io(model, single, ids, {**tpe, **tps})
     with torch.no_grad():
-        got, want = model(ids).logits, single(ids).logits
-        for h in hooks:
-            h.remove()
         if match:
             for n, layer in tpe.items():
                 x, idx, w, _ = seen[n]

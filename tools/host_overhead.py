@@ -24,18 +24,8 @@ import torch
 
 import fp8kern
 from fp8kern import _backend
+from fp8kern.bench.cpu import cpu_model
 from fp8kern.ops import gemm_launch
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(cases: dict, n: int, rounds: int) -> dict:
@@ -145,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=5000, help="calls per case and round")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (the median is reported)")
     args = parser.parse_args(argv)
-    print(f"fp8kern host cost per call: {cpu_name()}, torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"fp8kern host cost per call: {cpu_model()}, torch {torch.__version__}, Python {platform.python_version()}")
 
     isa = _backend.cpu_isa()
     if isa is None:
