@@ -307,6 +307,34 @@ def test_fp8_linear_planned_forward(family, scheme, N):
         assert (err <= bound(D, S, 704, torch.bfloat16, False)).all()
 
 
+@pytest.mark.parametrize("scheme", ["dynamic_per_token", "block128"])
+@pytest.mark.parametrize("warm", [True, False])
+def test_fp8_linear_planned_forward_in_cuda_graph(family, scheme, warm):
+    """A captured Fp8Linear forward replays on new data: planned before the capture (warm) or first called inside it
+    (then unplanned: a plan is never built during a capture), and the eager forward after it plans and agrees."""
+    g = torch.Generator().manual_seed(9)
+    lin = torch.nn.Linear(512, 256).bfloat16()
+    layer = fp8kern.Fp8Linear.from_linear(lin, scheme).cuda()
+    x = (torch.randn(8, 512, generator=g) * 2).bfloat16().cuda()
+    if warm:
+        layer(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    assert (layer.__dict__.get("_plan") is not None) == warm
+    x2 = (torch.randn(8, 512, generator=g) * 2).bfloat16()
+    x.copy_(x2.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = layer(x)
+    assert layer.__dict__["_plan"].run is not None
+    xq, xs = fp8kern.quantize(x2, "group" if scheme == "block128" else "token")
+    D, S = exact_scaled_mm(xq, layer.weight.cpu(), xs, layer.weight_scale.cpu(), layer.bias.cpu())
+    for out in (y, eager):
+        err = np.abs(out.double().cpu().numpy() - D)
+        assert (err <= bound(D, S, 512, torch.bfloat16, False)).all()
+
+
 # Grouped block-scaled GEMM (MoE experts, sm90 only): one launch over groups of rows, offsets read on the device.
 # Each group's rows are a block-scaled GEMM like the ones above, so the same promoted-mode bound applies per group.
 

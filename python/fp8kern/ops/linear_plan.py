@@ -18,7 +18,8 @@ A plan is keyed by the identity, version counter and data address of the module'
 input_scale, and by the backend: replacing any of them (load_state_dict copies in place, bumping the version; .to()
 and assignment give new tensors; `.data =` changes the address) or switching the backend builds a new plan on the next
 forward. The plan keeps the tensors it was built from alive, so an identity is never reused while it is in use.
-Tensors made under torch.inference_mode track no version, so a module holding them takes the unplanned forward.
+Tensors made under torch.inference_mode track no version, so a module holding them takes the unplanned forward, as
+does a first forward inside a CUDA graph capture (a plan is built outside captures; one built before is used inside).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def linear_runner(module):
         return None
     plan = module.__dict__.get("_plan")
     if plan is None or plan.key != key:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None  # a plan's one-time copies made here would hold data only after the graph's replay
         run = _build(module, weight, weight_scale, bias, input_scale)
         plan = module.__dict__["_plan"] = LinearPlan(key, (weight, weight_scale, bias, input_scale), run)
     return plan.run
