@@ -37,6 +37,18 @@ def logits_and_io(model, single, ids, modules: dict):
             h.remove()
 
 
+
+def expect_out_of_range_refused(layer, x, idx, w) -> None:
+    """An expert index outside [0, 12] is an error on one device, so on every rank too."""
+    bad = idx.clone()
+    bad[0, 0] = 13
+    try:
+        layer(x, bad, w)
+    except ValueError as e:
+        assert "outside" in str(e), str(e)
+    else:
+        raise AssertionError("an expert index outside [0, 12] did not raise")
+
 def llama(heads: int = 12, kv_heads: int = 12, arch: str = "llama"):
     """A tiny Llama; arch 'phi3': the same sizes as Phi-3, whose fused qkv_proj and gate_up_proj the plan shards
     with gathered outputs."""
@@ -542,14 +554,7 @@ def run_moe_case(world: int, arch: str, scheme: str) -> str:
             crafted[1::3, 1] = 5
             crafted[2::4, 0] = 12
             check_experts_layer(n, single.get_submodule(n), layer, x, crafted, w, layer(x, crafted, w), world)
-            bad = crafted.clone()
-            bad[0, 0] = 13  # out of range: an error on one device, so on every rank too
-            try:
-                layer(x, bad, w)
-            except ValueError as e:
-                assert "outside" in str(e), str(e)
-            else:
-                raise AssertionError("an expert index outside [0, 12] did not raise")
+            expect_out_of_range_refused(layer, x, crafted, w)
         check_tp_layers(single, tps, {n: (seen[n][0], seen[n][-1]) for n in tps}, world)
     # Looser than the dense models: a one-ulp bf16 difference in a layer's output can flip an e4m3 rounding
     # downstream (2^-4 relative) or a near-tie in top-k routing, so whole-model logits of a MoE differ more than
@@ -671,14 +676,7 @@ def run_tp_experts_case(world: int, arch: str, scheme: str, match: bool = True) 
                 crafted[2::4, 0] = 12
                 check_tp_experts_layer(n, single.get_submodule(n), layer, x, crafted, w, world)
                 check_tp_experts_layer(n, single.get_submodule(n), layer, x, torch.full_like(idx, 12), w, world)
-                bad = crafted.clone()
-                bad[0, 0] = 13
-                try:
-                    layer(x, bad, w)
-                except ValueError as e:
-                    assert "outside" in str(e), str(e)
-                else:
-                    raise AssertionError("an expert index outside [0, 12] did not raise")
+                expect_out_of_range_refused(layer, x, crafted, w)
             check_tp_layers(single, tps, {n: (seen[n][0], seen[n][-1]) for n in tps}, world)
     # A sanity check (the per-layer bounds are the claim): the experts' outputs are rounded to bf16 once here and
     # several times on one device, and a one-ulp difference can flip an FP8 rounding or a routing near-tie

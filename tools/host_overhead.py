@@ -77,8 +77,7 @@ def stub_launches():
     _backend._C = types.SimpleNamespace(scaled_mm=lambda *a: None, scaled_mm_block=lambda *a: None,
                                         gemm_workspace_size=lambda *a: 0, block_workspace_size=lambda *a: 0,
                                         grouped_mm=lambda *a: None, grouped_workspace_size=lambda *a: 0,
-                                        quantize=lambda *a: None, linear=lambda *a: None,
-                                        linear_block=lambda *a: None)
+                                        quantize=lambda *a: None, linear=lambda *a: None)
     gemm_launch._workspace = lambda index: ws
 
 

@@ -57,9 +57,7 @@ def run(a, b, scale_a, scale_b, out_dtype, bias, layout, out):
                                   sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel", block,
                                   lds_a, lds_b, torch.get_num_threads(), True)
     if bad:
-        name, scale = ("scale_a", scale_a) if bad == 1 else ("scale_b", scale_b)
-        check_values(scale, name)  # raises, with the values named
-        raise ValueError(f"{name} holds non-finite or non-positive values; scales must be finite and > 0")
+        refuse_scale(bad, scale_a, scale_b)
     if out is not None and d is not out:
         out.copy_(d)
         return out
@@ -93,9 +91,13 @@ def row_gemms(q, s, weight, scale, counts, out, layout, e0: int, r0: int) -> boo
             bad = mm(qp + r * K, wp + e * N * K, dp + r * ldd * isz, c, N, K, K, K, ldd, dcode, 0, sp + r * a_step,
                      per_row, wsp + e * w_step, layout.b == "channel", block, lds, lds, threads, True)
             if bad:
-                sa = s[r:r + c] if per_row or block else s
-                name, t = ("scale_a", sa) if bad == 1 else ("scale_b", scale[e])
-                check_values(t, name)
-                raise ValueError(f"{name} holds non-finite or non-positive values; scales must be finite and > 0")
+                refuse_scale(bad, s[r:r + c] if per_row or block else s, scale[e])
         r += c
     return True
+
+
+def refuse_scale(bad: int, scale_a, scale_b) -> None:
+    """Raise for the scale the binding found bad (1: scale_a, 2: scale_b) with validation.check_values' message."""
+    name, scale = ("scale_a", scale_a) if bad == 1 else ("scale_b", scale_b)
+    check_values(scale, name)  # raises, naming the values
+    raise ValueError(f"{name} holds non-finite or non-positive values; scales must be finite and > 0")
