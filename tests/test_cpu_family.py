@@ -106,27 +106,6 @@ def test_all_256_codes(isa):
     assert torch.equal(y[~nan], want[~nan])
 
 
-@pytest.mark.skipif(not {"amx", "avx512"} <= set(ISAS), reason="needs a CPU with AMX (and so AVX-512 BF16)")
-@pytest.mark.parametrize("layout", ["token_channel", "block"])
-def test_amx_decode_fma_form_equals_the_dot_product_form(layout):
-    """At M <= 4 the AMX instruction set runs the AVX-512 kernel with fp32 FMA products (kernel_avx512.cpp); it
-    performs vdpbf16ps's two steps per lane (odd pair member, then even, each product exact and each addition rounded
-    to fp32) in the same order, so on the Intel CPUs that have AMX both forms give the same bits. A different order of
-    any addition would show as a last-bit difference here (K spans several 64-chunks and 128-blocks)."""
-    gen = torch.Generator().manual_seed(11)
-    prev = _backend.cpu_isa()
-    try:
-        for M, N, K in [(1, 300, 1000), (3, 129, 4096), (4, 256, 333)]:
-            a, b, sa, sb = make_operands(M, N, K, layout, gen)
-            ys = []
-            for isa_name in ("amx", "avx512"):
-                _backend.set_cpu_isa(isa_name)
-                ys.append(fp8kern.scaled_mm(a, b, sa, sb, out_dtype=torch.float32))
-            assert torch.equal(ys[0], ys[1]), f"M={M} N={N} K={K}: the two product forms differ"
-    finally:
-        _backend.set_cpu_isa(prev)
-
-
 def test_grouped_with_empty_experts(isa):
     """The grouped GEMM on the CPU runs the family per non-empty expert; empty experts write nothing."""
     gen = torch.Generator().manual_seed(3)

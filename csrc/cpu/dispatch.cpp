@@ -22,8 +22,7 @@ bool amx_permitted();  // kernel_amx.cpp
 namespace {
 
 // Problems with at most this many rows of A run the AVX-512 kernel even where AMX is in use (measured faster up to
-// 4 rows: one row of A fills a sixteenth of a result tile, and the AVX-512 kernel converts in registers), in its
-// FMA-product form: the AMX CPUs measured issue a bf16 dot product every ~2 cycles against two FMAs per cycle.
+// 4 rows: one row of A fills a sixteenth of a result tile, and the AVX-512 kernel converts in registers).
 constexpr int64_t kAmxMinRows = 4;
 
 struct Isa {
@@ -109,7 +108,7 @@ void set_isa(const char* name) {
 const Kernels& kernels_for(int64_t m) {
   const Isa* isa = active().load();
 #if defined(FP8KERN_CPU_AMX) && defined(FP8KERN_CPU_AVX512)
-  if (isa->kernels == &kAmxKernels && m <= kAmxMinRows) return kAvx512FmaKernels;
+  if (isa->kernels == &kAmxKernels && m <= kAmxMinRows) return kAvx512Kernels;
 #endif
   return *isa->kernels;
 }

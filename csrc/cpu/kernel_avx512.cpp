@@ -1,21 +1,15 @@
-// The CPU family's AVX-512 kernels (AVX-512 F/BW/VL + BF16 + VBMI: Zen 4/5, Ice Lake server byte lookups with
+// The CPU family's AVX-512 kernel (AVX-512 F/BW/VL + BF16 + VBMI: Zen 4/5, Ice Lake server byte lookups with
 // Sapphire Rapids' and Zen 4's BF16 dot products). Compiled with those target flags (this file only) and run only
 // where dispatch.cpp found them.
 //
 // Conversion: e4m3_avx512.h (exact; A and B share its lane order).
-// Products, two variants with the same arithmetic:
-// - kAvx512Kernels: vdpbf16ps, which per fp32 lane adds the odd bf16 pair's product and then the even one's, each
-//   product exact (8-bit significands) and each addition rounded to fp32 (it flushes fp32 denormals, which a nonzero
-//   sum of e4m3 products never is: they are multiples of 2^-18).
-// - kAvx512FmaKernels: the same two steps as fp32 FMAs on the bf16 values widened to fp32 (a shift or a mask per
-//   32 values), in the same order, so the same sums; A is stored widened. For CPUs whose bf16 dot product runs at a
-//   fraction of their FMA rate: on this project's Sapphire Rapids-class Xeon one vdpbf16ps issues every ~2 cycles
-//   against two 16-lane FMAs per cycle, so the FMA form has ~2x the multiply rate (dispatch.cpp runs it for the
-//   small-M problems of the AMX instruction set).
+// Products: vdpbf16ps multiplies bf16 pairs exactly (8-bit significands) and adds into fp32 (e4m3 products are
+// >= 2^-18 in magnitude, so its flushing of fp32 denormals never applies to a nonzero partial sum).
 // Decode (M <= 4): B streams from memory and is converted in registers, each 64 bytes used by every row of A; the
-// next tile's rows are prefetched one tile ahead (each row of B is its own stream, and the hardware prefetcher
-// stops at page ends). Otherwise: a tile of 4 rows of B is converted once into per-thread scratch (32 KB at
-// K = 4096) and reused by every group of 4 rows of A.
+// next tile's rows are prefetched one tile ahead (each row of B is its own stream, and the hardware prefetcher stops
+// at page ends: a 4 KB row is a page).
+// Otherwise: a tile of 4 rows of B is converted once into per-thread scratch (32 KB at K = 4096) and reused by every
+// group of 4 rows of A.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -27,37 +21,11 @@ namespace fp8kern {
 namespace cpu {
 namespace {
 
-// 32 bf16 (pairs) -> the even and the odd values of each pair as 16 fp32 (exact: a bf16 is a truncated fp32).
-inline void widen(__m512i w, __m512& even, __m512& odd) {
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u))));
-}
+int64_t a_bytes(int64_t m, int64_t kp) { return m * kp * 2; }
 
-// A, converted once per call: bf16 rows of kp (kFma: fp32, each 64-chunk as the even and odd values of its first
-// 32, then of its last 32, as widen() splits B's).
-template <bool kFma>
-int64_t a_bytes(int64_t m, int64_t kp) { return m * kp * (kFma ? 4 : 2); }
-
-template <bool kFma>
 void convert_a(const GemmProblem& p, int64_t kp, void* dst, int64_t m0, int64_t m1) {
   const E4m3Lut lut;
-  for (int64_t i = m0; i < m1; ++i) {
-    if (!kFma) {
-      convert_row_bf16(lut, p.a + i * p.lda, p.k, kp, static_cast<uint16_t*>(dst) + i * kp);
-      continue;
-    }
-    float* row = static_cast<float*>(dst) + i * kp;
-    for (int64_t c = 0; c < kp; c += kChunk) {
-      __m512i w[2];
-      lut.convert(c < p.k ? load_chunk(p.a + i * p.lda + c, p.k - c) : _mm512_setzero_si512(), w[0], w[1]);
-      for (int h = 0; h < 2; ++h) {
-        __m512 e, o;
-        widen(w[h], e, o);
-        _mm512_storeu_ps(row + c + 32 * h, e);
-        _mm512_storeu_ps(row + c + 32 * h + 16, o);
-      }
-    }
-  }
+  for (int64_t i = m0; i < m1; ++i) convert_row_bf16(lut, p.a + i * p.lda, p.k, kp, static_cast<uint16_t*>(dst) + i * kp);
 }
 
 int64_t scratch_bytes(int64_t, int64_t kp) { return kTileN * kp * 2; }
@@ -77,17 +45,16 @@ inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
 
 // Rows [i0, i0 + MT) of A against NT rows of B, chunks [c0, c1) of K. B comes from e4m3 rows converted in registers
 // (kStream) or from converted scratch rows. acc[i][j] += the 64-value dot products, in 16 fp32 lanes.
-template <bool kFma, int MT, int NT, bool kStream>
-inline void chunks(const Prepared& pp, const E4m3Lut& lut, const void* const* arow, const uint8_t* const* brow,
+template <int MT, int NT, bool kStream>
+inline void chunks(const Prepared& pp, const E4m3Lut& lut, const uint16_t* const* arow, const uint8_t* const* brow,
                    const uint8_t* const* next, const uint16_t* bt, int64_t c0, int64_t c1, __m512 (&acc)[MT][NT]) {
   const int64_t k = pp.p->k;
   for (int64_t c = c0; c < c1; c += kChunk) {
-    __m512i a0[MT], a1[MT];  // dot products: A's chunk, loaded once for the NT rows of B (from L2 at large K)
-    if (!kFma)
-      for (int i = 0; i < MT; ++i) {
-        a0[i] = _mm512_loadu_si512(static_cast<const uint16_t*>(arow[i]) + c);
-        a1[i] = _mm512_loadu_si512(static_cast<const uint16_t*>(arow[i]) + c + 32);
-      }
+    __m512i a0[MT], a1[MT];  // A's chunk, loaded once for the NT rows of B (from L2 at large K)
+    for (int i = 0; i < MT; ++i) {
+      a0[i] = _mm512_loadu_si512(arow[i] + c);
+      a1[i] = _mm512_loadu_si512(arow[i] + c + 32);
+    }
     for (int j = 0; j < NT; ++j) {
       __m512i w0, w1;
       if (kStream) {
@@ -97,34 +64,20 @@ inline void chunks(const Prepared& pp, const E4m3Lut& lut, const void* const* ar
         w0 = _mm512_loadu_si512(bt + j * pp.kp + c);
         w1 = _mm512_loadu_si512(bt + j * pp.kp + c + 32);
       }
-      if (!kFma) {
-        for (int i = 0; i < MT; ++i) {
-          acc[i][j] = dp(acc[i][j], a0[i], w0);
-          acc[i][j] = dp(acc[i][j], a1[i], w1);
-        }
-        continue;
-      }
-      __m512 e0, o0, e1, o1;  // FMAs: A's widened values straight from L1 (the registers hold the sums)
-      widen(w0, e0, o0);
-      widen(w1, e1, o1);
       for (int i = 0; i < MT; ++i) {
-        const float* a = static_cast<const float*>(arow[i]) + c;
-        acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), o0, acc[i][j]);  // vdpbf16ps's order: odd, then even
-        acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(a), e0, acc[i][j]);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + 48), o1, acc[i][j]);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + 32), e1, acc[i][j]);
+        acc[i][j] = dp(acc[i][j], a0[i], w0);
+        acc[i][j] = dp(acc[i][j], a1[i], w1);
       }
     }
   }
 }
 
-template <bool kFma, int MT, int NT, bool kStream>
+template <int MT, int NT, bool kStream>
 void block_tile(const Prepared& pp, const E4m3Lut& lut, int64_t i0, int64_t n0, const uint16_t* bt, float* c, int nt) {
   const GemmProblem& p = *pp.p;
-  const void* arow[MT];
+  const uint16_t* arow[MT];
   const uint8_t* brow[NT];
-  for (int i = 0; i < MT; ++i)
-    arow[i] = static_cast<const char*>(pp.a) + (i0 + i) * pp.kp * (kFma ? sizeof(float) : sizeof(uint16_t));
+  for (int i = 0; i < MT; ++i) arow[i] = static_cast<const uint16_t*>(pp.a) + (i0 + i) * pp.kp;
   const uint8_t* next[NT];  // streaming: the next tile's rows of B, fetched one tile ahead
   for (int j = 0; j < NT; ++j) {
     brow[j] = p.b + (n0 + j) * p.ldb;
@@ -135,7 +88,7 @@ void block_tile(const Prepared& pp, const E4m3Lut& lut, int64_t i0, int64_t n0, 
   if (!p.block) {
     for (int i = 0; i < MT; ++i)
       for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-    chunks<kFma, MT, NT, kStream>(pp, lut, arow, brow, next, bt, 0, kend, acc);
+    chunks<MT, NT, kStream>(pp, lut, arow, brow, next, bt, 0, kend, acc);
   } else {
     __m512 total[MT][NT];
     for (int i = 0; i < MT; ++i)
@@ -144,7 +97,7 @@ void block_tile(const Prepared& pp, const E4m3Lut& lut, int64_t i0, int64_t n0, 
     for (int64_t kb = 0; kb < pp.kblocks; ++kb) {
       for (int i = 0; i < MT; ++i)
         for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-      chunks<kFma, MT, NT, kStream>(pp, lut, arow, brow, next, bt, kb * kBlock, std::min(kend, (kb + 1) * kBlock), acc);
+      chunks<MT, NT, kStream>(pp, lut, arow, brow, next, bt, kb * kBlock, std::min(kend, (kb + 1) * kBlock), acc);
       for (int i = 0; i < MT; ++i) {
         const __m512 s = _mm512_set1_ps(p.scale_a[(i0 + i) * p.lds_a + kb] * sb[kb]);
         for (int j = 0; j < NT; ++j) total[i][j] = _mm512_fmadd_ps(acc[i][j], s, total[i][j]);
@@ -157,43 +110,40 @@ void block_tile(const Prepared& pp, const E4m3Lut& lut, int64_t i0, int64_t n0, 
     for (int j = 0; j < NT; ++j) c[(i0 + i) * nt + j] = hsum(acc[i][j]);
 }
 
-template <bool kFma, int NT, bool kStream>
+template <int NT, bool kStream>
 void rows_of_a(const Prepared& pp, const E4m3Lut& lut, int64_t n0, const uint16_t* bt, float* c) {
   int64_t i = 0;
   const int64_t m = pp.p->m;
-  for (; i + 4 <= m; i += 4) block_tile<kFma, 4, NT, kStream>(pp, lut, i, n0, bt, c, NT);
+  for (; i + 4 <= m; i += 4) block_tile<4, NT, kStream>(pp, lut, i, n0, bt, c, NT);
   switch (m - i) {
-    case 1: block_tile<kFma, 1, NT, kStream>(pp, lut, i, n0, bt, c, NT); break;
-    case 2: block_tile<kFma, 2, NT, kStream>(pp, lut, i, n0, bt, c, NT); break;
-    case 3: block_tile<kFma, 3, NT, kStream>(pp, lut, i, n0, bt, c, NT); break;
+    case 1: block_tile<1, NT, kStream>(pp, lut, i, n0, bt, c, NT); break;
+    case 2: block_tile<2, NT, kStream>(pp, lut, i, n0, bt, c, NT); break;
+    case 3: block_tile<3, NT, kStream>(pp, lut, i, n0, bt, c, NT); break;
     default: break;
   }
 }
 
-template <bool kFma, int NT>
+template <int NT>
 void tile_nt(const Prepared& pp, const E4m3Lut& lut, int64_t n0, float* c, uint16_t* bt) {
-  if (pp.p->m <= 4) return rows_of_a<kFma, NT, true>(pp, lut, n0, nullptr, c);
+  if (pp.p->m <= 4) return rows_of_a<NT, true>(pp, lut, n0, nullptr, c);
   for (int j = 0; j < NT; ++j) convert_row_bf16(lut, pp.p->b + (n0 + j) * pp.p->ldb, pp.p->k, pp.kp, bt + j * pp.kp);
-  rows_of_a<kFma, NT, false>(pp, lut, n0, bt, c);
+  rows_of_a<NT, false>(pp, lut, n0, bt, c);
 }
 
-template <bool kFma>
 void tile(const Prepared& pp, int64_t n0, int nt, float* c, void* scratch) {
   const E4m3Lut lut;
   uint16_t* bt = static_cast<uint16_t*>(scratch);
   switch (nt) {
-    case 1: return tile_nt<kFma, 1>(pp, lut, n0, c, bt);
-    case 2: return tile_nt<kFma, 2>(pp, lut, n0, c, bt);
-    case 3: return tile_nt<kFma, 3>(pp, lut, n0, c, bt);
-    default: return tile_nt<kFma, 4>(pp, lut, n0, c, bt);
+    case 1: return tile_nt<1>(pp, lut, n0, c, bt);
+    case 2: return tile_nt<2>(pp, lut, n0, c, bt);
+    case 3: return tile_nt<3>(pp, lut, n0, c, bt);
+    default: return tile_nt<4>(pp, lut, n0, c, bt);
   }
 }
 
 }  // namespace
 
-extern const Kernels kAvx512Kernels = {"avx512", kTileN, a_bytes<false>, convert_a<false>, scratch_bytes, tile<false>};
-extern const Kernels kAvx512FmaKernels = {"avx512-fma", kTileN, a_bytes<true>, convert_a<true>, scratch_bytes,
-                                          tile<true>};
+extern const Kernels kAvx512Kernels = {"avx512", kTileN, a_bytes, convert_a, scratch_bytes, tile};
 
 }  // namespace cpu
 }  // namespace fp8kern

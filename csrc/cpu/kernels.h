@@ -51,7 +51,6 @@ extern const Kernels kAvx2Kernels;
 #endif
 #ifdef FP8KERN_CPU_AVX512
 extern const Kernels kAvx512Kernels;
-extern const Kernels kAvx512FmaKernels;  // the same kernels with fp32 FMA products (kernel_avx512.cpp)
 #endif
 
 }  // namespace cpu
