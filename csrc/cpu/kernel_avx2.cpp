@@ -1,7 +1,8 @@
 // The CPU family's AVX2 kernel (AVX2 + FMA; x86 CPUs since 2013): e4m3 converted to float 8 at a time in integer
 // arithmetic, exactly, then fp32 FMAs of exact products. Compiled with -mavx2 -mfma -mf16c (this file only) and run
 // only where dispatch.cpp found those instructions. Like the portable kernel, each tile converts its rows of B into
-// per-thread scratch (L1/L2 resident) once and reuses them for every row of A.
+// per-thread scratch (L1/L2 resident) once and reuses them for every row of A; converting a row prefetches the same
+// bytes of the next tile's row (a row of B is its own stream, and the hardware prefetcher stops at page ends).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,9 +29,10 @@ inline __m256 e4m3x8_to_float(__m256i x) {
   return _mm256_or_ps(f, _mm256_castsi256_ps(sign));
 }
 
-void convert_row(const uint8_t* src, int64_t k, int64_t kp, float* dst) {
+void convert_row(const uint8_t* src, int64_t k, int64_t kp, float* dst, const uint8_t* next = nullptr) {
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
+    if (next != nullptr && (i & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
     int64_t raw;
     std::memcpy(&raw, src + i, 8);
     _mm256_storeu_ps(dst + i, e4m3x8_to_float(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(raw))));
@@ -104,7 +106,10 @@ void tile_nt(const Prepared& pp, int64_t n0, float* c, float* bt) {
 void tile(const Prepared& pp, int64_t n0, int nt, float* c, void* scratch) {
   const GemmProblem& p = *pp.p;
   float* bt = static_cast<float*>(scratch);
-  for (int j = 0; j < nt; ++j) convert_row(p.b + (n0 + j) * p.ldb, p.k, pp.kp, bt + j * pp.kp);
+  for (int j = 0; j < nt; ++j) {
+    const int64_t row = n0 + j;
+    convert_row(p.b + row * p.ldb, p.k, pp.kp, bt + j * pp.kp, row + nt < p.n ? p.b + (row + nt) * p.ldb : nullptr);
+  }
   switch (nt) {
     case 1: return tile_nt<1>(pp, n0, c, bt);
     case 2: return tile_nt<2>(pp, n0, c, bt);
