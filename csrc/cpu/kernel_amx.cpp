@@ -32,12 +32,21 @@ namespace {
 constexpr int kTileRows = 128;  // rows of B per tile call (one 128-row block of B)
 constexpr int kPanel = 32;      // rows of B per step: two 16-row weight tiles
 constexpr int kTile = 16;
-constexpr int64_t kGroupBytes = 1 << 20;  // converted weight kept in L2 per group of panels
 constexpr int64_t kSlab = 64;             // narrow mode: K converted per panel at a time (32 x 64 bf16: 4 KB)
 
 constexpr int kABlock = 32;  // rows of A per block of the converted layout
+constexpr int kAccFloats = 4 * kTile * kTile;  // one panel's sums against one block of A: 4 tiles of 16 x 16 fp32
+// Wide mode: K per slice. A slice of the tile's 128 rows of B, converted (1 MB), and a block of A's slice (256 KB)
+// stay in L2 (2 MB per core on the Xeons with AMX) while the blocks of A sweep the panels. A multiple of 128.
+constexpr int64_t kSliceK = 4096;
 
 inline int64_t rows_padded(int64_t m) { return (m + kTile - 1) / kTile * kTile; }
+
+// Row stride (bf16) of a converted weight panel. kp is a multiple of 64, so rows kp bf16 apart would start a
+// multiple of 128 bytes apart (of 4 KB when kp is a multiple of 2048, as in most models), putting the 16 lines a
+// tile load reads in one L1 set (12 ways), where they evict each other. One more cache line per row spreads them
+// (M = 256, one thread: 4096 x 4096 +0-4%, 4096 x 14336 block-scaled +4%).
+inline int64_t panel_stride(int64_t kp) { return kp + 32; }
 
 int64_t a_bytes(int64_t m, int64_t kp) { return kp / 2 * ((m + kABlock - 1) / kABlock * kABlock) * 4; }
 
@@ -69,13 +78,30 @@ void convert_a(const GemmProblem& p, int64_t kp, void* dst, int64_t m0, int64_t 
   }
 }
 
-// Panels of a group (each kPanel rows of kp bf16), staging for the result tiles (4 x 16 x 16 fp32) and block totals
-// (same), and the narrow mode's two slab buffers (kPanel x kSlab bf16 each).
-int64_t panels_per_group(int64_t kp) {
-  return std::max<int64_t>(1, std::min<int64_t>(kTileRows / kPanel, kGroupBytes / (kPanel * kp * 2)));
+// A tile call's scratch: the wide mode's panels (the tile's rows of B, one slice of K, panel_stride apart), staging
+// for the result tiles, each (block of A, panel) pair's sums, and the narrow mode's two slab buffers (kPanel x kSlab
+// bf16 each).
+struct TileScratch {
+  uint16_t* panels;
+  float* stage;
+  float* acc;
+  uint16_t* chunk;
+};
+
+int64_t panel_bytes(int64_t kp) { return kTileRows * panel_stride(std::min(kp, kSliceK)) * 2; }
+int64_t acc_bytes(int64_t m) { return (m + kABlock - 1) / kABlock * (kTileRows / kPanel) * kAccFloats * 4; }
+
+TileScratch scratch_layout(int64_t m, int64_t kp, void* scratch) {
+  TileScratch s;
+  s.panels = static_cast<uint16_t*>(scratch);
+  s.stage = reinterpret_cast<float*>(reinterpret_cast<char*>(scratch) + panel_bytes(kp));
+  s.acc = s.stage + kAccFloats;
+  s.chunk = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(s.acc) + acc_bytes(m));
+  return s;
 }
-int64_t scratch_bytes(int64_t, int64_t kp) {
-  return panels_per_group(kp) * kPanel * kp * 2 + 2 * 4 * kTile * kTile * 4 + 2 * kPanel * kSlab * 2 + 64;
+
+int64_t scratch_bytes(int64_t m, int64_t kp) {
+  return panel_bytes(kp) + kAccFloats * 4 + acc_bytes(m) + 2 * kPanel * kSlab * 2;
 }
 
 struct alignas(64) TileConfig {
@@ -124,10 +150,20 @@ inline void store(float* stage) {
   if (NW > 1 && MT > 1) _tile_stored(3, stage + 768, 64);
 }
 
-// Where a step's weight tiles come from: a converted panel (rows of kp bf16), or, narrow, e4m3 rows converted 64 of
-// K at a time into a small buffer just before use.
+// Tiles from acc (the layout store writes).
+template <int NW, int MT>
+inline void load(const float* acc) {
+  _tile_loadd(0, acc, 64);
+  if (MT > 1) _tile_loadd(1, acc + 256, 64);
+  if (NW > 1) _tile_loadd(2, acc + 512, 64);
+  if (NW > 1 && MT > 1) _tile_loadd(3, acc + 768, 64);
+}
+
+// Where a step's weight tiles come from: a converted panel (rows panel_stride apart), or, narrow, e4m3 rows
+// converted 64 of K at a time into a small buffer just before use.
 struct Weights {
-  const uint16_t* panel = nullptr;  // wide: kPanel rows of kp bf16
+  const uint16_t* panel = nullptr;  // wide: kPanel rows, panel_stride apart, of one slice of K
+  int64_t k0 = 0;                   // wide: the slice's first column
   const uint8_t* b = nullptr;       // narrow: the panel's first row of B
   int rows = 0;                     // narrow: rows of B in the panel (the rest of the buffer stays zero)
   uint16_t* chunk = nullptr;        // narrow: 2 x kPanel x kSlab bf16 (one half converted while the other is read)
@@ -138,7 +174,8 @@ template <int NW, int MT>
 inline void steps(const Prepared& pp, const E4m3Lut& lut, const Weights& w, const uint32_t* x, int64_t k0, int64_t k1) {
   constexpr int64_t x_stride = kABlock * 4;
   if (w.panel != nullptr) {
-    for (int64_t k = k0; k < k1; k += 32) step<NW, MT>(w.panel + k, pp.kp * 2, x + (k / 2) * kABlock, x_stride);
+    const int64_t w_stride = panel_stride(std::min(pp.kp, kSliceK)) * 2;
+    for (int64_t k = k0; k < k1; k += 32) step<NW, MT>(w.panel + (k - w.k0), w_stride, x + (k / 2) * kABlock, x_stride);
     return;
   }
   // Software-pipelined: slab s + 1 is converted into one half of the buffer before the tiles read slab s from the
@@ -167,99 +204,140 @@ inline void steps(const Prepared& pp, const E4m3Lut& lut, const Weights& w, cons
   }
 }
 
-// Rows [i0, i0 + 16 MT) of A (padded) against one panel (rows n0 .. n0 + nw, nw <= 32, of B): c[i * ldc + j0 + j].
+// Adds one 128 of K's sums (stage: the tiles' sums over block kb of K) times sa[i, kb] * sb[kb] into total, for rows
+// [i0, i0 + 16 MT) of A.
 template <int NW, int MT>
-void block_of_a(const Prepared& pp, const E4m3Lut& lut, const Weights& w, int64_t n0, int nw, int64_t i0,
-                float* stage, float* total, float* c, int ldc, int j0) {
+void add_scaled_block(const GemmProblem& p, const float* sb, int64_t kb, int64_t i0, const float* stage, float* total) {
+  for (int t = 0; t < MT; ++t) {  // scale per row of A (a tile's column)
+    alignas(64) float s[kTile];
+    for (int m = 0; m < kTile; ++m) {
+      const int64_t i = i0 + t * kTile + m;
+      s[m] = i < p.m ? p.scale_a[i * p.lds_a + kb] * sb[kb] : 0.0f;
+    }
+    const __m512 sv = _mm512_load_ps(s);
+    for (int wi = 0; wi < NW; ++wi) {
+      const float* st = stage + (2 * wi + t) * 256;
+      float* to = total + (2 * wi + t) * 256;
+      for (int n = 0; n < kTile; ++n)
+        _mm512_storeu_ps(to + n * kTile, _mm512_fmadd_ps(_mm512_loadu_ps(st + n * kTile), sv,
+                                                         _mm512_loadu_ps(to + n * kTile)));
+    }
+  }
+}
+
+// The sums over [k0, k1) of K of one panel (rows n0 .. n0 + 16 NW of B) against rows [i0, i0 + 16 MT) of A (x: their
+// converted rows), added into the pair's accumulators acc (kAccFloats, the tiles' layout), which start at zero when
+// `first`. Block-scaled: each 128 of K is summed in the tiles, then scaled and added into acc (through stage).
+template <int NW, int MT>
+void panel_part(const Prepared& pp, const E4m3Lut& lut, const Weights& w, const uint32_t* x, int64_t n0, int64_t i0,
+                int64_t k0, int64_t k1, bool first, float* stage, float* acc) {
   const GemmProblem& p = *pp.p;
-  const uint32_t* x = static_cast<const uint32_t*>(pp.a) + (i0 / kABlock) * (pp.kp / 2) * kABlock + i0 % kABlock;
-  const int64_t kend = (p.k + kChunk - 1) / kChunk * kChunk;
   if (!p.block) {
-    zero<NW, MT>();
-    steps<NW, MT>(pp, lut, w, x, 0, kend);
-    store<NW, MT>(stage);
-  } else {
-    std::fill(total, total + 4 * 256, 0.0f);
-    const float* sb = p.scale_b + (n0 / kBlock) * p.lds_b;
-    for (int64_t kb = 0; kb < pp.kblocks; ++kb) {
+    if (first) {
       zero<NW, MT>();
-      steps<NW, MT>(pp, lut, w, x, kb * kBlock, std::min(kend, (kb + 1) * kBlock));
-      store<NW, MT>(stage);
-      for (int t = 0; t < MT; ++t) {  // scale per row of A (a tile's column): sa[i, kb] * sb[kb]
-        alignas(64) float s[kTile];
-        for (int m = 0; m < kTile; ++m) {
-          const int64_t i = i0 + t * kTile + m;
-          s[m] = i < p.m ? p.scale_a[i * p.lds_a + kb] * sb[kb] : 0.0f;
-        }
-        const __m512 sv = _mm512_load_ps(s);
-        for (int wi = 0; wi < NW; ++wi) {
-          float* st = stage + (2 * wi + t) * 256;
-          float* to = total + (2 * wi + t) * 256;
-          for (int n = 0; n < kTile; ++n)
-            _mm512_storeu_ps(to + n * kTile, _mm512_fmadd_ps(_mm512_loadu_ps(st + n * kTile), sv,
-                                                             _mm512_loadu_ps(to + n * kTile)));
+    } else {
+      load<NW, MT>(acc);
+    }
+    steps<NW, MT>(pp, lut, w, x, k0, k1);
+    store<NW, MT>(acc);
+    return;
+  }
+  if (first) std::fill(acc, acc + kAccFloats, 0.0f);
+  const float* sb = p.scale_b + (n0 / kBlock) * p.lds_b;
+  for (int64_t kb = k0 / kBlock; kb * kBlock < k1; ++kb) {
+    zero<NW, MT>();
+    steps<NW, MT>(pp, lut, w, x, kb * kBlock, std::min(k1, (kb + 1) * kBlock));
+    store<NW, MT>(stage);
+    add_scaled_block<NW, MT>(p, sb, kb, i0, stage, acc);
+  }
+}
+
+template <int MT>
+void panel_part(const Prepared& pp, const E4m3Lut& lut, const Weights& w, const uint32_t* x, int64_t n0, int nw,
+                int64_t i0, int64_t k0, int64_t k1, bool first, float* stage, float* acc) {
+  if (nw > kTile) {
+    panel_part<2, MT>(pp, lut, w, x, n0, i0, k0, k1, first, stage, acc);
+  } else {
+    panel_part<1, MT>(pp, lut, w, x, n0, i0, k0, k1, first, stage, acc);
+  }
+}
+
+// Rows [i0, i0 + 16 mt) of A against nw rows of B from tile column j0, from their accumulators into c[i * ldc + j].
+void write_sums(const GemmProblem& p, const float* acc, int mt, int nw, int64_t i0, float* c, int ldc, int j0) {
+  for (int wi = 0; wi * kTile < nw; ++wi)
+    for (int t = 0; t < mt; ++t)
+      for (int n = 0; n < kTile && wi * kTile + n < nw; ++n)
+        for (int m = 0; m < kTile && i0 + t * kTile + m < p.m; ++m)
+          c[(i0 + t * kTile + m) * ldc + j0 + wi * kTile + n] = acc[(2 * wi + t) * 256 + n * kTile + m];
+}
+
+inline const uint32_t* block_rows(const Prepared& pp, int64_t i0) {
+  return static_cast<const uint32_t*>(pp.a) + (i0 / kABlock) * (pp.kp / 2) * kABlock + i0 % kABlock;
+}
+
+// Few rows of A (at most 32): each panel streams from memory once, converted 64 of K at a time, against the rows.
+void narrow(const Prepared& pp, const E4m3Lut& lut, int64_t n0, int nt, float* c, float* stage, float* acc,
+            uint16_t* chunk) {
+  const GemmProblem& p = *pp.p;
+  const int64_t mp = rows_padded(p.m), kend = (p.k + kChunk - 1) / kChunk * kChunk;
+  const int mt = int(mp / kTile);
+  for (int j0 = 0; j0 < nt; j0 += kPanel) {
+    const int nw = std::min(kPanel, nt - j0);
+    std::fill(chunk, chunk + 2 * kPanel * kSlab, uint16_t(0));
+    const Weights w{nullptr, 0, p.b + (n0 + j0) * p.ldb, nw, chunk};
+    if (mt > 1) {
+      panel_part<2>(pp, lut, w, block_rows(pp, 0), n0 + j0, nw, 0, 0, kend, true, stage, acc);
+    } else {
+      panel_part<1>(pp, lut, w, block_rows(pp, 0), n0 + j0, nw, 0, 0, kend, true, stage, acc);
+    }
+    write_sums(p, acc, mt, nw, 0, c, nt, j0);
+  }
+}
+
+// More rows: K in slices of kSliceK. Each slice of the tile's rows of B is converted once into panels that stay in
+// L2, then every block of 32 rows of A sweeps them (each block's slice of A is read once for all the panels); each
+// (block, panel) pair adds the slice's sums to its accumulators. A slice of A and of the panels are the most of
+// them L2 holds at once, whatever K is. Each output still sums its K in order.
+void wide(const Prepared& pp, const E4m3Lut& lut, int64_t n0, int nt, float* c, uint16_t* panels, float* stage,
+          float* acc) {
+  const GemmProblem& p = *pp.p;
+  const int64_t mp = rows_padded(p.m), kend = (p.k + kChunk - 1) / kChunk * kChunk;
+  const int64_t ps = panel_stride(std::min(pp.kp, kSliceK));
+  const int count = (nt + kPanel - 1) / kPanel;
+  const int padded = (nt + kTile - 1) / kTile * kTile;
+  for (int64_t k0 = 0; k0 < kend; k0 += kSliceK) {
+    const int64_t k1 = std::min(kend, k0 + kSliceK);
+    for (int j = 0; j < nt; ++j)
+      convert_row_bf16(lut, p.b + (n0 + j) * p.ldb + k0, p.k - k0, k1 - k0, panels + j * ps);
+    std::fill(panels + nt * ps, panels + padded * ps, uint16_t(0));  // a tile's rows past the end
+    for (int64_t i0 = 0; i0 < mp; i0 += kABlock) {
+      const uint32_t* x = block_rows(pp, i0);
+      float* a = acc + (i0 / kABlock) * count * kAccFloats;
+      for (int q = 0; q < count; ++q) {
+        const Weights w{panels + q * kPanel * ps, k0, nullptr, 0, nullptr};
+        const int nw = std::min(kPanel, nt - q * kPanel);
+        if (mp - i0 > kTile) {
+          panel_part<2>(pp, lut, w, x, n0 + q * kPanel, nw, i0, k0, k1, k0 == 0, stage, a + q * kAccFloats);
+        } else {
+          panel_part<1>(pp, lut, w, x, n0 + q * kPanel, nw, i0, k0, k1, k0 == 0, stage, a + q * kAccFloats);
         }
       }
     }
-    stage = total;
   }
-  for (int wi = 0; wi < NW; ++wi)
-    for (int t = 0; t < MT; ++t)
-      for (int n = 0; n < kTile && wi * kTile + n < nw; ++n)
-        for (int m = 0; m < kTile && i0 + t * kTile + m < p.m; ++m)
-          c[(i0 + t * kTile + m) * ldc + j0 + wi * kTile + n] = stage[(2 * wi + t) * 256 + n * kTile + m];
-}
-
-// Every block of 32 rows of A (the last one maybe 16) against one panel.
-template <int NW>
-void panel_rows_of_a(const Prepared& pp, const E4m3Lut& lut, const Weights& w, int64_t n0, int nw, float* stage,
-                     float* total, float* c, int ldc, int j0, int64_t i_begin, int64_t i_end) {
-  int64_t i0 = i_begin;
-  for (; i0 + 2 * kTile <= i_end; i0 += 2 * kTile)
-    block_of_a<NW, 2>(pp, lut, w, n0, nw, i0, stage, total, c, ldc, j0);
-  if (i0 < i_end) block_of_a<NW, 1>(pp, lut, w, n0, nw, i0, stage, total, c, ldc, j0);
-}
-
-void one_panel(const Prepared& pp, const E4m3Lut& lut, const Weights& w, int64_t n0, int nw, float* stage,
-               float* total, float* c, int ldc, int j0, int64_t i_begin, int64_t i_end) {
-  if (nw > kTile) {
-    panel_rows_of_a<2>(pp, lut, w, n0, nw, stage, total, c, ldc, j0, i_begin, i_end);
-  } else {
-    panel_rows_of_a<1>(pp, lut, w, n0, nw, stage, total, c, ldc, j0, i_begin, i_end);
-  }
+  for (int64_t i0 = 0; i0 < mp; i0 += kABlock)
+    for (int q = 0; q < count; ++q)
+      write_sums(p, acc + ((i0 / kABlock) * count + q) * kAccFloats, mp - i0 > kTile ? 2 : 1,
+                 std::min(kPanel, nt - q * kPanel), i0, c, nt, q * kPanel);
 }
 
 void tile(const Prepared& pp, int64_t n0, int nt, float* c, void* scratch) {
-  const GemmProblem& p = *pp.p;
   const E4m3Lut lut;
-  const int64_t mp = rows_padded(p.m), group = panels_per_group(pp.kp);
-  uint16_t* panels = static_cast<uint16_t*>(scratch);
-  float* stage = reinterpret_cast<float*>(panels + group * kPanel * pp.kp);
-  float* total = stage + 4 * 256;
-  uint16_t* chunk = reinterpret_cast<uint16_t*>(total + 4 * 256);
+  const TileScratch s = scratch_layout(pp.p->m, pp.kp, scratch);
   load_config();  // every call: torch's own AMX code (oneDNN) may have loaded another configuration on this thread
-  if (mp <= 2 * kTile) {  // narrow: stream each panel, converting 64 of K at a time
-    for (int j0 = 0; j0 < nt; j0 += kPanel) {
-      const int nw = std::min(kPanel, nt - j0);
-      std::fill(chunk, chunk + 2 * kPanel * kSlab, uint16_t(0));
-      const Weights w{nullptr, p.b + (n0 + j0) * p.ldb, nw, chunk};
-      one_panel(pp, lut, w, n0 + j0, nw, stage, total, c, nt, j0, 0, mp);
-    }
-    return;
-  }
-  for (int g0 = 0; g0 < nt; g0 += int(group * kPanel)) {  // wide: convert a group of panels, then sweep A over it
-    const int g1 = std::min(nt, g0 + int(group * kPanel));
-    for (int j = g0; j < g1; ++j)
-      convert_row_bf16(lut, p.b + (n0 + j) * p.ldb, p.k, pp.kp, panels + (j - g0) * pp.kp);
-    const int padded = std::min(int(group * kPanel), (g1 - g0 + kTile - 1) / kTile * kTile);
-    std::fill(panels + (g1 - g0) * pp.kp, panels + padded * pp.kp, uint16_t(0));  // a tile's rows past the end
-    for (int64_t i0 = 0; i0 < mp; i0 += 2 * kTile) {
-      const int64_t i1 = std::min(mp, i0 + 2 * kTile);
-      for (int j0 = g0; j0 < g1; j0 += kPanel) {
-        const Weights w{panels + (j0 - g0) * pp.kp, nullptr, 0, nullptr};
-        one_panel(pp, lut, w, n0 + j0, std::min(kPanel, g1 - j0), stage, total, c, nt, j0, i0, i1);
-      }
-    }
+  if (rows_padded(pp.p->m) <= 2 * kTile) {
+    narrow(pp, lut, n0, nt, c, s.stage, s.acc, s.chunk);
+  } else {
+    wide(pp, lut, n0, nt, c, s.panels, s.stage, s.acc);
   }
 }
 
