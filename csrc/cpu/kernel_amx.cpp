@@ -262,13 +262,51 @@ void panel_part(const Prepared& pp, const E4m3Lut& lut, const Weights& w, const 
   }
 }
 
-// Rows [i0, i0 + 16 mt) of A against nw rows of B from tile column j0, from their accumulators into c[i * ldc + j].
+// r[0..15] (rows of 16 fp32) transposed in registers: r[j][i] becomes r[i][j] (the usual 4-stage shuffle network).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // per lane: column 4 L + c of rows 4 i .. 4 i + 3 in r[4 i + c]
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {  // then whole lanes
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+
+// Rows [i0, i0 + 16 mt) of A against nw rows of B from tile column j0, from their accumulators (tiles of 16 rows of B
+// x 16 rows of A) into c[i * ldc + j]: whole tiles transposed in registers, the edges one value at a time.
 void write_sums(const GemmProblem& p, const float* acc, int mt, int nw, int64_t i0, float* c, int ldc, int j0) {
   for (int wi = 0; wi * kTile < nw; ++wi)
-    for (int t = 0; t < mt; ++t)
+    for (int t = 0; t < mt; ++t) {
+      const float* a = acc + (2 * wi + t) * 256;
+      const int64_t r0 = i0 + t * kTile;
+      float* out = c + r0 * ldc + j0 + wi * kTile;
+      if (nw - wi * kTile >= kTile && r0 + kTile <= p.m) {
+        __m512 r[kTile];
+        for (int n = 0; n < kTile; ++n) r[n] = _mm512_loadu_ps(a + n * kTile);
+        transpose16(r);
+        for (int m = 0; m < kTile; ++m) _mm512_storeu_ps(out + m * ldc, r[m]);
+        continue;
+      }
       for (int n = 0; n < kTile && wi * kTile + n < nw; ++n)
-        for (int m = 0; m < kTile && i0 + t * kTile + m < p.m; ++m)
-          c[(i0 + t * kTile + m) * ldc + j0 + wi * kTile + n] = acc[(2 * wi + t) * 256 + n * kTile + m];
+        for (int m = 0; m < kTile && r0 + m < p.m; ++m) out[m * ldc + n] = a[n * kTile + m];
+    }
 }
 
 inline const uint32_t* block_rows(const Prepared& pp, int64_t i0) {
