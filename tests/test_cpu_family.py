@@ -206,11 +206,13 @@ def build_cpp_test(tmp_path, cxx, extra=()):
         avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi"]
         for name, target, define in (("kernel_avx2", ["-mavx2", "-mfma", "-mf16c"], "FP8KERN_CPU_AVX2"),
                                      ("kernel_avx512", avx512, "FP8KERN_CPU_AVX512"),
+                                     ("epilogue_avx512", avx512, None),
                                      ("kernel_amx", avx512 + ["-mamx-tile", "-mamx-bf16"], "FP8KERN_CPU_AMX")):
             obj = tmp_path / f"{name}.o"
             subprocess.run([cxx, *flags, *target, "-c", str(src / f"{name}.cpp"), "-o", str(obj)], check=True)
             objs.append(str(obj))
-            defs.append(f"-D{define}=1")
+            if define:
+                defs.append(f"-D{define}=1")
     exe = tmp_path / "test_cpu_kernels"
     sources = [str(src / f) for f in ("gemm.cpp", "quantize.cpp", "linear.cpp", "dispatch.cpp", "thread_pool.cpp",
                                       "kernel_generic.cpp")]

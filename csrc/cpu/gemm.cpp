@@ -20,7 +20,7 @@ const Kernels& kernels_for(int64_t m);  // dispatch.cpp: the active instruction 
 
 namespace {
 
-constexpr int64_t kRowsPerTask = 128;         // rows of B per task: a multiple of every kernel's tile_n
+constexpr int64_t kRowsPerTask = kMaxTileN;   // rows of B per task: a multiple of every kernel's tile_n
 constexpr int64_t kMinParallelMacs = 1 << 18;  // smaller problems run on the calling thread alone
 void require(bool ok, const std::string& what) {
   if (!ok) throw InvalidArgument("fp8kern.cpu.scaled_mm: " + what);
@@ -34,15 +34,24 @@ float load_bias(const GemmProblem& p, int64_t n) {
   }
 }
 
-// D[i, n0 + j] from the tile's fp32 sums c[i * nt + j] (nt <= kRowsPerTask): v = c * (scale_a[i] * scale_b[n])
-// (+ bias[n]) in fp32, rounded once to the output type. Per-column factors are gathered once per tile and each row is
-// two plain loops (the compiler vectorises them), so the epilogue costs little next to the GEMM even at large M.
-void epilogue(const GemmProblem& p, int64_t n0, int nt, const float* c) {
-  float sb[kRowsPerTask], bias[kRowsPerTask], v[kRowsPerTask];
+// The per-column factors of a tile (nt <= kRowsPerTask columns from n0) as fp32, gathered once, then the rows
+// through the kernel's epilogue (kernels.h: epilogue_rows and its AVX-512 build).
+void epilogue(const Kernels& kern, const GemmProblem& p, int64_t n0, int nt, const float* c) {
+  alignas(64) float sb[kRowsPerTask], bias[kRowsPerTask];
   for (int j = 0; j < nt; ++j) {
     sb[j] = p.block ? 1.0f : p.scale_b[p.scale_b_vector ? n0 + j : 0];
     bias[j] = p.bias ? load_bias(p, n0 + j) : 0.0f;
   }
+  kern.epilogue(p, n0, nt, c, sb, bias);
+}
+
+}  // namespace
+
+// D[i, n0 + j] from the tile's fp32 sums c[i * nt + j]: v = c * (scale_a[i] * sb[j]) (+ bias[j]) in fp32, rounded
+// once to the output type; block-scaled sums are already scaled. Each row is plain loops the compiler vectorises
+// for the baseline instruction set, so the epilogue costs little next to the GEMM even at large M.
+void epilogue_rows(const GemmProblem& p, int64_t n0, int nt, const float* c, const float* sb, const float* bias) {
+  float v[kMaxTileN];
   for (int64_t i = 0; i < p.m; ++i) {
     const float* ci = c + i * nt;
     if (p.block) {
@@ -72,8 +81,6 @@ void epilogue(const GemmProblem& p, int64_t n0, int nt, const float* c) {
     }
   }
 }
-
-}  // namespace
 
 void validate_gemm(const GemmProblem& p) {
   require(p.m >= 0 && p.n >= 0 && p.k >= 0, "negative size m=" + std::to_string(p.m) + " n=" + std::to_string(p.n) +
@@ -151,7 +158,7 @@ void scaled_mm(const GemmProblem& p) {
       const int nt = int(std::min<int64_t>(kern.tile_n, end - n0));
       float* c = reinterpret_cast<float*>(thread_buffer(Scratch::kTileSums).get(size_t(ctile) * sizeof(float)));
       kern.tile(pp, n0, nt, c, thread_buffer(Scratch::kTile).get(size_t(scratch)));
-      epilogue(p, n0, nt, c);
+      epilogue(kern, p, n0, nt, c);
     }
   });
 }

@@ -391,7 +391,8 @@ bool amx_permitted() {
 #endif
 }
 
-extern const Kernels kAmxKernels = {"amx", kTileRows, a_bytes, convert_a, scratch_bytes, tile};
+extern const Kernels kAmxKernels = {"amx", kTileRows, a_bytes, convert_a, scratch_bytes, tile,
+                                     epilogue_rows_avx512};
 
 }  // namespace cpu
 }  // namespace fp8kern

@@ -143,7 +143,7 @@ void tile(const Prepared& pp, int64_t n0, int nt, float* c, void* scratch) {
 
 }  // namespace
 
-extern const Kernels kAvx512Kernels = {"avx512", kTileN, a_bytes, convert_a, scratch_bytes, tile};
+extern const Kernels kAvx512Kernels = {"avx512", kTileN, a_bytes, convert_a, scratch_bytes, tile, epilogue_rows_avx512};
 
 }  // namespace cpu
 }  // namespace fp8kern

@@ -67,7 +67,7 @@ void tile(const Prepared& pp, int64_t n0, int nt, float* c, void* scratch) {
 
 }  // namespace
 
-extern const Kernels kGenericKernels = {"generic", kTileN, a_bytes, convert_a, scratch_bytes, tile};
+extern const Kernels kGenericKernels = {"generic", kTileN, a_bytes, convert_a, scratch_bytes, tile, epilogue_rows};
 
 }  // namespace cpu
 }  // namespace fp8kern

@@ -17,6 +17,7 @@ namespace cpu {
 constexpr int64_t kChunk = 64;   // K is converted 64 values at a time; A's converted rows are padded to a multiple
 constexpr int kTileN = 4;        // rows of B (columns of D) per tile of the AVX-512, AVX2 and portable kernels
 constexpr int64_t kARows = 32;   // rows of A per convert_a call (the last group may be shorter)
+constexpr int kMaxTileN = 128;   // the most rows of B a tile has (the driver's task size)
 
 // A problem as the kernels see it: the problem, and A converted once per call into the kernel's element type
 // (float for generic / avx2, bf16 for avx512), rows padded with zeros to kp (a multiple of kChunk).
@@ -40,7 +41,16 @@ struct Kernels {
   // c[i * nt + j] for every row i of A and B rows n0 + j, j < nt <= tile_n: the fp32 sum over K, or with block
   // scales the scaled sum of the 128-blocks.
   void (*tile)(const Prepared& pp, int64_t n0, int nt, float* c, void* scratch);
+  // D[i, n0 + j] from a tile's sums c: times scale_a[i] * sb[j] unless block-scaled, plus bias[j] where p.bias, in
+  // fp32, rounded once to the output type (sb, bias: the tile's per-column factors, fp32, 64-byte aligned).
+  void (*epilogue)(const GemmProblem& p, int64_t n0, int nt, const float* c, const float* sb, const float* bias);
 };
+
+// The epilogue in portable C++ (gemm.cpp), and the same operations 16 columns at a time in AVX-512
+// (epilogue_avx512.cpp: the same bits; the AVX-512 and AMX kernels use it).
+void epilogue_rows(const GemmProblem& p, int64_t n0, int nt, const float* c, const float* sb, const float* bias);
+void epilogue_rows_avx512(const GemmProblem& p, int64_t n0, int nt, const float* c, const float* sb,
+                          const float* bias);
 
 extern const Kernels kGenericKernels;
 #ifdef FP8KERN_CPU_AMX

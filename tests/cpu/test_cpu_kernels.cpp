@@ -1,8 +1,9 @@
 // C++ test of the CPU kernel family without Python or torch, for every instruction set this CPU runs: the exact
 // e4m3 conversion of all 256 codes, scaled_mm in every layout and output type on odd shapes against a float64
-// product of the same operands, at 1 and 3 threads (the results must be bit-identical), the scale value check, and
-// linear() against quantize() then scaled_mm() (bit-identical: the same steps). Built and run by
-// tests/test_cpu_family.py (native) and, cross-compiled for aarch64 and run under qemu, by .ci/run.
+// product of the same operands, at 1 and 3 threads (the results must be bit-identical), the scale value check, the
+// AVX-512 epilogue against the portable one (bit-identical), and linear() against quantize() then scaled_mm()
+// (bit-identical: the same steps). Built and run by tests/test_cpu_family.py (native) and, cross-compiled for
+// aarch64 and run under qemu, by .ci/run.
 //
 // Bound: every product of two e4m3 values is exact in fp32 and every path sums them in fp32 in some order; a term
 // passes through at most k - 1 additions plus, with block scales, the scale product (one rounding) and its
@@ -16,6 +17,9 @@
 #include <vector>
 
 #include "fp8kern/cpu.h"
+#ifdef FP8KERN_CPU_AVX512
+#include "../../csrc/cpu/kernels.h"  // internal: the portable and the AVX-512 epilogue, compared below
+#endif
 
 using fp8kern::cpu::GemmProblem;
 using fp8kern::cpu::LinearProblem;
@@ -249,6 +253,43 @@ void scale_value_check() {
   expect(fp8kern::cpu::bad_scales(p) == 1, "inf in scale_a is found");
 }
 
+// The AVX-512 epilogue writes the portable one's bits: fp32 sums of every kind (random bit patterns: normals,
+// subnormals, zeros, infinities, NaNs, signalling NaNs that pass the block-scaled epilogue unchanged; and values
+// halfway between two bf16), per-row and per-tensor scale_a,
+// block-scaled, with and without bias, every output type, a tile width not a multiple of 16, a row stride.
+void epilogues_agree() {
+#ifdef FP8KERN_CPU_AVX512
+  if (!fp8kern::cpu::isa_supported("avx512")) return;
+  std::mt19937 rng(7);
+  const int m = 5, nt = 45, n0 = 3, ldd = 53;
+  std::vector<float> c(m * nt), sa(m), sb(nt), bias(nt);
+  for (size_t i = 0; i < c.size(); ++i) {
+    uint32_t u = rng();
+    if (i % 3 == 0) u = (u & 0xffff0000u) | 0x8000u;  // a tie: exactly halfway between two bf16 values
+    if (i % 7 == 0) u &= 0x807fffffu;                  // a subnormal or zero
+    if (i % 11 == 0) u = (u & 0x80000000u) | 0x7f800001u | (u & 0x3fffu);  // a NaN whose top 16 bits read as inf
+    std::memcpy(&c[i], &u, 4);
+  }
+  std::uniform_real_distribution<float> scale(-10.0f, 10.0f), value(-100.0f, 100.0f);
+  for (float& v : sa) v = std::ldexp(1.3f, int(scale(rng)));
+  for (float& v : sb) v = std::ldexp(1.7f, int(scale(rng)));
+  for (float& v : bias) v = value(rng);
+  for (OutType t : {OutType::kBFloat16, OutType::kFloat16, OutType::kFloat32})
+    for (int mode = 0; mode < 3; ++mode)  // per-row scale_a, per-tensor scale_a, block-scaled
+      for (bool with_bias : {false, true}) {
+        std::vector<uint32_t> d1(m * ldd, 0xdeadbeefu), d2(m * ldd, 0xdeadbeefu);
+        GemmProblem p;
+        p.m = m, p.n = n0 + nt, p.ldd = ldd, p.d_type = t, p.scale_a = sa.data(), p.scale_a_vector = mode == 0;
+        p.block = mode == 2, p.bias = with_bias ? bias.data() : nullptr;
+        p.d = d1.data();
+        fp8kern::cpu::epilogue_rows(p, n0, nt, c.data(), sb.data(), bias.data());
+        p.d = d2.data();
+        fp8kern::cpu::epilogue_rows_avx512(p, n0, nt, c.data(), sb.data(), bias.data());
+        expect(d1 == d2, "the AVX-512 epilogue writes the portable epilogue's bits, and nothing else");
+      }
+#endif
+}
+
 int main() {
   const char* isas[] = {"amx", "avx512", "avx2", "generic"};
   for (const char* name : isas) {
@@ -276,6 +317,7 @@ int main() {
     }
   }
   scale_value_check();
+  epilogues_agree();
   bool refused = false;
   try {
     fp8kern::cpu::set_isa("no-such-isa");
