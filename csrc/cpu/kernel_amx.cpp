@@ -169,9 +169,15 @@ struct Weights {
   uint16_t* chunk = nullptr;        // narrow: 2 x kPanel x kSlab bf16 (one half converted while the other is read)
 };
 
-// Steps over [k0, k1) (multiples of 32) of K.
-template <int NW, int MT>
-inline void steps(const Prepared& pp, const E4m3Lut& lut, const Weights& w, const uint32_t* x, int64_t k0, int64_t k1) {
+struct NoFlush {
+  void operator()(int64_t) const {}
+};
+
+// Steps over [k0, k1) (multiples of 32) of K. Narrow: flush(kb) runs after the last step of each 128 of K (block kb)
+// and after the last step, so that block scales can be applied without restarting the pipeline below.
+template <int NW, int MT, class Flush = NoFlush>
+inline void steps(const Prepared& pp, const E4m3Lut& lut, const Weights& w, const uint32_t* x, int64_t k0, int64_t k1,
+                  Flush flush = Flush()) {
   constexpr int64_t x_stride = kABlock * 4;
   if (w.panel != nullptr) {
     const int64_t w_stride = panel_stride(std::min(pp.kp, kSliceK)) * 2;
@@ -201,6 +207,7 @@ inline void steps(const Prepared& pp, const E4m3Lut& lut, const Weights& w, cons
     if (s0 + kSlab < k1) convert_slab(s0 + kSlab, buf[half ^ 1]);
     for (int64_t k = s0; k < std::min(k1, s0 + kSlab); k += 32)
       step<NW, MT>(buf[half] + (k - s0), kSlab * 2, x + (k / 2) * kABlock, x_stride);
+    if ((s0 + kSlab) % kBlock == 0 || s0 + kSlab >= k1) flush(s0 / kBlock);
   }
 }
 
@@ -244,6 +251,15 @@ void panel_part(const Prepared& pp, const E4m3Lut& lut, const Weights& w, const 
   }
   if (first) std::fill(acc, acc + kAccFloats, 0.0f);
   const float* sb = p.scale_b + (n0 / kBlock) * p.lds_b;
+  if (w.panel == nullptr) {  // narrow: one pipelined pass over K, the tiles' sums taken out every 128 of K
+    zero<NW, MT>();
+    steps<NW, MT>(pp, lut, w, x, k0, k1, [&](int64_t kb) {
+      store<NW, MT>(stage);
+      zero<NW, MT>();
+      add_scaled_block<NW, MT>(p, sb, kb, i0, stage, acc);
+    });
+    return;
+  }
   for (int64_t kb = k0 / kBlock; kb * kBlock < k1; ++kb) {
     zero<NW, MT>();
     steps<NW, MT>(pp, lut, w, x, kb * kBlock, std::min(k1, (kb + 1) * kBlock));
@@ -321,7 +337,7 @@ void narrow(const Prepared& pp, const E4m3Lut& lut, int64_t n0, int nt, float* c
   const int mt = int(mp / kTile);
   for (int j0 = 0; j0 < nt; j0 += kPanel) {
     const int nw = std::min(kPanel, nt - j0);
-    std::fill(chunk, chunk + 2 * kPanel * kSlab, uint16_t(0));
+    if (nw < kPanel) std::fill(chunk, chunk + 2 * kPanel * kSlab, uint16_t(0));  // rows past nw are read as zeros
     const Weights w{nullptr, 0, p.b + (n0 + j0) * p.ldb, nw, chunk};
     if (mt > 1) {
       panel_part<2>(pp, lut, w, block_rows(pp, 0), n0 + j0, nw, 0, 0, kend, true, stage, acc);
