@@ -22,41 +22,46 @@ def run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum
     N = b.shape[0]
     block = layout is _BLOCK_LAYOUT
     k_run = _k_run(family, block, K)
+    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
     # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K.
-    if k_run != K or a.data_ptr() % 16:
+    if k_run != K or a_ptr % 16:
         a = _pad_cols(a, k_run)
-    if k_run != K or b.data_ptr() % 16:
+        a_ptr = a.data_ptr()
+    if k_run != K or b_ptr % 16:
         b = _pad_cols(b, k_run)
+        b_ptr = b.data_ptr()
     align = 16 // out_dtype.itemsize
-    index = a.device.index
+    device = a.device
+    index = device.index
+    ld = -(-N // align) * align  # the output's row stride the kernels accept: whole 16-byte units
     d = out
     if d is None or (M > 1 and d.stride(0) % align) or d.data_ptr() % 16:
-        ld = -(-N // align) * align
-        d = torch.empty((M, ld), dtype=out_dtype, device=a.device)
+        d = torch.empty((M, ld), dtype=out_dtype, device=device)
+        ldd = ld
         if ld != N:
             d = d[:, :N]
-    ldd = d.stride(0) if M > 1 else -(-N // align) * align
-    # A one-row operand is contiguous whatever its row stride says (torch ignores strides of size-1 dims), and the
-    # kernels read only its row 0: pass a stride they accept.
-    lda = a.stride(0) if M > 1 else k_run
-    ldb = b.stride(0) if N > 1 else k_run
+    else:
+        ldd = d.stride(0) if M > 1 else ld
+    # a and b are contiguous (validated) or padded copies: rows k_run apart. (A one-row operand is contiguous
+    # whatever its row stride says; the kernels read only its row 0.)
+    lda = ldb = k_run
     bias_ptr = bias.data_ptr() if bias is not None else 0
     if block:
         sa = scale_a if scale_a.dtype is torch.float32 and scale_a.is_contiguous() else scale_a.float().contiguous()
         sb = scale_b if scale_b.dtype is torch.float32 and scale_b.is_contiguous() else scale_b.float().contiguous()
-        launch(family, True, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+        launch(family, True, index, a_ptr, b_ptr, d.data_ptr(), M, N, k_run, lda, ldb, ldd,
                DTYPE_CODE[out_dtype], sa.data_ptr(), False, sb.data_ptr(), False, bias_ptr, fast_accum)
     else:
         # Per-tensor, per-token and per-channel scales are read as flat vectors: a contiguous tensor of any of their
         # shapes ((), (1,), (M,), (M, 1), ...) already is one.
         sa = scale_a if scale_a.is_contiguous() else scale_a.reshape(-1).contiguous()
         sb = scale_b if scale_b.is_contiguous() else scale_b.reshape(-1).contiguous()
-        launch(family, False, index, a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, k_run, lda, ldb, ldd,
+        launch(family, False, index, a_ptr, b_ptr, d.data_ptr(), M, N, k_run, lda, ldb, ldd,
                DTYPE_CODE[out_dtype], sa.data_ptr(), layout.a == "token", sb.data_ptr(), layout.b == "channel",
                bias_ptr, fast_accum)
     if out is not None:
         return out if d is out else out.copy_(d)
-    return d if d.is_contiguous() else d.contiguous()
+    return d if ld == N else d.contiguous()
 
 
 def launch(family: str, block: bool, index: int, a: int, b: int, d: int, M: int, N: int, K: int, lda: int, ldb: int,

@@ -140,6 +140,8 @@ class _BiasCasts:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as [M, K] rows the kernels read: unit column stride, rows that do not overlap."""
+    if x.is_contiguous():  # the common input, decided in one query (host overhead)
+        return x if x.dim() == 2 else x.view(-1, x.shape[-1])
     if x.dim() == 2 and x.stride(1) == 1 and (x.stride(0) >= x.shape[1] or x.shape[0] <= 1):
         return x
     x2 = as_rows(x)
