@@ -67,6 +67,11 @@ q, s = fp8kern.quantize(x, "group")
 rq, rs = fp8kern.reference.quantize(x.cpu(), "group")
 assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
 assert fake_cuda.LAUNCHES["emulated"] == before + 4
+# An operand whose rows are not K apart, reaching the launch without scaled_mm's validation (the custom op, as a
+# compiled graph calls it), is copied to rows K apart, not read with the wrong row stride.
+a5 = torch.randn(5, 128, device="cuda").to(torch.float8_e4m3fn)[:, :64]
+d5 = torch.ops.fp8kern.scaled_mm(a5, b, sa, sb, torch.float32, None, False)
+assert torch.equal(d5.cpu(), fp8kern.reference.scaled_mm(a5.cpu(), b.cpu(), sa.cpu(), sb.cpu(), torch.float32))
 ws = torch.empty(fake_cuda.STREAMK_WORKSPACE, dtype=torch.uint8, device="cuda")
 big = ["sm90", 0, a4.data_ptr(), a4.data_ptr(), d4.data_ptr(), 256, 256, 2048, 2048, 2048, 256, 2, s4.data_ptr(),
        True, s4.data_ptr(), True, 0, False, -1, ws.data_ptr(), ws.numel(), torch.cuda.current_stream().cuda_stream]

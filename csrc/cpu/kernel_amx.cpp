@@ -11,8 +11,9 @@
 // - Few rows of A (at most 32): each 64 of K of a panel is converted into one half of an 8 KB buffer (L1) while
 //   the tiles read the previous 64 from the other half, so the weight streams from memory once, converted on the
 //   way.
-// - More: the call's 128 rows of B are converted once, in groups of panels that fit in L2 with a block of A, and
-//   every 32 rows of A sweep each group (A is read once per group, not once per panel).
+// - More: K is taken in slices of 4096; each slice of the call's 128 rows of B is converted once into panels that
+//   stay in L2, and every 32 rows of A sweep them (each block of A's slice is read once for all the panels), the
+//   sums of each (block of A, panel) pair kept in per-thread scratch between slices.
 // Numerics: TDPBF16PS multiplies bf16 pairs exactly and adds into fp32 (it flushes fp32 denormals, which a nonzero
 // sum of e4m3 products never is: they are multiples of 2^-18). Block scales: each 128 of K is summed in the tiles,
 // then scaled and added into fp32 totals.
@@ -374,6 +375,7 @@ void wide(const Prepared& pp, const E4m3Lut& lut, int64_t n0, int nt, float* c, 
   const int64_t ps = panel_stride(std::min(pp.kp, kSliceK));
   const int count = (nt + kPanel - 1) / kPanel;
   const int padded = (nt + kTile - 1) / kTile * kTile;
+  if (kend == 0) std::fill(acc, acc + (mp + kABlock - 1) / kABlock * count * kAccFloats, 0.0f);  // K = 0: sums of 0
   for (int64_t k0 = 0; k0 < kend; k0 += kSliceK) {
     const int64_t k1 = std::min(kend, k0 + kSliceK);
     for (int j = 0; j < nt; ++j)

@@ -10,6 +10,7 @@
 // multiply-add (one), and the epilogue's scale product, multiply and bias addition (three). So
 // |D - exact| <= gamma_{k+6} * S + u_out * |exact|, S = sum |a_k b_k scale| (+ |bias|), gamma_n = n u / (1 - n u),
 // u = 2^-24, u_out the output type's unit roundoff (2^-8 bf16, 2^-11 fp16, 2^-24 fp32).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -78,7 +79,9 @@ std::vector<uint8_t> check(int64_t m, int64_t n, int64_t k, bool block, bool vec
   for (auto& x : a) x = random_e4m3(g);
   for (auto& x : b) x = random_e4m3(g);
   std::uniform_real_distribution<float> us(0.25f, 4.0f);
-  std::vector<float> sa(block ? size_t(m * kb) : vec_a ? size_t(m) : 1), sb(block ? size_t(nb * kb) : vec_b ? size_t(n) : 1);
+  // (At k = 0 a block-scaled problem reads no scales; one element keeps the pointers non-null.)
+  std::vector<float> sa(block ? size_t(std::max<int64_t>(1, m * kb)) : vec_a ? size_t(m) : 1),
+      sb(block ? size_t(std::max<int64_t>(1, nb * kb)) : vec_b ? size_t(n) : 1);
   for (auto& s : sa) s = us(g) / 64;
   for (auto& s : sb) s = us(g) / 64;
   std::vector<float> biasf(static_cast<size_t>(n));
@@ -303,7 +306,8 @@ int main() {
     linear_matches_quantize_then_gemm();
     unsigned seed = 1;
     const int64_t shapes[][3] = {{1, 1, 1}, {1, 37, 200}, {3, 130, 129}, {4, 260, 256}, {5, 9, 64},
-                                 {17, 131, 300}, {129, 33, 70}, {2, 300, 1000}, {40, 70, 520}};
+                                 {17, 131, 300}, {129, 33, 70}, {2, 300, 1000}, {40, 70, 520},
+                                 {40, 20, 0},   {5, 9, 0}};
     for (const auto& s : shapes) {
       for (int layout = 0; layout < 3; ++layout) {
         for (OutType t : {OutType::kBFloat16, OutType::kFloat16, OutType::kFloat32}) {

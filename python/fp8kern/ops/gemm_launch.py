@@ -23,11 +23,12 @@ def run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum
     block = layout is _BLOCK_LAYOUT
     k_run = _k_run(family, block, K)
     a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
-    # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K.
-    if k_run != K or a_ptr % 16:
+    # TMA also needs 16-byte aligned bases: a view with a storage offset is copied like a short K, and so is an
+    # operand whose rows are not K apart (scaled_mm refuses one; the custom ops' callers are not validated).
+    if k_run != K or a_ptr % 16 or not a.is_contiguous():
         a = _pad_cols(a, k_run)
         a_ptr = a.data_ptr()
-    if k_run != K or b_ptr % 16:
+    if k_run != K or b_ptr % 16 or not b.is_contiguous():
         b = _pad_cols(b, k_run)
         b_ptr = b.data_ptr()
     align = 16 // out_dtype.itemsize
@@ -42,8 +43,8 @@ def run_gemm(family, a, b, scale_a, scale_b, out_dtype, bias, layout, fast_accum
             d = d[:, :N]
     else:
         ldd = d.stride(0) if M > 1 else ld
-    # a and b are contiguous (validated) or padded copies: rows k_run apart. (A one-row operand is contiguous
-    # whatever its row stride says; the kernels read only its row 0.)
+    # a and b are contiguous or padded copies: rows k_run apart. (A one-row operand is contiguous whatever its row
+    # stride says; the kernels read only its row 0.)
     lda = ldb = k_run
     bias_ptr = bias.data_ptr() if bias is not None else 0
     if block:
